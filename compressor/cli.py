@@ -137,6 +137,15 @@ def extract(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online)
                   f"({n / sn.space.num_params(sn.space.largest()):.1%} of the super-network)")
 
 
+def _register_stage_commands() -> None:
+    """Each stage package adds its own commands (one module per stage keeps this file small)."""
+    # --- stage command registrations (one line per stage) ---
+    # --- end of stage command registrations ---
+
+
+_register_stage_commands()
+
+
 def main():
     app()
 

@@ -134,6 +134,20 @@ class SearchSpace:
                   for n, p in model.named_parameters()]
         return cls(family, params, config or SearchSpaceConfig(), layer_ranking)
 
+    @classmethod
+    def from_config(cls, config, space_config: SearchSpaceConfig | None = None,
+                    layer_ranking: list[int] | None = None) -> "SearchSpace":
+        """The space of a model from its HF config alone (meta device: no weights are read)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from compressor.architectures import family_for
+
+        family = family_for(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return cls.from_model(family, model, space_config, layer_ranking)
+
     def _make_choices(self) -> dict[str, tuple[int, ...]]:
         d, c = self.family.dims, self.config
         qpg = d.q_per_group
