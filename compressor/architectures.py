@@ -117,13 +117,22 @@ class ActiveShape:
 
 
 def elastic_linear(module: torch.nn.Module, x: torch.Tensor, rows: slice, cols: int) -> torch.Tensor:
-    """``module(x)`` on the weight view ``W[rows, :cols]`` (no copy); LoRA adapters are sliced alike."""
-    weight = module.weight[rows, :cols]
-    bias = module.bias[rows] if module.bias is not None else None
-    out = F.linear(x, weight, bias)
-    lora = getattr(module, "nasprune_lora", None)
-    if lora is not None:
-        out = out + lora(x, rows, cols)
+    """``module(x)`` on the weight view ``W[rows, :cols]`` (no copy).
+
+    A peft LoRA layer is sliced the same way: ``A[:, :cols]`` reads the kept inputs and
+    ``B[rows]`` writes the kept outputs, so a sub-network's adapter is the slice of the
+    super-network's adapter (peft's own forward cannot take sliced inputs).
+    """
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    bias = base.bias[rows] if base.bias is not None else None
+    out = F.linear(x, base.weight[rows, :cols], bias)
+    if hasattr(module, "lora_A") and not getattr(module, "merged", False) and not getattr(module, "disable_adapters", False):
+        for name in module.active_adapters:
+            if name not in module.lora_A:
+                continue
+            a = module.lora_A[name].weight[:, :cols]
+            b = module.lora_B[name].weight[rows]
+            out = out + F.linear(F.linear(module.lora_dropout[name](x), a), b) * module.scaling[name]
     return out
 
 

@@ -140,6 +140,8 @@ def extract(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online)
 def _register_stage_commands() -> None:
     """Each stage package adds its own commands (one module per stage keeps this file small)."""
     # --- stage command registrations (one line per stage) ---
+    from compressor.commands import register as register_compressor; register_compressor(app)  # noqa: E702
+    from predictors.cli import register as register_predictors; register_predictors(app, sys.modules[__name__])  # noqa: E702
     # --- end of stage command registrations ---
 
 

@@ -140,7 +140,8 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def save_model_dir(model, tokenizer, meta: ModelMeta, out: Path) -> Path:
+def save_model_dir(model, tokenizer, meta: ModelMeta, out: Path, extra=None) -> Path:
+    """Write a nasprune model dir atomically; ``extra(tmp_dir)`` may add files (scores, logs)."""
     meta.architecture = meta.architecture or (model.config.architectures or [type(model).__name__])[0]
     meta.provenance.setdefault("created_at", now())
     meta.provenance.setdefault("versions", versions())
@@ -150,6 +151,8 @@ def save_model_dir(model, tokenizer, meta: ModelMeta, out: Path) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / META_FILE, asdict(meta))
+        if extra is not None:
+            extra(tmp)
 
     return atomic_dir_write(out, write)
 

@@ -27,6 +27,7 @@ class SuperNetwork(torch.nn.Module):
         self._active = self.space.largest()
         self._shape = self._shape_of(self._active)
         self._layers = self.space.kept_layers(self._active)
+        self.gradient_checkpointing = False
 
     @property
     def config(self):
@@ -54,20 +55,33 @@ class SuperNetwork(torch.nn.Module):
         finally:
             self.select(previous)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                hidden_only: bool = False) -> torch.Tensor:
-        """Logits ``[B, T, vocab]`` of the active sub-network (or final hidden states)."""
-        s, fam = self._shape, self.family
-        x = fam.embed(self.model, input_ids, s)
+    def _embed(self, input_ids):
+        x = self.family.embed(self.model, input_ids, self._shape)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
-        cos_sin = fam.rotary(self.model)(x, positions)
-        layers = fam.layers(self.model)
-        for i in self._layers:
-            block = layers[i]
-            if self.training and getattr(self, "gradient_checkpointing", False):
-                x = torch.utils.checkpoint.checkpoint(fam.block, block, x, cos_sin, attention_mask, s, use_reentrant=False)
+        return x, self.family.rotary(self.model)(x, positions)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                layers: list[int] | None = None) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` of the active sub-network.
+
+        ``layers`` overrides which blocks run (e.g. to measure the loss with one block dropped).
+        """
+        s, fam = self._shape, self.family
+        x, cos_sin = self._embed(input_ids)
+        blocks = fam.layers(self.model)
+        for i in self._layers if layers is None else layers:
+            if self.training and self.gradient_checkpointing:
+                x = torch.utils.checkpoint.checkpoint(fam.block, blocks[i], x, cos_sin, attention_mask, s,
+                                                      use_reentrant=False)
             else:
-                x = fam.block(block, x, cos_sin, attention_mask, s)
-        if hidden_only:
-            return x
+                x = fam.block(blocks[i], x, cos_sin, attention_mask, s)
         return fam.head(self.model, x, s)
+
+    def block_io(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """(input, output) hidden states of every active block, for block-influence scoring."""
+        x, cos_sin = self._embed(input_ids)
+        blocks = self.family.layers(self.model)
+        for i in self._layers:
+            y = self.family.block(blocks[i], x, cos_sin, attention_mask, self._shape)
+            yield x, y
+            x = y

@@ -1,0 +1,382 @@
+"""Super-network fine-tuning with the sandwich rule (largest + sampled + smallest per step).
+
+Strategies (the paper's six):
+
+=========================== ============================ ==========================
+strategy                    importance permutation first sub-networks per step
+=========================== ============================ ==========================
+standard                    no                           the full model only
+random                      no                           sandwich, uniform sampler
+grid-params                 no                           sandwich, parameter-bin grid
+importance-random           yes                          sandwich, uniform sampler
+importance-grid-params      yes                          sandwich, parameter-bin grid
+importance-calibrate-mag    yes                          sandwich, best mean-|w| per bin
+=========================== ============================ ==========================
+
+Gradients of the sandwich's sub-networks are summed (each loss divided by the number of
+sub-networks and accumulation steps) before one optimizer step. ``--lora`` trains LoRA adapters
+on every linear (peft for config, persistence and merge; slicing in our forward); a tied lm_head
+is skipped unless ``--untie-lm-head`` gives it its own weight. accelerate handles devices,
+mixed precision and multi-GPU DDP (``accelerate launch -m compressor.cli train ...``).
+
+Resume is exact: the batch of every step is a pure function of (seed, step), and the checkpoint
+holds the trainable weights, optimizer, scheduler, sampler RNG and torch RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from compressor.data import IGNORE, TokenizedData, load_data
+from compressor.errors import NaspruneError
+from compressor.modeldir import LoadedModel, ModelMeta, load_model, save_model_dir, versions
+from compressor.sampling import make_sampler
+from compressor.search_space import SubNetwork
+from compressor.supernet import SuperNetwork
+
+STRATEGIES: dict[str, tuple[bool, str | None]] = {
+    "standard": (False, None),
+    "random": (False, "random"),
+    "grid-params": (False, "grid-params"),
+    "importance-random": (True, "random"),
+    "importance-grid-params": (True, "grid-params"),
+    "importance-calibrate-mag": (True, "calibrate-mag"),
+}
+
+
+@dataclass
+class TrainConfig:
+    strategy: str = "importance-calibrate-mag"
+    steps: int = 200
+    max_minutes: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    max_train_tokens: int | None = None
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    num_sampled: int = 1
+    num_bins: int = 10
+    calib_candidates: int = 32
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    untie_lm_head: bool = False
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50
+    log_every: int = 5
+    seed: int = 0
+    prompt_format: str = "auto"
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise NaspruneError(f"unknown strategy '{self.strategy}'; choose one of {', '.join(STRATEGIES)}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise NaspruneError(f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision})")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "num_bins", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise NaspruneError(f"{name} must be >= 1 (got {getattr(self, name)})")
+
+    @staticmethod
+    def load(path: Path | None = None, overrides: dict | None = None) -> "TrainConfig":
+        d = {}
+        if path is not None:
+            import yaml
+
+            if not Path(path).is_file():
+                raise NaspruneError(f"config file {path} does not exist")
+            d = yaml.safe_load(Path(path).read_text()) or {}
+            d = d.get("train", d)
+        d.update(overrides or {})
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise NaspruneError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return TrainConfig(**d)
+
+
+def batch_indices(step: int, micro: int, cfg: TrainConfig, n: int) -> np.ndarray:
+    """Example indices of one micro-batch: a pure function of (seed, step), so resume is exact."""
+    start = (step * cfg.grad_accum + micro) * cfg.batch_size
+    out = []
+    for g in range(start, start + cfg.batch_size):
+        epoch, pos = divmod(g, n)
+        out.append(np.random.default_rng([cfg.seed, epoch]).permutation(n)[pos])
+    return np.array(out)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE)
+
+
+def untie_lm_head(model) -> None:
+    """Give lm_head its own copy of the embedding so adapting it cannot change the embedding."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(emb.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = {}
+
+
+def add_lora(model, cfg: TrainConfig) -> list[str]:
+    """Wrap every linear in a peft LoRA layer (lm_head only when untied). Returns the targets."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if getattr(model.config, "tie_word_embeddings", False):
+        names -= {"lm_head", "embed_out"}
+    targets = sorted(names)
+    get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                     target_modules=targets, bias="none"))
+    return targets
+
+
+def merge_lora(model):
+    """Fold adapters into the base weights; returns the plain HF model."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.merge()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent_name, child = name.rsplit(".", 1) if "." in name else ("", name)
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    return model
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+class Trainer:
+    """One super-network training run; checkpoints to ``work_dir`` and resumes exactly."""
+
+    def __init__(self, loaded: LoadedModel, data: TokenizedData, cfg: TrainConfig, work_dir: Path):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        self.loaded, self.data, self.cfg, self.work_dir = loaded, data, cfg, Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        model = loaded.model
+        if cfg.untie_lm_head:
+            untie_lm_head(model)
+        self.supernet = SuperNetwork(model, loaded.meta.space_config, loaded.meta.layer_ranking)
+        self.supernet.gradient_checkpointing = cfg.gradient_checkpointing
+        self.lora_targets = add_lora(model, cfg) if cfg.lora else []
+        if not cfg.lora:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        cuda = torch.cuda.is_available()
+        precision = cfg.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=not cuda,
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        params = [p for p in self.supernet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warm, total, floor = cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
+
+        def schedule(step):
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.supernet, self.optimizer, self.scheduler)
+        _, sampler_name = STRATEGIES[cfg.strategy]
+        self.sampler = (make_sampler(sampler_name, self.supernet.space, cfg.seed, cfg.num_bins, cfg.calib_candidates,
+                                     supernet=self.supernet) if sampler_name else None)
+        self.step = 0
+        self.log_path = self.work_dir / "train_log.jsonl"
+        self.ckpt_path = self.work_dir / "checkpoint.pt"
+
+    # ---- sub-networks per step ----------------------------------------------------------------
+    def sandwich(self) -> list[SubNetwork]:
+        space = self.supernet.space
+        if self.sampler is None:
+            return [space.largest()]
+        return [space.largest(), *self.sampler.sample_many(self.cfg.num_sampled), space.smallest()]
+
+    # ---- checkpointing ------------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.cfg.lora:
+            return lora_state(self.supernet.model)
+        return {k: v.detach().clone() for k, v in self.supernet.model.state_dict().items()}
+
+    def save_checkpoint(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        state = {"step": self.step, "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict() if self.sampler else None,
+                 "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
+        tmp = self.ckpt_path.with_name(f".checkpoint.pt.tmp-{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)
+
+    def load_checkpoint(self) -> None:
+        if not self.ckpt_path.exists():
+            raise NaspruneError(f"--resume: no checkpoint at {self.ckpt_path}; run without --resume to start")
+        try:
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise NaspruneError(f"checkpoint {self.ckpt_path} is corrupt ({type(e).__name__}); delete it and restart") from None
+        saved = {k: v for k, v in state["config"].items() if k not in ("steps", "max_minutes", "checkpoint_every", "log_every")}
+        now = {k: v for k, v in asdict(self.cfg).items() if k in saved}
+        if saved != now:
+            diff = sorted(k for k in saved if saved[k] != now[k])
+            raise NaspruneError(f"--resume with different settings {diff} than the checkpoint; use the same settings")
+        self.supernet.model.load_state_dict(state["model"], strict=not self.cfg.lora)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.sampler is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, device = self.cfg, self.accelerator.device
+        self.model.train()
+        subs = self.sandwich()
+        losses = {str(s): 0.0 for s in subs}
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            idx = batch_indices(self.step, micro, cfg, len(self.data))
+            batch = self.data.subset(torch.as_tensor(idx))
+            ids, labels = batch.input_ids.to(device), batch.labels.to(device)
+            mask = batch.attention_mask.to(device) if batch.kind == "instruct" else None
+            tokens += int(batch.attention_mask.sum())
+            for sub in subs:
+                self.supernet.select(sub)
+                with self.accelerator.autocast():
+                    loss = lm_loss(self.model(ids, mask), labels)
+                self.accelerator.backward(loss / (len(subs) * cfg.grad_accum))
+                losses[str(sub)] += loss.item() / cfg.grad_accum
+        if cfg.max_grad_norm:
+            self.accelerator.clip_grad_norm_([p for p in self.supernet.parameters() if p.requires_grad], cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.supernet.select(self.supernet.space.largest())
+        self.step += 1
+        return {"losses": losses, "tokens": tokens * len(subs)}
+
+    def run(self, progress: bool = True) -> dict:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        cfg = self.cfg
+        start, tokens_seen = time.perf_counter(), 0
+        stopped_by_time = False
+        columns = [TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, disable=not progress or not self.accelerator.is_main_process) as bar:
+            task = bar.add_task("train", total=cfg.steps, completed=self.step, loss=float("nan"), tps=0.0)
+            while self.step < cfg.steps:
+                if cfg.max_minutes is not None and time.perf_counter() - start > cfg.max_minutes * 60:
+                    stopped_by_time = True
+                    break
+                t0 = time.perf_counter()
+                out = self.train_step()
+                dt = time.perf_counter() - t0
+                tokens_seen += out["tokens"]
+                mean_loss = float(np.mean(list(out["losses"].values())))
+                bar.update(task, advance=1, loss=mean_loss, tps=out["tokens"] / dt)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self._log({"step": self.step, "loss": mean_loss, "losses": out["losses"], "step_seconds": dt,
+                               "tokens_per_s": out["tokens"] / dt, "lr": self.scheduler.get_last_lr()[0]})
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+        self.save_checkpoint()
+        elapsed = time.perf_counter() - start
+        return {"steps": self.step, "seconds": elapsed, "tokens": tokens_seen, "stopped_by_time_budget": stopped_by_time}
+
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def finished_model(self):
+        """The trained HF model (LoRA merged) with the layout nasprune expects."""
+        model = self.supernet.model
+        return merge_lora(model) if self.cfg.lora else model
+
+
+def prepare_model(loaded: LoadedModel, cfg: TrainConfig, calib: TokenizedData | None, log=print) -> LoadedModel:
+    """Importance-* strategies need a permuted model: compute it here when MODEL has none."""
+    needs_importance, _ = STRATEGIES[cfg.strategy]
+    if not needs_importance or loaded.meta.importance is not None:
+        return loaded
+    from compressor.importance import compute_importance, layer_ranking, permute
+
+    sn = loaded.supernet()
+    log(f"{loaded.source} has no importance scores: computing them on {calib.source} ({int(calib.attention_mask.sum()):,} tokens)")
+    scores = compute_importance(sn, calib, calib.subset(slice(0, max(1, 8192 // calib.input_ids.shape[1]))))
+    ranking = layer_ranking(scores)
+    permute(sn, scores)
+    meta = ModelMeta(search_space=loaded.meta.search_space, layer_ranking=ranking,
+                     importance={**scores.info, "layer_scores": [float(x) for x in scores.layers]},
+                     provenance=dict(loaded.meta.provenance))
+    return LoadedModel(loaded.model, loaded.tokenizer, meta, loaded.path, loaded.source)
+
+
+def run_training(model: str, data: str, out: Path, cfg: TrainConfig, resume: bool = False, online: bool = False,
+                 calib_data: str | None = None, log=print) -> Path:
+    out = Path(out)
+    work = out.parent / f"{out.name}.train"
+    if work.exists() and (work / "checkpoint.pt").exists() and not resume:
+        raise NaspruneError(f"{work} holds an unfinished run; pass --resume to continue it or delete it to start over")
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(model, online=online)
+    train_data = load_data(loaded.tokenizer, data, cfg.seq_len, cfg.max_train_tokens, online, cfg.prompt_format)
+    calib = None
+    if STRATEGIES[cfg.strategy][0] and loaded.meta.importance is None:
+        calib = load_data(loaded.tokenizer, calib_data or data, 512, 65536, online, cfg.prompt_format)
+    loaded = prepare_model(loaded, cfg, calib, log)
+    trainer = Trainer(loaded, train_data, cfg, work)
+    if resume:
+        trainer.load_checkpoint()
+        log(f"resumed at step {trainer.step}")
+    stats = trainer.run()
+    model_out = trainer.finished_model()
+    meta = ModelMeta(search_space=loaded.meta.search_space, layer_ranking=loaded.meta.layer_ranking,
+                     importance=loaded.meta.importance,
+                     provenance={**loaded.meta.provenance, "versions": versions(),
+                                 "training": {"config": asdict(cfg), "data": str(data), **stats,
+                                              "lora_targets": trainer.lora_targets,
+                                              "train_tokens_available": int(train_data.attention_mask.sum())}})
+    meta.provenance.pop("created_at", None)
+    log_src = trainer.log_path
+
+    def copy_log(tmp):
+        if log_src.exists():
+            shutil.copy(log_src, tmp / "train_log.jsonl")
+
+    if trainer.accelerator.is_main_process:
+        save_model_dir(model_out, loaded.tokenizer, meta, out, extra=copy_log)
+        if not stats["stopped_by_time_budget"]:
+            trainer.ckpt_path.unlink(missing_ok=True)
+    return out
