@@ -140,8 +140,10 @@ def extract(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online)
 def _register_stage_commands() -> None:
     """Each stage package adds its own commands (one module per stage keeps this file small)."""
     # --- stage command registrations (one line per stage) ---
+    from profilers.cli import register as register_profile; register_profile(app)  # noqa: E702
     from compressor.commands import register as register_compressor; register_compressor(app)  # noqa: E702
     from predictors.cli import register as register_predictors; register_predictors(app, sys.modules[__name__])  # noqa: E702
+    from deploy.cli import register as register_deploy; register_deploy(app)  # noqa: E702
     # --- end of stage command registrations ---
 
 
@@ -153,4 +155,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's app, so stage commands share one STATE (not this __main__ copy's).
+    from compressor.cli import main as _main
+
+    _main()

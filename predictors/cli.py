@@ -1,0 +1,167 @@
+"""``nasprune predictor fit|eval`` and ``nasprune predict``: registered on the main Typer app.
+
+Why ``register(app, host)`` takes the CLI module instead of importing ``compressor.cli``: under
+``python -m compressor.cli`` that module is ``__main__``, and importing it again by name would
+run its stage registration a second time, in a half-initialized state. The host supplies the
+shared pieces (one-line error handling, the ``--online`` state, transformers silencing).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+_HOST: dict = {}
+
+_FP = typer.Option(None, "--fingerprint", help="Device fingerprint id to select from the store.")
+_ENGINE = typer.Option(None, "--engine", help="Engine to select (onnxruntime, tensorrt, torch).")
+_PRECISION = typer.Option(None, "--precision", help="Precision to select (e.g. fp32, fp16).")
+_RECIPE = typer.Option(None, "--recipe", help="Export recipe id to select.")
+
+
+def metrics_table(title: str, rows: dict[str, dict], marked: str | None = None) -> Table:
+    table = Table(title=title)
+    for col in ("", "n", "MAPE %", "RMSPE %", "±5%", "±10%", "±15%", "Kendall τ"):
+        table.add_column(col, justify="left" if not col else "right")
+    for name, m in rows.items():
+        label = f"{name} *" if name == marked else name
+        table.add_row(label, str(m["n"]), f"{m['mape']:.2f}", f"{m['rmspe']:.2f}", f"{m['acc5']:.1%}",
+                      f"{m['acc10']:.1%}", f"{m['acc15']:.1%}", f"{m['kendall_tau']:.3f}")
+    return table
+
+
+def _show_warnings(caught) -> None:
+    for w in caught:
+        err_console.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+
+
+def _online() -> bool:
+    return bool(_HOST["module"].STATE["online"])
+
+
+def quiet_transformers() -> None:
+    _HOST["module"].quiet_transformers()
+
+
+def fit_cmd(store: Path = typer.Option(..., "--store", help="Profile store to fit on."),
+            out: Path = typer.Option(..., "--out", help="Predictor directory to write."),
+            model: Optional[str] = typer.Option(None, "--model", help="The profiled MODEL (default: the records' model.source)."),
+            fingerprint: Optional[str] = _FP, engine: Optional[str] = _ENGINE, precision: Optional[str] = _PRECISION,
+            recipe: Optional[str] = _RECIPE,
+            models: str = typer.Option(",".join(["linear", "gbrt", "random_forest"]), "--models",
+                                       help="Comma-separated candidate model types."),
+            folds: int = typer.Option(5, "--folds", help="Cross-validation folds (grouped by architecture)."),
+            seed: int = typer.Option(0, "--seed"),
+            adaptive: Optional[str] = typer.Option(None, "--adaptive", metavar="MODEL",
+                                                   help="Profile more sub-networks of MODEL where CV error is largest."),
+            target_acc10: float = typer.Option(0.97, "--target-acc10", help="Adaptive: stop at this ±10% CV accuracy."),
+            target_mape: float = typer.Option(4.0, "--target-mape", help="Adaptive: ... and this CV MAPE (%)."),
+            budget_min: float = typer.Option(30.0, "--budget-min", help="Adaptive: stop after this many minutes."),
+            batch: int = typer.Option(8, "--batch", help="Adaptive: sub-networks profiled per round."),
+            workload: List[str] = typer.Option([], "--workload", help="Adaptive: workload to profile, repeatable (default: those in the store)."),
+            threads: Optional[int] = typer.Option(None, "--threads", help="Adaptive: profiler threads.")):
+    """Fit a latency predictor on one (device, engine, precision, recipe) group of a profile store."""
+    from predictors.dataset import read_store, select_group
+    from predictors.fit import FitConfig, fit_predictor
+    from predictors.modelspace import describe_model, resolve_source
+
+    quiet_transformers()
+    config = FitConfig(folds=folds, seed=seed, candidates=tuple(m.strip() for m in models.split(",") if m.strip()))
+    wanted = dict(fingerprint_id=fingerprint, engine=engine, precision=precision, recipe_id=recipe)
+    if adaptive:
+        from predictors.adaptive import AdaptiveConfig, adaptive_fit
+
+        result = adaptive_fit(adaptive, store, config, AdaptiveConfig(
+            target_acc10=target_acc10, target_mape=target_mape, budget_s=budget_min * 60, batch=batch,
+            workloads=tuple(workload), threads=threads,
+            engine=engine, precision=precision), wanted, online=_online(), log=console.print)
+    else:
+        records = select_group(read_store(store), **wanted)
+        source = model or resolve_source(records[0]["model"].get("source"))
+        with console.status(f"reading the search space of {source} ..."):
+            description = describe_model(source, online=_online())
+        with console.status(f"cross-validating {', '.join(config.candidates)} on {len(records)} records ..."):
+            result = fit_predictor(records, description, config)
+    result.predictor.save(out)
+    m = result.predictor.manifest
+    console.print(metrics_table(f"{config.folds}-fold CV (grouped by sub-network), {m['training']['n_records']} records, "
+                                f"{m['training']['n_subnetworks']} sub-networks", m["cv"]["models"], m["cv"]["selected"]))
+    console.print(f"wrote {out}: {m['cv']['selected']} predictor for {', '.join(f'{k}={v}' for k, v in m['group'].items())} "
+                  f"({', '.join(m['training']['workloads'])})")
+
+
+def eval_cmd(directory: Path = typer.Argument(..., help="Predictor directory."),
+             store: Path = typer.Option(..., "--store", help="Profile store with records not used in fitting."),
+             plot: Optional[Path] = typer.Option(None, "--plot", help="Write a measured-vs-predicted PNG here."),
+             json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics and per-record values here."),
+             strict: bool = typer.Option(False, "--strict", help="Refuse records outside the training ranges.")):
+    """Score a predictor on held-out records: MAPE, RMSPE, ±5/10/15% accuracy, Kendall τ."""
+    from compressor.modeldir import write_json_atomic
+    from predictors import load_predictor
+    from predictors.dataset import read_store
+    from predictors.evaluate import evaluate
+
+    quiet_transformers()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictor = load_predictor(directory, strict=strict)
+    _show_warnings(caught)
+    result = evaluate(predictor, read_store(store))
+    for line in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+    console.print(metrics_table(f"held-out evaluation ({predictor.manifest['estimator']['selected']})",
+                                {**result.per_workload, "all": result.overall}))
+    if plot:
+        from predictors.plot import measured_vs_predicted_png
+
+        measured_vs_predicted_png(plot, result.measured_ms, result.predicted_ms, result.workloads,
+                                  title=f"{directory.name}: held-out")
+        console.print(f"wrote {plot}")
+    if json_out:
+        write_json_atomic(json_out, result.to_dict())
+        console.print(f"wrote {json_out}")
+
+
+def predict_cmd(directory: Path = typer.Argument(..., help="Predictor directory."),
+                arch: str = typer.Option(..., "--arch", help='Sub-network JSON {"embed_dim":..,...} or a file.'),
+                workload: str = typer.Option(..., "--workload", help="e.g. prefill:1x128 or decode:1x256."),
+                quantile: str = typer.Option("median", "--quantile", help="median or p90."),
+                strict: bool = typer.Option(False, "--strict", help="Refuse queries outside the training ranges."),
+                fingerprint: Optional[str] = typer.Option(None, "--fingerprint", help="Refuse unless fitted for this device fingerprint."),
+                engine: Optional[str] = typer.Option(None, "--engine", help="Refuse unless fitted for this engine."),
+                precision: Optional[str] = typer.Option(None, "--precision", help="Refuse unless fitted for this precision."),
+                recipe: Optional[str] = typer.Option(None, "--recipe", help="Refuse unless fitted for this export recipe.")):
+    """Predicted latency (ms) of one sub-network on one workload."""
+    from compressor.search_space import SubNetwork
+    from compressor.workload import Workload
+    from predictors import load_predictor
+
+    quiet_transformers()
+    sub, wl = SubNetwork.parse(arch), Workload.parse(workload)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predictor = load_predictor(directory, strict=strict)
+        predictor.check_compatible(fingerprint, engine, precision, recipe)
+        ms = float(predictor.predict_ms([sub], wl, quantile=quantile)[0])
+    _show_warnings(caught)
+    print(f"{ms:.3f}")
+    err_console.print(f"{sub} {wl} {quantile}: {ms:.3f} ms ({predictor.manifest['estimator']['selected']}, "
+                      f"CV MAPE {predictor.manifest['cv']['models'][predictor.manifest['estimator']['selected']]['mape']:.2f}%)",
+                      highlight=False)
+
+
+def register(app: typer.Typer, host) -> None:
+    """Add ``predictor fit|eval`` and ``predict`` to ``app``; ``host`` is the CLI module (see docstring)."""
+    _HOST["module"] = host
+    group = typer.Typer(no_args_is_help=True, help="Fit, check and evaluate latency predictors.")
+    group.command("fit")(host.handles_errors(fit_cmd))
+    group.command("eval")(host.handles_errors(eval_cmd))
+    app.add_typer(group, name="predictor")
+    app.command("predict")(host.handles_errors(predict_cmd))

@@ -1,0 +1,104 @@
+"""Fit a predictor: cross-validate every candidate, refit the winner on all records, write a manifest."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from compressor.errors import NaspruneError
+from compressor.modeldir import now
+from compressor.search_space import DIMENSIONS
+from predictors.dataset import Dataset, to_dataset
+from predictors.features import ANALYTIC, FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix
+from predictors.modelspace import space_from_description
+from predictors.models import CANDIDATES
+from predictors.predictor import SCHEMA, LatencyPredictor, library_versions
+from predictors.selection import SELECTION_METRIC, CVResult, arch_groups, cross_validate, select
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How to fit. ``candidates`` are names in :data:`predictors.models.CANDIDATES`."""
+
+    folds: int = 5
+    seed: int = 0
+    candidates: tuple[str, ...] = tuple(CANDIDATES)
+    p90: bool = True  # also fit the winner on stats_ms.p90 when every record has one
+
+    def __post_init__(self):
+        unknown = [c for c in self.candidates if c not in CANDIDATES]
+        if unknown or not self.candidates:
+            raise NaspruneError(f"unknown model types {unknown}; choose from {', '.join(CANDIDATES)}")
+        if self.folds < 2:
+            raise NaspruneError(f"--folds must be >= 2, got {self.folds}")
+
+
+@dataclass
+class FitResult:
+    predictor: LatencyPredictor
+    dataset: Dataset
+    cv: list[CVResult] = field(default_factory=list)
+
+    @property
+    def selected(self) -> CVResult:
+        return next(r for r in self.cv if r.name == self.predictor.manifest["cv"]["selected"])
+
+
+def training_ranges(ds: Dataset) -> dict:
+    """Per-dimension and per-workload-kind [min, max]: the box outside which queries warn."""
+    arch = {d: [min(getattr(s, d) for s in ds.subs), max(getattr(s, d) for s in ds.subs)] for d in DIMENSIONS}
+    kinds: dict = {}
+    for w in ds.workloads:
+        k = kinds.setdefault(w.kind, {f: [getattr(w, f), getattr(w, f)] for f in ("batch", "seq", "new_tokens")})
+        for f in k:
+            k[f] = [min(k[f][0], getattr(w, f)), max(k[f][1], getattr(w, f))]
+    return {"arch": arch, "workloads": kinds}
+
+
+def _median_cv(records: list[dict]) -> float | None:
+    """Median iteration-to-iteration coefficient of variation of the records (within-run timing noise)."""
+    cvs = [float(r["stats_ms"]["cv"]) for r in records if r["stats_ms"].get("cv") is not None]
+    return float(np.median(cvs)) if cvs else None
+
+
+def fit_predictor(records: list[dict], model_description: dict, config: FitConfig = FitConfig()) -> FitResult:
+    """Records of one group + the profiled model's description (:func:`predictors.modelspace.describe_model`)."""
+    ds = to_dataset(records)
+    space = space_from_description(model_description)
+    for s in ds.subs:
+        space.validate(s)
+    X = feature_matrix(space, ds.subs, ds.workloads, ds.group.precision)
+    groups = arch_groups(ds.subs)
+    cv = [cross_validate(CANDIDATES[name], X, ds.median_ms, groups, config.folds, config.seed)
+          for name in config.candidates]
+    best = select(cv)
+    spec = CANDIDATES[best.name]
+    estimators = {"median": spec.fit(X, ds.median_ms, config.seed)}
+    if config.p90 and ds.p90_ms is not None:
+        estimators["p90"] = spec.fit(X, ds.p90_ms, config.seed)
+    first = ds.records[0]
+    manifest = {
+        "schema": SCHEMA,
+        "created_at": now(),
+        "group": ds.group.to_dict(),
+        "fingerprint": first.get("fingerprint", {}),
+        "device": first.get("device"),
+        "provider": first.get("provider"),
+        "export_recipe": first.get("export_recipe", {}),
+        "model": {**ds.model, **model_description},
+        "versions": library_versions(),
+        "features": {"schema": FEATURE_SCHEMA, "names": list(FEATURE_NAMES), "analytic": list(ANALYTIC)},
+        "estimator": {"format": "skops", "selected": best.name, "quantiles": list(estimators)},
+        "training": {
+            "n_records": len(ds), "n_subnetworks": int(len(np.unique(groups))),
+            "workloads": dict(sorted(Counter(r["workload"] for r in ds.records).items())),
+            "ranges": training_ranges(ds),
+            "noise_cv_median": _median_cv(ds.records),
+            "keys": ds.keys,
+        },
+        "cv": {"folds": config.folds, "grouped_by": "architecture", "metric": SELECTION_METRIC,
+               "selected": best.name, "models": {r.name: r.metrics for r in cv}, "config": asdict(config)},
+    }
+    return FitResult(LatencyPredictor(estimators, manifest, space), ds, cv)

@@ -1,0 +1,133 @@
+"""``nasprune profile``: measure sub-networks into a store, list engines, export for edge devices,
+import edge results. ``register(app)`` adds the command to the nasprune Typer app.
+
+``profile import RESULTS --store PATH`` is spelled as the first positional argument being
+``import`` (Typer cannot have a command that takes MODEL and also has sub-commands); a model dir
+literally named ``import`` is passed as ``./import``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from compressor.errors import NaspruneError
+
+
+def register(app: typer.Typer) -> None:
+    from compressor.cli import console, handles_errors
+
+    @app.command("profile")
+    @handles_errors
+    def profile(
+        model: Optional[str] = typer.Argument(None, help="MODEL (dir, .gguf, 'default'), or 'import' to import edge results"),
+        results: Optional[Path] = typer.Argument(None, help="with 'import': the results.jsonl from run_profile.py"),
+        engine: str = typer.Option("onnxruntime", "--engine", help="torch | onnxruntime | tensorrt"),
+        device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+        workload: List[str] = typer.Option(["prefill:1x128"], "--workload", help="prefill:BxS, decode:BxC, generate:BxP+N (repeatable)"),
+        arch: List[str] = typer.Option([], "--arch", help="sub-network JSON or file (repeatable); default: sampled"),
+        sampler: str = typer.Option("grid-params", "--sampler", help="grid-params | random (largest always included)"),
+        samples: int = typer.Option(10, "--samples", help="number of sub-networks to sample"),
+        seed: int = typer.Option(0, "--seed"),
+        store: Optional[Path] = typer.Option(None, "--store", help="profile store file (SQLite), created if missing"),
+        precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (per engine/device)"),
+        threads: int = typer.Option(1, "--threads", help="intra-op threads (fixed for every measurement)"),
+        provider: Optional[str] = typer.Option(None, "--provider", help="onnxruntime on cuda: cuda | tensorrt"),
+        exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (fast) | dynamo"),
+        pin: Optional[str] = typer.Option(None, "--pin", help="comma-separated CPU ids to pin the timing process to"),
+        warmup_iters: int = typer.Option(3, "--warmup-iters"),
+        warmup_seconds: float = typer.Option(0.5, "--warmup-seconds"),
+        min_iters: int = typer.Option(10, "--min-iters"),
+        min_seconds: float = typer.Option(2.0, "--min-seconds"),
+        workdir: Optional[Path] = typer.Option(None, "--workdir", help="where graphs are written while timed (default: temp dir)"),
+        export_only: Optional[Path] = typer.Option(None, "--export-only", help="write graphs + run_profile.py for an edge device"),
+        list_engines: bool = typer.Option(False, "--list-engines", help="show which engines are available here and why not"),
+    ):
+        """Real latency of sub-networks on torch / ONNX Runtime / TensorRT into a resumable profile store."""
+        if list_engines:
+            return _list_engines(console)
+        if model is None:
+            raise NaspruneError("missing MODEL; e.g. nasprune profile default --workload prefill:1x128 --store profiles.sqlite")
+        if model == "import":
+            return _import(console, results, store)
+        if results is not None:
+            raise NaspruneError(f"unexpected extra argument '{results}'; only 'profile import RESULTS' takes two")
+        from compressor.cli import _load
+        from profilers.api import choose_subnetworks, parse_workloads
+        from profilers.standalone import Protocol
+
+        workloads = parse_workloads(workload)  # bad strings fail before the model loads
+        protocol = Protocol(warmup_iters=warmup_iters, warmup_seconds=warmup_seconds, min_iters=min_iters,
+                            min_seconds=min_seconds, pin_cpus=[int(c) for c in pin.split(",")] if pin else None)
+        if export_only is None:
+            from profilers.base import get_engine
+
+            get_engine(engine).check(device, precision)  # missing engines fail before the model loads
+            if store is None:
+                raise NaspruneError("pass --store PATH (a SQLite file; reruns resume from it)")
+        loaded = _load(model)
+        subs = choose_subnetworks(loaded.supernet().space, arch, sampler, samples, seed)
+        if export_only is not None:
+            return _export_only(console, loaded, subs, workloads, export_only, precision, threads, exporter, protocol)
+        from profilers.api import profile_subnetworks
+        from profilers.store import ProfileStore
+
+        before = len(ProfileStore(store))
+        records = profile_subnetworks(loaded, subs, workloads, engine=engine, device=device, precision=precision,
+                                      store=store, threads=threads, protocol=protocol, exporter=exporter,
+                                      provider=provider, workdir=workdir)
+        _table(console, records)
+        after = len(ProfileStore(store))
+        console.print(f"{after - before} new record(s), {len(records) - (after - before)} already stored; "
+                      f"{after} in {store}")
+
+
+def _list_engines(console) -> None:
+    from rich.table import Table
+
+    from profilers.base import list_engines
+
+    table = Table(title="profiling engines")
+    for col in ("engine", "device", "available", "version", "details / why not"):
+        table.add_column(col)
+    for name, device, info in list_engines():
+        table.add_row(name, device, "yes" if info.available else "no", info.version or "-", info.reason)
+    console.print(table)
+
+
+def _table(console, records: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{records[0]['engine']} {records[0]['device']} {records[0]['precision']}, "
+                        f"{records[0]['threads']} thread(s)" if records else "no records")
+    for col in ("sub-network", "params", "workload", "median ms", "p90 ms", "cv", "n", "tokens/s"):
+        table.add_column(col, justify="right")
+    for r in records:
+        a, s = r["arch"], r["stats_ms"]
+        table.add_row(f"e{a['embed_dim']}-h{a['num_heads']}-f{a['ffn_dim']}-l{a['num_layers']}", f"{r['params']:,}",
+                      r["workload"], f"{s['median']:.2f}", f"{s['p90']:.2f}", f"{s['cv']:.1%}", str(s["count"]),
+                      f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else "-")
+    console.print(table)
+
+
+def _import(console, results: Path | None, store: Path | None) -> None:
+    from profilers.edge import import_results
+    from profilers.store import ProfileStore
+
+    if results is None or store is None:
+        raise NaspruneError("usage: nasprune profile import RESULTS --store PATH")
+    added, lines = import_results(results, ProfileStore(store))
+    console.print(f"imported {added} new record(s) from {lines} result line(s) into {store}")
+
+
+def _export_only(console, loaded, subs, workloads, out: Path, precision, threads, exporter, protocol) -> None:
+    from profilers.edge import RUNNER, export_for_device
+
+    with console.status("exporting graphs ...") as status:
+        manifest = export_for_device(loaded, subs, workloads, out, precision, threads, exporter, protocol,
+                                     progress=lambda sub: status.update(f"exported {sub}"))
+    console.print(f"wrote {len(subs)} sub-network(s), {len(manifest['jobs'])} job(s) to {out}")
+    console.print(f"on the device: python {RUNNER} {out.name}   (needs numpy + onnxruntime)")
+    console.print(f"then here:     nasprune profile import {out.name}/results.jsonl --store PATH")

@@ -1,0 +1,74 @@
+"""ONNX Runtime: CPUExecutionProvider here; CUDA and TensorRT execution providers where
+onnxruntime-gpu is installed. Graphs come from ``deploy.onnx_export`` (the deploy recipe), the
+timing loop and IO binding from ``profilers.standalone`` (the same file edge devices run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from compressor.errors import NaspruneError
+from profilers.base import Artifacts, Availability, Engine
+from profilers.standalone import ORT_PROVIDERS, Protocol, ort_provider_list, run_ort_job
+
+INSTALL = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA; instead of onnxruntime, never both)"
+
+
+def _available_providers() -> tuple[list[str] | None, str | None, str]:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return None, None, f"onnxruntime is not importable ({e}); {INSTALL}"
+    return ort.get_available_providers(), ort.__version__, ""
+
+
+class OnnxRuntimeEngine(Engine):
+    name = "onnxruntime"
+    precisions = {"cpu": ("fp32",), "cuda": ("fp32", "fp16")}
+
+    def availability(self, device: str) -> Availability:
+        providers, version, why = _available_providers()
+        if providers is None:
+            return Availability(False, why)
+        needed = ORT_PROVIDERS[device]
+        if needed not in providers:
+            return Availability(False, f"onnxruntime {version} has no {needed} (it has {', '.join(providers)}); "
+                                       + ("install onnxruntime-gpu instead of onnxruntime" if device == "cuda" else INSTALL),
+                                version)
+        extra = " (TensorRT EP too: --provider tensorrt)" if device == "cuda" and ORT_PROVIDERS["tensorrt"] in providers else ""
+        return Availability(True, f"{needed}{extra}", version)
+
+    def provider(self, device: str, requested: str | None = None) -> str:
+        if requested is None:
+            return ORT_PROVIDERS[device]
+        name = ORT_PROVIDERS.get(requested, requested)
+        if device == "cpu" and name != ORT_PROVIDERS["cpu"]:
+            raise NaspruneError(f"--provider {requested} needs --device cuda")
+        providers, version, why = _available_providers()
+        if providers is None:
+            raise NaspruneError(why)
+        if name not in providers:
+            raise NaspruneError(f"onnxruntime {version} has no {name} (it has {', '.join(providers)}); "
+                                "choose --provider cpu, cuda or tensorrt from those")
+        return name
+
+    def recipe(self, precision: str, exporter: str) -> dict:
+        from deploy.onnx_export import ExportRecipe
+
+        return ExportRecipe(exporter=exporter, precision=precision).to_dict()
+
+    def prepare(self, model, directory: Path, recipe: dict, graphs: tuple[str, ...],
+                provider: str | None = None) -> Artifacts:
+        from deploy.onnx_export import ExportRecipe, export_graphs
+
+        # fp32 parity runs on CPU (a check of the graph itself); fp16 on the provider that will time it
+        check_on = ort_provider_list(provider, recipe["precision"]) if recipe["precision"] == "fp16" else None
+        exported = export_graphs(model, directory, ExportRecipe.from_dict(recipe), graphs=graphs, providers=check_on)
+        return Artifacts(directory, {k: str(v) for k, v in exported.paths.items()}, exported.graph_bytes,
+                         {"seconds": exported.export_seconds, "parity_max_abs_diff": exported.parity})
+
+    def run_job(self, job: dict, protocol: Protocol) -> dict:
+        return run_ort_job(job, protocol)
+
+
+ENGINE = OnnxRuntimeEngine()
