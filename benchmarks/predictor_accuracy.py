@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-min", type=float, default=85.0, help="stop profiling after this many minutes")
     p.add_argument("--min-iters", type=int, default=5, help="timed iterations per measurement (protocol minimum)")
     p.add_argument("--min-seconds", type=float, default=1.0, help="timed seconds per measurement (protocol minimum)")
+    p.add_argument("--max-remeasure", type=int, default=0,
+                   help="re-measurements when load/reference score drift (each one repeats the timing; on a "
+                        "machine shared with training jobs drift is constant, so the default is 0 and the "
+                        "between-run noise floor is reported instead)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -97,7 +101,8 @@ def profile_into(loaded, store, subs, workloads, args, deadline: float, label: s
     from deploy.onnx_export import ExportParityError
     from profilers.standalone import Protocol
 
-    protocol = Protocol(warmup_iters=2, min_iters=args.min_iters, min_seconds=args.min_seconds)
+    protocol = Protocol(warmup_iters=2, min_iters=args.min_iters, min_seconds=args.min_seconds,
+                        max_remeasure=args.max_remeasure)
     todo = [s for s in subs if s not in profiled_archs(store, workloads)]
     print(f"[{label}] {len(subs) - len(todo)}/{len(subs)} sub-networks already profiled, {len(todo)} to go", flush=True)
     for i, sub in enumerate(todo):

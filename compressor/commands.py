@@ -162,5 +162,6 @@ def compress(
 
     quiet_transformers()
     cfg = PipelineConfig.load(config)
-    Pipeline(model, out, cfg, STATE["online"], log=console.print).execute(stop_after, tuple(force or ()))
+    Pipeline(model, out, cfg, STATE["online"], log=lambda text: console.print(text, markup=False, highlight=False)).execute(
+        stop_after, tuple(force or ()))
     console.print(f"report: {out}/report.md")

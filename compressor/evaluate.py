@@ -27,13 +27,9 @@ def read_text(path: str | Path) -> str:
 
 def token_windows(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping windows ``[N, seq_len]`` of the tokenized text (the tail is dropped)."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    if max_tokens:
-        ids = ids[:max_tokens]
-    n = len(ids) // seq_len
-    if n == 0:
-        raise NaspruneError(f"text has {len(ids)} tokens, fewer than one window of {seq_len}; give more text or a smaller --seq-len")
-    return ids[: n * seq_len].view(n, seq_len)
+    from compressor.data import pack_text
+
+    return pack_text(tokenizer, text, seq_len, max_tokens, source="held-out text").input_ids
 
 
 @torch.no_grad()

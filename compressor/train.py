@@ -110,9 +110,10 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
-def batch_indices(step: int, micro: int, cfg: TrainConfig, n: int) -> np.ndarray:
-    """Example indices of one micro-batch: a pure function of (seed, step), so resume is exact."""
-    start = (step * cfg.grad_accum + micro) * cfg.batch_size
+def batch_indices(step: int, micro: int, cfg: TrainConfig, n: int, world: int = 1, rank: int = 0) -> np.ndarray:
+    """Example indices of one micro-batch on one process: a pure function of (seed, step, rank),
+    so resume is exact and DDP processes see disjoint slices of the same global batch."""
+    start = ((step * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
     out = []
     for g in range(start, start + cfg.batch_size):
         epoch, pos = divmod(g, n)
@@ -263,7 +264,8 @@ class Trainer:
         losses = {str(s): 0.0 for s in subs}
         tokens = 0
         for micro in range(cfg.grad_accum):
-            idx = batch_indices(self.step, micro, cfg, len(self.data))
+            idx = batch_indices(self.step, micro, cfg, len(self.data), self.accelerator.num_processes,
+                                self.accelerator.process_index)
             batch = self.data.subset(torch.as_tensor(idx))
             ids, labels = batch.input_ids.to(device), batch.labels.to(device)
             mask = batch.attention_mask.to(device) if batch.kind == "instruct" else None
@@ -375,6 +377,7 @@ def run_training(model: str, data: str, out: Path, cfg: TrainConfig, resume: boo
         if log_src.exists():
             shutil.copy(log_src, tmp / "train_log.jsonl")
 
+    trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
         save_model_dir(model_out, loaded.tokenizer, meta, out, extra=copy_log)
         if not stats["stopped_by_time_budget"]:

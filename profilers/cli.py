@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
         warmup_seconds: float = typer.Option(0.5, "--warmup-seconds"),
         min_iters: int = typer.Option(10, "--min-iters"),
         min_seconds: float = typer.Option(2.0, "--min-seconds"),
+        max_remeasure: int = typer.Option(2, "--max-remeasure", help="re-measurements when the machine looks disturbed"),
         workdir: Optional[Path] = typer.Option(None, "--workdir", help="where graphs are written while timed (default: temp dir)"),
         export_only: Optional[Path] = typer.Option(None, "--export-only", help="write graphs + run_profile.py for an edge device"),
         list_engines: bool = typer.Option(False, "--list-engines", help="show which engines are available here and why not"),
@@ -60,7 +61,10 @@ def register(app: typer.Typer) -> None:
 
         workloads = parse_workloads(workload)  # bad strings fail before the model loads
         protocol = Protocol(warmup_iters=warmup_iters, warmup_seconds=warmup_seconds, min_iters=min_iters,
-                            min_seconds=min_seconds, pin_cpus=[int(c) for c in pin.split(",")] if pin else None)
+                            min_seconds=min_seconds, max_remeasure=max_remeasure, pin_cpus=[int(c) for c in pin.split(",")] if pin else None)
+        if export_only is not None and (engine, device) != ("onnxruntime", "cpu"):
+            raise NaspruneError("--export-only writes ONNX graphs for run_profile.py (ONNX Runtime; choose its provider "
+                                "there with --provider); drop --engine/--device")
         if export_only is None:
             from profilers.base import get_engine
 
@@ -129,5 +133,5 @@ def _export_only(console, loaded, subs, workloads, out: Path, precision, threads
         manifest = export_for_device(loaded, subs, workloads, out, precision, threads, exporter, protocol,
                                      progress=lambda sub: status.update(f"exported {sub}"))
     console.print(f"wrote {len(subs)} sub-network(s), {len(manifest['jobs'])} job(s) to {out}")
-    console.print(f"on the device: python {RUNNER} {out.name}   (needs numpy + onnxruntime)")
+    console.print(f"on the device: python {out.name}/{RUNNER} {out.name}   (needs numpy + onnxruntime)")
     console.print(f"then here:     nasprune profile import {out.name}/results.jsonl --store PATH")

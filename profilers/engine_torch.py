@@ -55,14 +55,11 @@ class TorchEngine(Engine):
 
         w, device = job["workload"], job["device"]
         torch.set_num_threads(job["threads"])
-        holder: dict = {}
-
         def prepare():
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(job["files"]["model"], dtype=getattr(torch, DTYPES[job["precision"]]),
                                                          attn_implementation="sdpa").eval().to(device)
-            holder["model"] = model
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             return _step(model, device, w["kind"], w["batch"], w["seq"], w.get("new_tokens", 0))

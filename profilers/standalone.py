@@ -40,7 +40,11 @@ for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 SCHEMA = "nasprune-profile/1"
-DEFAULT_LOCK = os.environ.get("NASPRUNE_PROFILE_LOCK", str(Path(tempfile.gettempdir()) / "nasprune-profile.lock"))
+
+
+def default_lock_path() -> str:
+    """The machine-wide lock file (``$NASPRUNE_PROFILE_LOCK`` overrides, read at each use)."""
+    return os.environ.get("NASPRUNE_PROFILE_LOCK") or str(Path(tempfile.gettempdir()) / "nasprune-profile.lock")
 
 
 # ---- protocol -------------------------------------------------------------------------------
@@ -58,7 +62,8 @@ class Protocol:
     max_load_rise: float = 1.0  # ... or the 1-minute load average rises more than this
     max_cv: float = 0.10  # ... or the iterations spread more than this (std / mean)
     max_remeasure: int = 2
-    lock_path: str = DEFAULT_LOCK
+    probe_seconds: float = 0.2  # length of each reference-kernel / bandwidth probe
+    lock_path: str | None = None  # None: default_lock_path() of the machine that times
     pin_cpus: list[int] | None = None
 
     @staticmethod
@@ -185,12 +190,13 @@ def timed(prepare: Callable[[], Callable[[], float]], protocol: Protocol) -> dic
     pin_cpus(protocol.pin_cpus)
     reset_peak_rss()
     attempts = []
-    with machine_lock(protocol.lock_path) as waited:
+    probe = protocol.probe_seconds
+    with machine_lock(protocol.lock_path or default_lock_path()) as waited:
         step = prepare()
         for _ in range(protocol.max_remeasure + 1):
-            load_before, ref_before, bw_before = load_average(), reference_score(), reference_bandwidth()
+            load_before, ref_before, bw_before = load_average(), reference_score(probe), reference_bandwidth(probe)
             samples = measure(step, protocol)
-            load_after, ref_after, bw_after = load_average(), reference_score(), reference_bandwidth()
+            load_after, ref_after, bw_after = load_average(), reference_score(probe), reference_bandwidth(probe)
             stats = summarize(samples)
             load_rise = (load_after - load_before) if load_before is not None and load_after is not None else 0.0
             drifted = (abs(ref_after / ref_before - 1.0) > protocol.max_ref_drift
@@ -272,13 +278,11 @@ def fingerprint_id(fingerprint: dict) -> str:
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
-def ort_provider_list(provider: str, precision: str, cache_dir: str | None = None) -> list:
-    """Provider list for a session; the TensorRT EP gets its FP16 switch and an engine cache."""
+def ort_provider_list(provider: str, precision: str) -> list:
+    """Provider list for a session. The TensorRT EP gets its FP16 switch; it builds an engine per
+    new input shape during warm-up (the protocol's warm-up runs until count *and* time are met)."""
     if provider == "TensorrtExecutionProvider":
-        options = {"trt_fp16_enable": precision == "fp16", "trt_engine_cache_enable": bool(cache_dir)}
-        if cache_dir:
-            options["trt_engine_cache_path"] = cache_dir
-        return [(provider, options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [(provider, {"trt_fp16_enable": precision == "fp16"}), "CUDAExecutionProvider", "CPUExecutionProvider"]
     if provider == "CUDAExecutionProvider":
         return [provider, "CPUExecutionProvider"]
     return [provider]
@@ -293,8 +297,7 @@ class OrtRunner:
     bound to the host, where ``generate`` takes the argmax, as a serving loop would.
     """
 
-    def __init__(self, graphs: dict[str, str], provider: str, precision: str, threads: int,
-                 cache_dir: str | None = None, device_id: int = 0):
+    def __init__(self, graphs: dict[str, str], provider: str, precision: str, threads: int, device_id: int = 0):
         import onnxruntime as ort
 
         self.ort, self.provider, self.device_id = ort, provider, device_id
@@ -305,7 +308,7 @@ class OrtRunner:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        providers = ort_provider_list(provider, precision, cache_dir)
+        providers = ort_provider_list(provider, precision)
         self.sessions = {name: ort.InferenceSession(str(path), opts, providers=providers)
                          for name, path in graphs.items()}
         for s in self.sessions.values():
@@ -394,12 +397,9 @@ def run_ort_job(job: dict, protocol: Protocol, base: Path | None = None) -> dict
     base = Path(base or ".")
     w = job["workload"]
     graphs = {name: str(base / path) for name, path in job["files"].items() if name in ("prefill", "decode")}
-    holder: dict = {}
-
     def prepare():
-        holder["runner"] = OrtRunner(graphs, job["provider"], job["precision"], job["threads"],
-                                     job.get("cache_dir"), job.get("device_id", 0))
-        return holder["runner"].step_for(w["kind"], w["batch"], w["seq"], w.get("new_tokens", 0))
+        runner = OrtRunner(graphs, job["provider"], job["precision"], job["threads"], job.get("device_id", 0))
+        return runner.step_for(w["kind"], w["batch"], w["seq"], w.get("new_tokens", 0))
 
     result = timed(prepare, protocol)
     host = host_fingerprint(job["device"])
@@ -433,6 +433,7 @@ def edge_main(argv: list[str] | None = None) -> int:
     if out.exists():
         done = {json.loads(line)["job"]["id"] for line in out.read_text().splitlines() if line.strip()}
     protocol = Protocol.from_dict(manifest["protocol"])
+    protocol.lock_path = None  # this device's own lock, not the exporting machine's path
     if args.pin:
         protocol.pin_cpus = [int(c) for c in args.pin.split(",")]
     jobs = [j for j in manifest["jobs"] if j["id"] not in done]

@@ -79,5 +79,6 @@ def test_bad_recipe_is_one_line_error():
 
 @pytest.mark.slow
 def test_dynamo_exporter_parity(tmp_path):
-    out = export_graphs(make_tiny("llama-gqa"), tmp_path / "g", ExportRecipe(exporter="dynamo"))
-    assert out.recipe["opset"] == 18 and all(v <= 1e-4 for v in out.parity.values())
+    """The fallback exporter (prefill only: the dynamo export of a tiny model alone takes ~10-30 s)."""
+    out = export_graphs(make_tiny("llama-gqa"), tmp_path / "g", ExportRecipe(exporter="dynamo"), graphs=("prefill",))
+    assert out.recipe["opset"] == 18 and out.parity["prefill_logits"] <= 1e-4

@@ -23,9 +23,16 @@ from profilers.standalone import Protocol, fingerprint_id, make_fingerprint, mea
 from profilers.store import REQUIRED, ProfileStore
 from tests.conftest import make_tiny
 
-FAST = Protocol(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0)
-FAST_ARGS = ["--warmup-iters", "1", "--warmup-seconds", "0", "--min-iters", "3", "--min-seconds", "0"]
+FAST = Protocol(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0, max_remeasure=0, probe_seconds=0.02)
+FAST_ARGS = ["--warmup-iters", "1", "--warmup-seconds", "0", "--min-iters", "3", "--min-seconds", "0",
+             "--max-remeasure", "0"]
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def private_lock(tmp_path, monkeypatch):
+    """Tests time nothing that matters: do not queue behind real profiling runs on this machine."""
+    monkeypatch.setenv("NASPRUNE_PROFILE_LOCK", str(tmp_path / "profile.lock"))
 
 
 @pytest.fixture(scope="module")
@@ -83,14 +90,14 @@ def test_measure_runs_warmup_then_at_least_min_iters():
 
 def test_drift_triggers_remeasure_and_keeps_least_disturbed(monkeypatch):
     scores = iter([100.0, 50.0] * 10)
-    monkeypatch.setattr(standalone, "reference_score", lambda: next(scores))
-    monkeypatch.setattr(standalone, "reference_bandwidth", lambda: 10.0)
+    monkeypatch.setattr(standalone, "reference_score", lambda seconds: next(scores))
+    monkeypatch.setattr(standalone, "reference_bandwidth", lambda seconds: 10.0)
     durations = iter([5.0, 5.0, 2.0, 2.0, 9.0, 9.0])  # three attempts of two iterations
     out = timed(lambda: (lambda: next(durations)), Protocol(warmup_iters=0, warmup_seconds=0, min_iters=2,
                                                            min_seconds=0, max_remeasure=2))
     assert out["env"]["remeasured"] == 2 and out["env"]["drifted"] is True
     assert out["env"]["attempt_medians_ms"] == [5.0, 2.0, 9.0] and out["stats_ms"]["median"] == 2.0
-    monkeypatch.setattr(standalone, "reference_score", lambda: 100.0)
+    monkeypatch.setattr(standalone, "reference_score", lambda seconds: 100.0)
     out = timed(lambda: (lambda: 1.0), Protocol(warmup_iters=0, warmup_seconds=0, min_iters=2, min_seconds=0))
     assert out["env"]["remeasured"] == 0 and not out["env"]["drifted"]
     assert set(out["env"]) >= {"load_before", "load_after", "ref_score_before", "ref_score_after", "remeasured"}
@@ -165,6 +172,7 @@ def test_choose_subnetworks_includes_largest(tiny):
     (["--engine", "tensorrt", "--device", "cpu"], "engine tensorrt is unavailable on cpu: TensorRT runs on NVIDIA GPUs"),
     (["--engine", "tvm"], "unknown engine 'tvm'"),
     (["--engine", "onnxruntime", "--device", "cpu"], "pass --store PATH"),
+    (["--export-only", "edge", "--engine", "torch"], "--export-only writes ONNX graphs"),
 ])
 def test_cli_errors_are_one_line(tiny_dir, args, needle):
     assert needle in one_line_error(cli_inproc("profile", tiny_dir, *args))
