@@ -25,6 +25,7 @@ import torch
 from compressor.data import pack_text
 from compressor.evaluate import perplexity, token_windows
 from compressor.importance import compute_importance, layer_ranking, permute
+from compressor.supernet import SuperNetwork
 from compressor.modeldir import LoadedModel, ModelMeta, load_model
 from compressor.train import STRATEGIES, TrainConfig, Trainer
 
@@ -62,6 +63,8 @@ def main():
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.9, 0.75, 0.6, 0.5])
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--permuted", default=None, help="reuse a `nasprune importance default --data emma.txt` output "
+                    "instead of computing importance here")
     ap.add_argument("--out", default=str(RESULTS / "ablation.json"))
     args = ap.parse_args()
     if not SHARED.exists():
@@ -96,16 +99,23 @@ def main():
         t = time.perf_counter()
         base_full = perplexity(sn.eval(), windows, batch_size=8)
         naive = eval_subs(sn, subs, windows)
-        calib = pack_text(tok, (SHARED / "emma.txt").read_text(), 512, args.calib_tokens, "emma")
-        scores = compute_importance(sn, calib, calib.subset(slice(0, 8)))
-        permute(sn, scores)
+        if args.permuted:  # a nasprune model dir written by `nasprune importance`
+            permuted = load_model(args.permuted)
+            ranking, info = permuted.meta.layer_ranking, permuted.meta.importance
+            loaded.model.load_state_dict(permuted.model.state_dict())
+            sn = SuperNetwork(loaded.model, loaded.meta.space_config, ranking)
+        else:
+            calib = pack_text(tok, (SHARED / "emma.txt").read_text(), 512, args.calib_tokens, "emma")
+            scores = compute_importance(sn, calib, calib.subset(slice(0, 8)))
+            permute(sn, scores)
+            ranking, info = layer_ranking(scores), scores.info
+            sn = SuperNetwork(loaded.model, loaded.meta.space_config, ranking)
         oneshot = eval_subs(sn, subs, windows)
         results["baselines"] = {"original_full_ppl": base_full, "naive_first_k": naive, "one_shot_importance": oneshot,
-                                "importance_seconds": scores.info["seconds_total"], "layer_ranking": layer_ranking(scores),
-                                "seconds": time.perf_counter() - t}
-        results["permuted_state"] = None
+                                "importance": {k: v for k, v in info.items() if k != "layer_scores"},
+                                "layer_ranking": ranking, "seconds": time.perf_counter() - t}
         torch.save({"state": {k: v.clone() for k, v in loaded.model.state_dict().items()},
-                    "ranking": layer_ranking(scores), "info": scores.info}, RESULTS / "ablation_permuted.pt")
+                    "ranking": ranking, "info": info}, RESULTS / "ablation_permuted.pt")
         save()
         print(f"original {base_full:.1f}; naive {naive}; one-shot importance {oneshot}")
     perm = torch.load(RESULTS / "ablation_permuted.pt", weights_only=False)

@@ -247,7 +247,7 @@ def plot_front(result: SearchResult, original: Evaluated | None, path, workload:
     for i, e in enumerate(front):
         ax.annotate(str(i), (e.predicted_ms, math.exp(e.loss)), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if original is not None:
-        ax.scatter([original.predicted_ms], [math.exp(original.loss)], marker="*", s=150, c="tab:red", label="original")
+        ax.scatter([original.predicted_ms], [math.exp(original.loss)], marker="*", s=150, c="tab:red", label="full model (largest sub-network)")
     ax.set_yscale("log")
     ax.set_xlabel(f"predicted latency, {workload} (ms)")
     ax.set_ylabel("perplexity (super-network, held out)")

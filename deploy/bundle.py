@@ -62,12 +62,29 @@ def optimize_graph(src: Path, dst: Path, provider: str = "CPUExecutionProvider")
     ort.InferenceSession(str(src), opts, providers=[provider])
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
-    """Dynamic INT8 (weights int8, activations quantized at run time): the CPU recipe."""
+def quantize_int8(src: Path, dst: Path) -> str:
+    """Dynamic INT8 (weights int8, activations quantized at run time): the CPU recipe.
+
+    The graph is first pre-processed as ONNX Runtime recommends (symbolic shape inference), so
+    the quantizer sees every tensor's shape; if that fails the raw graph is quantized and the
+    manifest says so. Returns the pre-processing actually done.
+    """
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    pre = dst.with_name("preprocessed.onnx")
+    try:
+        quant_pre_process(str(src), str(pre), skip_optimization=True)
+        source, done = pre, "symbolic shape inference"
+    except Exception as e:  # noqa: BLE001 - an unusual graph: quantize it as it is
+        source, done = src, f"none (pre-processing failed: {type(e).__name__})"
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice was followed above
+    quantize_dynamic(str(source), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    pre.unlink(missing_ok=True)
+    return done
 
 
 def convert_fp16(src: Path, dst: Path) -> None:
@@ -118,10 +135,9 @@ def build_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants=("fp32",
         engines["fp32"] = {"recipe": raw.recipe, "recipe_id": raw.recipe_id, "parity": raw.parity,
                            "optimization": f"ORT_ENABLE_EXTENDED for {providers[0]}"}
         if "int8" in variants:
-            for g in GRAPHS:
-                quantize_int8(raw.paths[g], graph_paths(out, "int8")[g])
+            pre = {g: quantize_int8(raw.paths[g], graph_paths(out, "int8")[g]) for g in GRAPHS}
             engines["int8"] = {"recipe": raw.recipe, "recipe_id": raw.recipe_id,
-                               "quantization": "onnxruntime quantize_dynamic QInt8 (MatMul, Gemm)"}
+                               "quantization": "onnxruntime quantize_dynamic QInt8 (MatMul, Gemm)", "preprocessing": pre}
         if "fp16" in variants:
             for g in GRAPHS:
                 convert_fp16(raw.paths[g], graph_paths(out, "fp16")[g])

@@ -38,14 +38,14 @@ def measure_blocks(bundle: Path, workload: Workload, variant: str = "fp32", thre
     Each block yields ``iters_per_block`` latency samples plus the reference kernel's time, so the
     comparison can normalize away machine-wide speed changes.
     """
-    from profilers.standalone import (OrtRunner, Protocol, fingerprint_id, host_fingerprint, machine_lock,
+    from profilers.standalone import (OrtRunner, Protocol, default_lock_path, fingerprint_id, host_fingerprint, machine_lock,
                                       make_fingerprint, measure, ort_version, reference_score)
 
     job = _job(Path(bundle), workload, variant, threads, device)
     protocol = Protocol(warmup_iters=3, warmup_seconds=0.3, min_iters=iters_per_block, min_seconds=0.0,
                         max_iters=iters_per_block)
     samples, refs = [], []
-    with machine_lock(protocol.lock_path):
+    with machine_lock(protocol.lock_path or default_lock_path()):
         runner = OrtRunner(job["files"], job["provider"], variant, threads)
         step = runner.step_for(workload.kind, workload.batch, workload.seq, workload.new_tokens)
         for _ in range(blocks):

@@ -13,6 +13,7 @@ TensorRT 10 Python API documentation. The tests run where ``tensorrt`` and a GPU
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from profilers.base import Artifacts, Availability, Engine
@@ -77,11 +78,21 @@ class TensorRTEngine(Engine):
         return result
 
 
-def build_engine(onnx_path: str, fp16: bool, shapes: dict[str, tuple[tuple, tuple, tuple]]):
-    """Parse the ONNX file (external data beside it is found by path) and build an engine."""
+@functools.lru_cache(maxsize=1)
+def _logger():
+    """One logger per process: TensorRT warns when builders and runtimes are given different ones."""
     import tensorrt as trt
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def build_engine(onnx_path: str, fp16: bool, shapes: dict[str, tuple[tuple, tuple, tuple]]):
+    """Parse the ONNX file (external data beside it is found by path) and build a serialized
+    engine (``IHostMemory``; ``bytes(...)`` of it is a ``.plan`` file) with one optimization
+    profile: ``shapes`` maps each input to its (min, opt, max) shape."""
+    import tensorrt as trt
+
+    logger = _logger()
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
@@ -99,9 +110,7 @@ def build_engine(onnx_path: str, fp16: bool, shapes: dict[str, tuple[tuple, tupl
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(serialized)
-    return runtime, engine, engine.create_execution_context()
+    return serialized
 
 
 class TrtRunner:
@@ -130,7 +139,11 @@ class TrtRunner:
             self._steps = [self._io(self.decode, self._decode_inputs(b, s + i)) for i in range(n)]
 
     def _engine(self, path: str, fp16: bool, shapes: dict):
-        runtime, engine, context = build_engine(path, fp16, shapes)
+        import tensorrt as trt
+
+        runtime = trt.Runtime(_logger())
+        engine = runtime.deserialize_cuda_engine(build_engine(path, fp16, shapes))
+        context = engine.create_execution_context()
         self._runtimes.append(runtime)  # the runtime must outlive the engines it deserialized
         self.engine_device_bytes += int(getattr(engine, "device_memory_size_v2", engine.device_memory_size))
         return engine, context

@@ -452,7 +452,7 @@ def edge_main(argv: list[str] | None = None) -> int:
         s = result["stats_ms"]
         print(f"[{n}/{len(jobs)}] {job['label']} {job['workload']['text']}: median {s['median']:.2f} ms "
               f"(cv {s['cv']:.1%}, n={s['count']})", flush=True)
-    print(f"results in {out}; bring them back with: nasprune profile import {out.name} --store PATH")
+    print(f"results in {out}; bring them back with: nasprune profile import {out} --store PATH")
     return 0
 
 

@@ -52,3 +52,22 @@ def test_export_cli_refuses_bad_picks(tiny_real, tmp_path):
     assert r.exit_code == 2 and "out of range" in r.output
     r = runner.invoke(app, ["export", str(tiny_real), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "exactly one of" in r.output
+
+
+def test_check_command_baseline_then_gate(tiny_real, tmp_path):
+    loaded = load_model(str(tiny_real))
+    bundle = build_bundle(loaded, loaded.supernet(), SubNetwork(48, 2, 64, 3), tmp_path / "b", log=lambda *_: None)
+    baseline = tmp_path / "baseline.json"
+    args = ["check", str(bundle), "--baseline", str(baseline), "--workload", "prefill:1x16", "--blocks", "3",
+            "--iters", "5"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "--update-baseline" in r.output  # no baseline yet
+    assert runner.invoke(app, args + ["--update-baseline"]).exit_code == 0
+    r = runner.invoke(app, args)
+    assert r.exit_code in (0, 1), r.output  # real timings: pass or (rarely, on a noisy machine) regression
+    assert (bundle / "check" / "check.json").exists() and (bundle / "check" / "check.junit.xml").exists()
+    data = json.loads(baseline.read_text())
+    data["identity"]["fingerprint_id"] = "another-machine"
+    baseline.write_text(json.dumps(data))
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "INCOMPARABLE" in r.output
