@@ -29,8 +29,13 @@ def measured_vs_predicted_png(path: Path, measured, predicted, labels: Sequence[
     line = np.geomspace(lo, hi, 50)
     ax.plot(line, line, "k-", lw=1)
     ax.fill_between(line, line * 0.9, line * 1.1, color="grey", alpha=0.2, label="±10%")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        ax.set_xscale("log") if axis is ax.xaxis else ax.set_yscale("log")
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(NullFormatter())  # log minor labels overlap on a 1-2 decade range
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("measured median latency (ms)")
