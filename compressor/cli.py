@@ -11,7 +11,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 if "--online" not in sys.argv:  # before any Hugging Face import reads the environment
     os.environ["HF_HUB_OFFLINE"] = "1"

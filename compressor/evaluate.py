@@ -15,16 +15,6 @@ from compressor.errors import NaspruneError
 PACKAGE_DATA = Path(__file__).parent / "data"
 
 
-def read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise NaspruneError(f"text file {path} does not exist")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise NaspruneError(f"{path} is not UTF-8 text") from None
-
-
 def token_windows(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Non-overlapping windows ``[N, seq_len]`` of the tokenized text (the tail is dropped)."""
     from compressor.data import pack_text

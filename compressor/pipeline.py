@@ -10,7 +10,6 @@ from its store). All knobs live in one YAML file (see ``configs/demo.yaml``). Da
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -305,6 +304,3 @@ class Pipeline:
         self.log(f"  report: {path}")
         return {"report": str(path)}
 
-
-def ppl(loss: float) -> float:
-    return math.exp(loss)

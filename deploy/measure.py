@@ -9,17 +9,16 @@ from compressor.workload import Workload
 from deploy.bundle import graph_paths, read_manifest
 from deploy.regression import Measurement
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
 def _job(bundle: Path, workload: Workload, variant: str, threads: int, device: str) -> dict:
+    from profilers.standalone import ORT_PROVIDERS
+
     manifest = read_manifest(bundle)
     if variant not in manifest["engines"]:
         raise NaspruneError(f"bundle has no {variant} engine (has {', '.join(manifest['engines'])}); "
                             f"re-export with --precision {variant}")
     paths = graph_paths(bundle, variant)
     return {"files": {k: str(v) for k, v in paths.items()}, "workload": {"kind": workload.kind, "batch": workload.batch,
-            "seq": workload.seq, "new_tokens": workload.new_tokens}, "provider": PROVIDERS[device], "precision": variant,
+            "seq": workload.seq, "new_tokens": workload.new_tokens}, "provider": ORT_PROVIDERS[device], "precision": variant,
             "threads": threads, "device": device, "recipe_id": manifest["engines"][variant]["recipe_id"]}
 
 

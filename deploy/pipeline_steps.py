@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 from compressor.workload import Workload
-from deploy.bundle import build_bundle, update_manifest
+from deploy.bundle import build_bundle, read_manifest, update_manifest
 
 
 def predictions(predictor_dir, sub, workloads: list[Workload], variants, recipe_ids: dict[str, str]) -> dict:
@@ -64,7 +64,7 @@ def export_bundles(loaded, picks, out: Path, variants, predictor_dir, workloads,
         target = out if len(picks) == 1 and not name else out / (f"{name}-{sub}" if name else str(sub))
         log(f"bundle {target}: {sub}")
         bundle = build_bundle(loaded, sn, sub, target, variants=tuple(variants), search_row=row, log=log)
-        manifest = update_manifest(bundle)  # read back the recipe ids
+        manifest = read_manifest(bundle)
         recipe_ids = {v: e.get("recipe_id") for v, e in manifest["engines"].items()}
         predicted = predictions(predictor_dir, sub, ws, variants, recipe_ids)
         update_manifest(bundle, latency={"predicted": predicted})
