@@ -101,40 +101,53 @@ def _threshold(text: str) -> float:
 
 def check(
     bundle: Path = typer.Argument(..., help="a bundle dir from nasprune export"),
-    baseline: Path = typer.Option(..., "--baseline", help="baseline JSON (created with --update-baseline)"),
+    baseline_bundle: Optional[Path] = typer.Option(
+        None, "--baseline-bundle", help="the previous bundle: measured now, interleaved with BUNDLE (most reliable)"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="stored baseline JSON (created with --update-baseline)"),
     threshold: str = typer.Option("10%", help="slowdown that fails the check"),
     min_effect: float = typer.Option(0.03, help="the CI's lower bound must exceed 1 + this"),
-    update_baseline: bool = typer.Option(False, "--update-baseline", help="measure and (re)write the baseline"),
+    quantile: float = typer.Option(0.10, help="statistic compared: this quantile of the samples (0.5 = median)"),
+    update_baseline: bool = typer.Option(False, "--update-baseline", help="measure and (re)write the --baseline file"),
     workload: str = typer.Option("prefill:1x128", "--workload"),
     precision: str = typer.Option("fp32", "--precision", help="engine variant to check"),
     threads: int = typer.Option(1),
-    blocks: int = typer.Option(5, help="interleaved measurement blocks"),
+    blocks: int = typer.Option(10, help="interleaved measurement blocks"),
     iters: int = typer.Option(20, help="iterations per block"),
     report: Optional[Path] = typer.Option(None, "--report", help="dir for check.json + check.junit.xml (default: BUNDLE/check)"),
 ):
     """CI latency gate: exit 0 pass, 1 regression, 2 incomparable (another device or recipe)."""
     from compressor.modeldir import write_json_atomic
     from compressor.workload import Workload
-    from deploy.measure import measure_blocks
+    from deploy.measure import measure_blocks, measure_paired
     from deploy.regression import GateConfig, Measurement, compare, write_report
 
+    if (baseline is None) == (baseline_bundle is None):
+        raise NaspruneError("give exactly one of --baseline-bundle DIR (measure both now) or --baseline FILE (stored)")
+    if update_baseline and baseline is None:
+        raise NaspruneError("--update-baseline writes a --baseline FILE; add --baseline PATH")
     w = Workload.parse(workload)
-    cfg = GateConfig(threshold=_threshold(threshold), min_effect=min_effect)
+    if not 0 < quantile < 1:
+        raise NaspruneError(f"--quantile must be between 0 and 1 (got {quantile})")
+    cfg = GateConfig(threshold=_threshold(threshold), min_effect=min_effect, quantile=quantile)
     start = time.perf_counter()
-    if not update_baseline and not baseline.is_file():
-        raise NaspruneError(f"baseline {baseline} does not exist; create it with --update-baseline")
-    current = measure_blocks(bundle, w, precision, threads, blocks=blocks, iters_per_block=iters)
-    if update_baseline:
-        write_json_atomic(baseline, {"format": "nasprune-baseline/1", "bundle": str(bundle), **current.to_dict()})
-        med = sorted(x for b in current.blocks for x in b)[len(current.blocks) * iters // 2]
-        _console().print(f"baseline written to {baseline}: median {med:.2f} ms ({w}, {precision})")
-        return
-    try:
-        base = Measurement.from_dict(json.loads(baseline.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise NaspruneError(f"{baseline} is not a nasprune baseline; re-create it with --update-baseline") from None
+    if baseline_bundle is not None:
+        current, base = measure_paired(bundle, baseline_bundle, w, precision, threads, blocks=blocks, iters_per_block=iters)
+    else:
+        if not update_baseline and not baseline.is_file():
+            raise NaspruneError(f"baseline {baseline} does not exist; create it with --update-baseline")
+        current = measure_blocks(bundle, w, precision, threads, blocks=blocks, iters_per_block=iters)
+        if update_baseline:
+            write_json_atomic(baseline, {"format": "nasprune-baseline/1", "bundle": str(bundle), **current.to_dict()})
+            med = sorted(x for b in current.blocks for x in b)[len(current.blocks) * iters // 2]
+            _console().print(f"baseline written to {baseline}: median {med:.2f} ms ({w}, {precision})")
+            return
+        try:
+            base = Measurement.from_dict(json.loads(baseline.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise NaspruneError(f"{baseline} is not a nasprune baseline; re-create it with --update-baseline") from None
     verdict = compare(current, base, cfg)
-    write_report(report or Path(bundle) / "check", Path(bundle).name, verdict, current, cfg, time.perf_counter() - start)
+    write_report(report or Path(bundle) / "check", Path(bundle).name, verdict, current, base, cfg,
+                 time.perf_counter() - start)
     style = {"pass": "green", "regression": "red", "incomparable": "yellow"}[verdict.status]
     ms = f" ({verdict.baseline_median_ms:.2f} -> {verdict.current_median_ms:.2f} ms)" if verdict.current_median_ms else ""
     _console().print(f"[{style}]{verdict.status.upper()}[/]: {verdict.message}{ms}")

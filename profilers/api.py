@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from compressor.errors import NaspruneError
@@ -143,6 +143,9 @@ def profile_subnetworks(loaded, subs, workloads, engine: str = "onnxruntime", de
     """Measure every (sub-network, workload) pair; returns their records (stored ones included).
 
     With a ``store`` a rerun skips the pairs already measured; without one nothing persists.
+    The best reference-kernel score seen so far is handed to later workers as the machine's
+    undisturbed speed (``Protocol.fast_ref_score``), so timings taken in a slow phase of the
+    machine are re-measured.
     """
     from compressor.extract import extract
 
@@ -156,6 +159,7 @@ def profile_subnetworks(loaded, subs, workloads, engine: str = "onnxruntime", de
     base = Path(workdir) if workdir else Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     out: dict[str, dict] = {}
+    fastest: list[float | None] = [None]  # best reference score seen (GFLOP/s), updated per record
     total = len(subs) * len(plan.workloads)
     with _progress(progress, total) as bar:
         task = bar.add_task("profiling", total=total) if bar else None
@@ -194,11 +198,15 @@ def profile_subnetworks(loaded, subs, workloads, engine: str = "onnxruntime", de
                     if record["key"] != line["id"]:  # same machine, same code: only a bug gets here
                         raise RuntimeError(f"worker fingerprint {line['result']['fingerprint_id']} != planned "
                                            f"{plan.fingerprint_id}")
+                    fastest[0] = max([fastest[0] or 0.0] + [v for k, v in record["env"].items()
+                                                            if k.startswith("ref_score_") and v])
                     if store is not None:
                         store.add(record)
                     out[record["key"]] = record
                     advance(f"{sub} {w}", 1)
 
+                if fastest[0] and protocol.max_remeasure:
+                    protocol = replace(protocol, fast_ref_score=max(fastest[0], protocol.fast_ref_score or 0.0))
                 run_worker([job for _, job in jobs.values()], protocol, work, on_line)
             finally:
                 shutil.rmtree(work, ignore_errors=True)

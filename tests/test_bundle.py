@@ -71,3 +71,10 @@ def test_check_command_baseline_then_gate(tiny_real, tmp_path):
     baseline.write_text(json.dumps(data))
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "INCOMPARABLE" in r.output
+    paired = ["check", str(bundle), "--baseline-bundle", str(bundle), "--workload", "prefill:1x16", "--blocks", "2",
+              "--iters", "3"]
+    r = runner.invoke(app, paired)
+    assert r.exit_code in (0, 1), r.output  # the bundle against itself, interleaved
+    assert json.loads((bundle / "check" / "check.json").read_text())["baseline"]["identity"]["paired"] is True
+    r = runner.invoke(app, paired + ["--baseline", str(baseline)])
+    assert r.exit_code == 2 and "exactly one of" in r.output

@@ -94,7 +94,8 @@ def test_drift_triggers_remeasure_and_keeps_least_disturbed(monkeypatch):
     monkeypatch.setattr(standalone, "reference_bandwidth", lambda seconds: 10.0)
     durations = iter([5.0, 5.0, 2.0, 2.0, 9.0, 9.0])  # three attempts of two iterations
     out = timed(lambda: (lambda: next(durations)), Protocol(warmup_iters=0, warmup_seconds=0, min_iters=2,
-                                                           min_seconds=0, max_remeasure=2))
+                                                           min_seconds=0, max_remeasure=2,
+                                                           retry_wait_seconds=0))
     assert out["env"]["remeasured"] == 2 and out["env"]["drifted"] is True
     assert out["env"]["attempt_medians_ms"] == [5.0, 2.0, 9.0] and out["stats_ms"]["median"] == 2.0
     monkeypatch.setattr(standalone, "reference_score", lambda seconds: 100.0)
@@ -103,8 +104,24 @@ def test_drift_triggers_remeasure_and_keeps_least_disturbed(monkeypatch):
     assert set(out["env"]) >= {"load_before", "load_after", "ref_score_before", "ref_score_after", "remeasured"}
     spread = iter([1.0, 3.0] * 10)  # steady machine, but the iterations themselves disagree: re-measure
     out = timed(lambda: (lambda: next(spread)), Protocol(warmup_iters=0, warmup_seconds=0, min_iters=2,
-                                                        min_seconds=0, max_remeasure=1))
+                                                        min_seconds=0, max_remeasure=1,
+                                                        retry_wait_seconds=0))
     assert out["env"]["remeasured"] == 1
+
+
+def test_steady_slow_phase_is_remeasured_when_the_fast_speed_is_known(monkeypatch):
+    """A host slowing the whole VM by 1.4x for seconds: before/after agree, only the known
+    undisturbed reference speed reveals it."""
+    scores = iter([70.0, 70.0, 100.0, 100.0])
+    monkeypatch.setattr(standalone, "reference_score", lambda seconds: next(scores))
+    monkeypatch.setattr(standalone, "reference_bandwidth", lambda seconds: 10.0)
+    durations = iter([14.0, 14.0, 10.0, 10.0])
+    proto = dict(warmup_iters=0, warmup_seconds=0, min_iters=2, min_seconds=0, max_remeasure=2, retry_wait_seconds=0)
+    out = timed(lambda: (lambda: next(durations)), Protocol(fast_ref_score=100.0, **proto))
+    assert out["env"]["attempt_medians_ms"] == [14.0, 10.0] and out["stats_ms"]["median"] == 10.0
+    scores, durations = iter([70.0, 70.0]), iter([14.0, 14.0])
+    out = timed(lambda: (lambda: next(durations)), Protocol(**proto))  # unknown fast speed: accepted
+    assert out["env"]["remeasured"] == 0
 
 
 def test_fingerprint_id_is_identity_not_score():
