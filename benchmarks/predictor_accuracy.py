@@ -27,7 +27,6 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,7 +95,7 @@ def profile_into(loaded, store, subs, workloads, args, deadline: float, label: s
     A sub-network whose export fails the profiler's parity check is skipped and listed in
     ``skipped`` (it is retried on the next run: nothing of it is stored).
     """
-    from profilers.api import profile_subnetworks
+    from profilers.api import profile_subnetworks, with_fast_ref_score
 
     from deploy.onnx_export import ExportParityError
     from profilers.standalone import Protocol
@@ -113,10 +112,7 @@ def profile_into(loaded, store, subs, workloads, args, deadline: float, label: s
             records = profile_subnetworks(loaded, [sub], workloads, engine=args.engine, device="cpu",
                                           precision=args.precision, store=store, threads=args.threads, progress=False,
                                           protocol=protocol)
-            # carry the machine's undisturbed reference speed from one call to the next
-            scores = [v for r in records for k, v in r["env"].items() if k.startswith("ref_score_") and v]
-            if scores and args.max_remeasure:
-                protocol = replace(protocol, fast_ref_score=max(scores + [protocol.fast_ref_score or 0.0]))
+            protocol = with_fast_ref_score(protocol, records)  # carried from one call to the next
         except ExportParityError as e:  # the profiler refuses graphs that differ from torch: skip, report
             skipped.append({"arch": sub.to_dict(), "run": label, "reason": str(e)})
             print(f"[{label}] skipped {sub}: {e}", flush=True)

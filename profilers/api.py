@@ -136,6 +136,15 @@ def run_worker(jobs: list[dict], protocol: Protocol, workdir: Path, on_line) -> 
         raise RuntimeError(f"profiling worker exited with {proc.returncode} after {seen}/{len(jobs)} jobs: {tail[0]}")
 
 
+def with_fast_ref_score(protocol: Protocol, records) -> Protocol:
+    """``protocol`` with the best reference score (GFLOP/s) in ``records`` as the machine's
+    undisturbed speed, so later attempts timed in a slow phase are re-measured."""
+    scores = [v for r in records for k, v in r["env"].items() if k.startswith("ref_score_") and v]
+    if not scores or not protocol.max_remeasure:
+        return protocol
+    return replace(protocol, fast_ref_score=max(scores + [protocol.fast_ref_score or 0.0]))
+
+
 def profile_subnetworks(loaded, subs, workloads, engine: str = "onnxruntime", device: str = "cpu",
                         precision: str = "fp32", store: ProfileStore | str | Path | None = None, threads: int = 1,
                         progress: bool = True, protocol: Protocol | None = None, exporter: str = "torchscript",
@@ -159,7 +168,6 @@ def profile_subnetworks(loaded, subs, workloads, engine: str = "onnxruntime", de
     base = Path(workdir) if workdir else Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     out: dict[str, dict] = {}
-    fastest: list[float | None] = [None]  # best reference score seen (GFLOP/s), updated per record
     total = len(subs) * len(plan.workloads)
     with _progress(progress, total) as bar:
         task = bar.add_task("profiling", total=total) if bar else None
@@ -198,15 +206,12 @@ def profile_subnetworks(loaded, subs, workloads, engine: str = "onnxruntime", de
                     if record["key"] != line["id"]:  # same machine, same code: only a bug gets here
                         raise RuntimeError(f"worker fingerprint {line['result']['fingerprint_id']} != planned "
                                            f"{plan.fingerprint_id}")
-                    fastest[0] = max([fastest[0] or 0.0] + [v for k, v in record["env"].items()
-                                                            if k.startswith("ref_score_") and v])
                     if store is not None:
                         store.add(record)
                     out[record["key"]] = record
                     advance(f"{sub} {w}", 1)
 
-                if fastest[0] and protocol.max_remeasure:
-                    protocol = replace(protocol, fast_ref_score=max(fastest[0], protocol.fast_ref_score or 0.0))
+                protocol = with_fast_ref_score(protocol, out.values())
                 run_worker([job for _, job in jobs.values()], protocol, work, on_line)
             finally:
                 shutil.rmtree(work, ignore_errors=True)

@@ -296,3 +296,12 @@ def test_onnxruntime_tensorrt_provider(tiny, tmp_path):
                                   device="cuda", provider="tensorrt", store=tmp_path / "p.sqlite", protocol=FAST,
                                   progress=False)
     assert records[0]["provider"] == "TensorrtExecutionProvider"
+
+
+def test_fast_ref_score_is_the_best_seen_and_only_used_when_remeasuring():
+    from profilers.api import with_fast_ref_score
+
+    records = [{"env": {"ref_score_before": 120.0, "ref_score_after": 148.0}}, {"env": {"ref_score_before": 90.0}}]
+    assert with_fast_ref_score(Protocol(), records).fast_ref_score == 148.0
+    assert with_fast_ref_score(Protocol(fast_ref_score=150.0), records).fast_ref_score == 150.0
+    assert with_fast_ref_score(Protocol(max_remeasure=0), records).fast_ref_score is None
