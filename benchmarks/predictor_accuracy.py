@@ -97,7 +97,7 @@ def profile_into(loaded, store, subs, workloads, args, deadline: float, label: s
     """
     from profilers.api import profile_subnetworks, with_fast_ref_score
 
-    from deploy.onnx_export import ExportParityError
+    from compressor.onnx_export import ExportParityError
     from profilers.standalone import Protocol
 
     protocol = Protocol(warmup_iters=2, min_iters=args.min_iters, min_seconds=args.min_seconds,

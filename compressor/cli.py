@@ -1,84 +1,34 @@
-"""The ``nasprune`` command line: one CLI drives every stage.
+"""CLI commands of the compressor stages: info, extract, importance, train, eval.
 
-Hub access is off (``HF_HUB_OFFLINE=1``) unless ``--online`` is given. Every user-facing problem
-is a :class:`NaspruneError` and prints as one line (``error: ...``) with exit code 2.
+``register(app)`` adds them to the one ``nasprune`` app (assembled in ``nasprune.cli``); the
+shared console, ``--online`` state and one-line error handler come from ``compressor.console``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import sys
 from pathlib import Path
+from typing import List, Optional
 
-if "--online" not in sys.argv:  # before any Hugging Face import reads the environment
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+import typer
+from rich.table import Table
 
-import typer  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from compressor.errors import NaspruneError  # noqa: E402
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compress a decoder LLM into a Pareto front of faster sub-networks and ship them as engines.")
-console = Console()
-err_console = Console(stderr=True)
-STATE = {"online": False}
+from compressor.console import STATE, console, handles_errors, load_for_cli
+from compressor.outputs import claim_output
 
 
-def handles_errors(fn):
-    """Turn expected failures into one line on stderr and exit code 2 (never a traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except NaspruneError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-            err_console.print(f"[bold red]error:[/] {e.strerror or e}: {e.filename}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted; run the same command again to resume where it stopped")
-            raise typer.Exit(130) from None
-
-    return wrapper
+def register(app: typer.Typer) -> None:
+    app.command("info")(handles_errors(info))
+    app.command("extract")(handles_errors(extract))
+    app.command("importance")(handles_errors(importance))
+    app.command("train")(handles_errors(train))
+    app.command("eval")(handles_errors(evaluate))
 
 
-@app.callback()
-def _global(online: bool = typer.Option(False, "--online", help="Allow Hugging Face hub downloads (models, datasets, lm-eval tasks).")):
-    STATE["online"] = online
-
-
-def quiet_transformers() -> None:
-    """Our own progress bars and one-line errors only: silence transformers' bars and warnings."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
-def _load(model: str):
-    from compressor.modeldir import load_model
-
-    quiet_transformers()
-    with console.status(f"loading {model} ..."):
-        return load_model(model, online=STATE["online"])
-
-
-@app.command()
-@handles_errors
 def info(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """Architecture, search-space choices, number of sub-networks, min/max parameters."""
-    loaded = _load(model)
+    loaded = load_for_cli(model)
     sn = loaded.supernet()
     space, dims = sn.space, sn.family.dims
     smallest, largest = space.smallest(), space.largest()
@@ -117,44 +67,124 @@ def info(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or
         console.print(f"  note: {note}")
 
 
-@app.command()
-@handles_errors
 def extract(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
             arch: str = typer.Option(..., "--arch", help='JSON object {"embed_dim":..,"num_heads":..,"ffn_dim":..,"num_layers":..} or a file'),
-            out: Path = typer.Option(..., "--out", help="Output nasprune model dir (plain HF checkpoint + nasprune.json)")):
+            out: Path = typer.Option(..., "--out", help="Output nasprune model dir (plain HF checkpoint + nasprune.json)"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out")):
     """Extract one sub-network as a standalone smaller model that plain transformers loads."""
     from compressor.extract import save_extracted
     from compressor.search_space import SubNetwork
 
     sub = SubNetwork.parse(arch)
-    loaded = _load(model)
+    claim_output(out, "model", overwrite=overwrite)
+    loaded = load_for_cli(model)
     sn = loaded.supernet()
     sn.space.validate(sub)
     with console.status(f"extracting {sub} ..."):
-        path, n = save_extracted(loaded, sn, sub, out)
+        path, n = save_extracted(loaded, sn, sub, out, overwrite=overwrite)
     console.print(f"wrote {path}: {sub} ({sn.space.num_kv_heads(sub)} KV heads), {n:,} params "
                   f"({n / sn.space.num_params(sn.space.largest()):.1%} of the super-network)")
 
 
-def _register_stage_commands() -> None:
-    """Each stage package adds its own commands (one module per stage keeps this file small)."""
-    # --- stage command registrations (one line per stage) ---
-    from profilers.cli import register as register_profile; register_profile(app)  # noqa: E702
-    from compressor.commands import register as register_compressor; register_compressor(app)  # noqa: E702
-    from predictors.cli import register as register_predictors; register_predictors(app, sys.modules[__name__])  # noqa: E702
-    from deploy.cli import register as register_deploy; register_deploy(app)  # noqa: E702
-    # --- end of stage command registrations ---
+def importance(
+    model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
+    data: str = typer.Option(..., "--data", help="calibration text (.txt), Alpaca .jsonl, or a hub dataset with --online"),
+    out: Path = typer.Option(..., "--out", help="output nasprune model dir (permuted weights + layer ranking)"),
+    tokens: int = typer.Option(65536, help="calibration tokens for head/neuron/channel scores"),
+    layer_tokens: int = typer.Option(2048, help="tokens for the layer metric (drop-loss runs one pass per layer)"),
+    layer_metric: str = typer.Option("drop-loss", help="drop-loss | block-influence"),
+    seq_len: int = typer.Option(512, help="tokens per calibration window"),
+    batch_size: int = typer.Option(8),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
+):
+    """Score heads, neurons, channels and layers; permute so 'first k' = 'most important k'."""
+    from compressor.data import load_data
+    from compressor.importance import compute_importance, layer_ranking, permute
+    from compressor.importance_io import save_importance
+
+    claim_output(out, "model", overwrite=overwrite)
+    loaded = load_for_cli(model)
+    calib = load_data(loaded.tokenizer, data, seq_len, tokens, STATE["online"])
+    layer_data = calib.subset(slice(0, max(1, layer_tokens // seq_len)))
+    sn = loaded.supernet()
+    scores = compute_importance(sn, calib, layer_data, layer_metric, batch_size)
+    ranking = layer_ranking(scores)
+    sorted_scores = permute(sn, scores)
+    path = save_importance(loaded, sorted_scores, ranking, out, overwrite=overwrite)
+    info = scores.info
+    console.print(f"scored {info['calibration_tokens']:,} tokens in {info['seconds_activation']:.1f}s "
+                  f"(+ layer {layer_metric} on {info['layer_tokens']:,} tokens, total {info['seconds_total']:.1f}s)")
+    console.print(f"layer ranking (most important first): {ranking}")
+    console.print(f"wrote {path}; use it as MODEL everywhere (e.g. nasprune extract {path} --arch ...)")
 
 
-_register_stage_commands()
+def train(
+    model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
+    data: str = typer.Option(..., "--data", help="training text (.txt) or Alpaca .jsonl (or a hub dataset with --online)"),
+    out: Path = typer.Option(..., "--out", help="output nasprune model dir (LoRA merged) + training log"),
+    strategy: str = typer.Option("importance-calibrate-mag", help="standard | random | grid-params | importance-random | "
+                                 "importance-grid-params | importance-calibrate-mag"),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON file with TrainConfig fields (flags override it)"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps"),
+    max_minutes: Optional[float] = typer.Option(None, help="stop after this much training time (resumable)"),
+    batch_size: Optional[int] = typer.Option(None),
+    grad_accum: Optional[int] = typer.Option(None),
+    seq_len: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    lora: bool = typer.Option(False, "--lora", help="LoRA on every linear instead of full fine-tuning"),
+    lora_r: Optional[int] = typer.Option(None),
+    lora_alpha: Optional[float] = typer.Option(None),
+    untie_lm_head: bool = typer.Option(False, "--untie-lm-head", help="give lm_head its own weights so LoRA can adapt it"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    calib_data: Optional[str] = typer.Option(None, help="calibration data for importance-* strategies on a model "
+                                             "without importance (default: the training data)"),
+    seed: Optional[int] = typer.Option(None),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="optimizer steps between checkpoints"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT's checkpoint exactly"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
+):
+    """Fine-tune the super-network with the sandwich rule (full or LoRA)."""
+    from compressor.train import TrainConfig, run_training
+
+    overrides = {k: v for k, v in dict(strategy=strategy, steps=steps, max_minutes=max_minutes, batch_size=batch_size,
+                                       grad_accum=grad_accum, seq_len=seq_len, lr=lr, lora=lora or None, lora_r=lora_r,
+                                       lora_alpha=lora_alpha, untie_lm_head=untie_lm_head or None,
+                                       gradient_checkpointing=gradient_checkpointing or None, seed=seed,
+                                       checkpoint_every=checkpoint_every).items()
+                 if v is not None}
+    cfg = TrainConfig.load(config, overrides)
+    path = run_training(model, data, out, cfg, resume=resume, online=STATE["online"], calib_data=calib_data,
+                        overwrite=overwrite)
+    console.print(f"wrote {path}")
 
 
-def main():
-    app()
+def evaluate(
+    model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="sub-network JSON or file (default: the largest)"),
+    data: Optional[str] = typer.Option(None, "--data", help="held-out text for perplexity"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated lm-eval task names (standard ones need --online)"),
+    task_file: Optional[List[Path]] = typer.Option(None, "--task-file", help="local multiple-choice .jsonl task (repeatable)"),
+    include_path: Optional[Path] = typer.Option(None, help="directory of lm-eval YAML task files"),
+    limit: Optional[int] = typer.Option(None, help="examples per lm-eval task"),
+    seq_len: int = typer.Option(512),
+    max_tokens: int = typer.Option(32768, help="held-out tokens for perplexity"),
+    via: str = typer.Option("both", help="supernet | extracted | both (perplexity path)"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Perplexity (through the super-network and the extracted model) and lm-eval accuracy of a sub-network."""
+    from compressor.evaluate import evaluate_subnetwork
+    from compressor.search_space import SubNetwork
 
-
-if __name__ == "__main__":
-    # Run the importable module's app, so stage commands share one STATE (not this __main__ copy's).
-    from compressor.cli import main as _main
-
-    _main()
+    loaded = load_for_cli(model)
+    sub = SubNetwork.parse(arch) if arch else None
+    result = evaluate_subnetwork(loaded, sub, data=data, tasks=tasks, task_files=task_file, include_path=include_path,
+                                 limit=limit, seq_len=seq_len, max_tokens=max_tokens, via=via, online=STATE["online"])
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(f"sub-network {result['arch']} ({result['params']:,} params)")
+    for key in ("ppl_supernet", "ppl_extracted"):
+        if key in result:
+            console.print(f"  {key}: {result[key]:.3f}")
+    for task, metrics in result.get("tasks", {}).items():
+        console.print(f"  {task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))

@@ -17,6 +17,7 @@ import torch
 from compressor.errors import NaspruneError
 
 IGNORE = -100
+PACKAGE_DATA = Path(__file__).parent / "data"  # public-domain texts shipped with the package (builtin:NAME)
 ALPACA_PROMPT = ("Below is an instruction that describes a task{inp_note}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{inp}### Response:\n")
 
@@ -143,3 +144,64 @@ def load_data(tokenizer, data: str, seq_len: int, max_tokens: int | None = None,
         keep = int((out.attention_mask.sum(1).cumsum(0) <= max_tokens).sum().clamp(min=1))
         out = out.subset(slice(0, keep))
     return out
+
+
+def resolve_data(ref: str) -> str:
+    """``builtin:NAME`` -> the path of a public-domain text shipped in ``compressor/data/``; other refs unchanged."""
+    if ref.startswith("builtin:"):
+        path = PACKAGE_DATA / f"{ref.split(':', 1)[1]}.txt"
+        if not path.is_file():
+            known = sorted(p.stem for p in PACKAGE_DATA.glob("*.txt"))
+            raise NaspruneError(f"no built-in text '{ref}'; built-in texts: {', '.join('builtin:' + k for k in known)}")
+        return str(path)
+    return ref
+
+
+def _role_text(ref: str) -> str | None:
+    """The text of a local data ref (plain text, or the rendered fields of a .jsonl); None for hub datasets."""
+    path = Path(resolve_data(ref)).expanduser()
+    if not path.is_file():
+        return None
+    text = path.read_text(errors="replace")
+    if path.suffix == ".jsonl":
+        parts = []
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                parts.extend(str(v) for v in row.values() if isinstance(v, str))
+        text = "\n".join(parts)
+    return " ".join(text.split())
+
+
+def _shares_text(a: str, b: str, probes: int = 8, length: int = 200) -> bool:
+    """True when ``b`` contains passages of ``a`` (probes spread over ``a``): catches an excerpt of
+    the training text used as test text, not only the same file twice."""
+    if len(a) < length or len(b) < length:
+        return a == b and bool(a)
+    step = max(1, (len(a) - length) // probes)
+    return any(a[i:i + length] in b for i in range(0, len(a) - length + 1, step)[:probes])
+
+
+def check_data_roles(calibration: str, train: str, validation: str, test: str) -> None:
+    """Refuse (one line) a configuration whose validation or test data overlaps another role.
+
+    Calibration and training may share data (both shape the weights); validation must not overlap
+    them, and test must overlap nothing. Local files are compared by content (passages), so a test
+    excerpt of a training novel is caught too; hub datasets are compared by name."""
+    roles = {"calibration": calibration, "train": train, "validation": validation, "test": test}
+    pairs = [("validation", "calibration"), ("validation", "train"), ("test", "calibration"), ("test", "train"),
+             ("test", "validation")]
+    texts: dict[str, str | None] = {}
+    for role, ref in roles.items():
+        texts[role] = _role_text(ref)
+    for held, other in pairs:
+        a, b = roles[held], roles[other]
+        same_ref = resolve_data(a) == resolve_data(b)
+        ta, tb = texts[held], texts[other]
+        if same_ref or (ta and tb and (_shares_text(ta, tb) or _shares_text(tb, ta))):
+            raise NaspruneError(f"data roles overlap: {held} ({a}) shares text with {other} ({b}); {held} data must be "
+                                "text no other stage reads — choose a separate file")
+

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from compressor.errors import NaspruneError
 
-PACKAGE_DATA = Path(__file__).parent / "data"
+from compressor.data import PACKAGE_DATA  # noqa: F401  (re-exported for callers of evaluate)
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:

@@ -62,7 +62,7 @@ def extract(supernet: SuperNetwork, sub: SubNetwork, dtype: torch.dtype | None =
     return model.eval()
 
 
-def save_extracted(loaded, supernet: SuperNetwork, sub: SubNetwork, out) -> tuple:
+def save_extracted(loaded, supernet: SuperNetwork, sub: SubNetwork, out, overwrite: bool = False) -> tuple:
     """Extract and write a nasprune model dir; returns (path, exact parameter count)."""
     from compressor.modeldir import ModelMeta, save_model_dir, versions
 
@@ -78,4 +78,4 @@ def save_extracted(loaded, supernet: SuperNetwork, sub: SubNetwork, out) -> tupl
     )
     if getattr(loaded.model, "generation_config", None) is not None:
         model.generation_config = loaded.model.generation_config
-    return save_model_dir(model, loaded.tokenizer, meta, out), n
+    return save_model_dir(model, loaded.tokenizer, meta, out, overwrite=overwrite), n

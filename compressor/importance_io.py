@@ -12,7 +12,8 @@ from compressor.modeldir import LoadedModel, ModelMeta, save_model_dir, versions
 SCORES_FILE = "importance.safetensors"
 
 
-def save_importance(loaded: LoadedModel, scores: ImportanceScores, ranking: list[int], out: Path) -> Path:
+def save_importance(loaded: LoadedModel, scores: ImportanceScores, ranking: list[int], out: Path,
+                    overwrite: bool = False) -> Path:
     """Scores are stored in the permuted order (descending inside every layer)."""
     tensors = {"embed": scores.embed.float(), "layers": scores.layers.float()}
     for i, (h, f) in enumerate(zip(scores.heads, scores.ffn)):
@@ -25,5 +26,5 @@ def save_importance(loaded: LoadedModel, scores: ImportanceScores, ranking: list
         provenance={**loaded.meta.provenance, "importance_from": str(loaded.path or loaded.source), "versions": versions()},
     )
     meta.provenance.pop("created_at", None)
-    return save_model_dir(loaded.model, loaded.tokenizer, meta, out,
+    return save_model_dir(loaded.model, loaded.tokenizer, meta, out, overwrite=overwrite,
                           extra=lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / SCORES_FILE)))

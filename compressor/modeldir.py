@@ -13,7 +13,6 @@ converted once to an fp32 safetensors checkpoint in the cache (``$NASPRUNE_CACHE
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import importlib.util
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from compressor.errors import NaspruneError
+from compressor.hashing import sha256_file, sha256_parts
 from compressor.search_space import SearchSpaceConfig
 
 META_FILE = "nasprune.json"
@@ -49,21 +49,10 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_hash(directory: Path) -> str:
     """sha256 over the checkpoint's safetensors files (name + content), the model's identity."""
-    h = hashlib.sha256()
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        h.update(f.name.encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
+    files = sorted(Path(directory).glob("*.safetensors"))
+    return sha256_parts(part for f in files for part in (f.name, sha256_file(f))).hexdigest()
 
 
 @dataclass
@@ -110,15 +99,41 @@ class LoadedModel:
         return SuperNetwork(self.model, self.meta.space_config, self.meta.layer_ranking)
 
 
-def atomic_dir_write(out: Path, write) -> Path:
-    """Write a directory via ``write(tmp_dir)`` then rename it into place: readers never see half a dir."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(directory: Path) -> None:
+    """Files as the user's umask says (safetensors writes 0600 through a temp file; a model shared on a
+    server must be readable by the team like every other file)."""
+    mode = 0o666 & ~_umask()
+    for f in Path(directory).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, mode)
+
+
+def atomic_dir_write(out: Path, write, kind: str = "model", overwrite: bool = False) -> Path:
+    """Write a directory via ``write(tmp_dir)`` then rename it into place: readers never see half a dir.
+
+    The ownership rule (:mod:`compressor.outputs`) is checked before writing and again before the
+    rename; an existing ``out`` is replaced only when it is an empty dir or a nasprune output of the
+    same ``kind`` and ``overwrite`` is set. A failed ``write`` leaves nothing behind.
+    """
+    from compressor.outputs import claim_output, mark_output
+
     out = Path(out)
+    claim_output(out, kind, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         write(tmp)
+        mark_output(tmp, kind)
+        _normal_permissions(tmp)
+        claim_output(out, kind, overwrite=overwrite)  # nothing foreign appeared there meanwhile
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -140,8 +155,9 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def save_model_dir(model, tokenizer, meta: ModelMeta, out: Path, extra=None) -> Path:
-    """Write a nasprune model dir atomically; ``extra(tmp_dir)`` may add files (scores, logs)."""
+def save_model_dir(model, tokenizer, meta: ModelMeta, out: Path, extra=None, overwrite: bool = False) -> Path:
+    """Write a nasprune model dir atomically; ``extra(tmp_dir)`` may add files (scores, logs).
+    An existing nasprune model dir at ``out`` is replaced only with ``overwrite``."""
     meta.architecture = meta.architecture or (model.config.architectures or [type(model).__name__])[0]
     meta.provenance.setdefault("created_at", now())
     meta.provenance.setdefault("versions", versions())
@@ -154,7 +170,7 @@ def save_model_dir(model, tokenizer, meta: ModelMeta, out: Path, extra=None) -> 
         if extra is not None:
             extra(tmp)
 
-    return atomic_dir_write(out, write)
+    return atomic_dir_write(out, write, "model", overwrite)
 
 
 def _load_dir(directory: Path, dtype) -> tuple:
@@ -199,7 +215,7 @@ def convert_gguf(gguf: Path, out: Path, source: str) -> Path:
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     meta = ModelMeta(provenance={"source": source, "source_sha256": sha256_file(gguf), "converted_from": "gguf"})
-    return save_model_dir(model, tokenizer, meta, out)
+    return save_model_dir(model, tokenizer, meta, out, overwrite=True)  # our own cache
 
 
 def default_model_dir() -> Path:
@@ -225,7 +241,7 @@ def load_model(spec: str, online: bool = False, dtype: torch.dtype = torch.float
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise NaspruneError(f"GGUF file {path} does not exist")
-        key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+        key = sha256_parts([f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"]).hexdigest()[:16]
         out = cache_dir() / "models" / f"{path.stem}-{key}"
         path = out if (out / META_FILE).exists() else convert_gguf(path, out, str(path.resolve()))
     elif not path.exists():

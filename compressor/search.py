@@ -205,15 +205,23 @@ def run_random(space: SearchSpace, quality, latency, cfg: SearchConfig, evaluati
 
 
 def write_results(result: SearchResult, out, space: SearchSpace, workload: Workload, original: Evaluated | None,
-                  extra: dict | None = None) -> None:
-    """pareto.json + pareto.csv + history.json + pareto.png in ``out``."""
-    import csv
+                  extra: dict | None = None, overwrite: bool = False) -> None:
+    """pareto.json + pareto.csv + history.json + pareto.png in ``out``, written atomically under the
+    ownership rule (an existing search output is replaced only with ``overwrite``)."""
     from pathlib import Path
+
+    from compressor.modeldir import atomic_dir_write
+
+    atomic_dir_write(Path(out), lambda tmp: _write_search_files(result, tmp, space, workload, original, extra), "search",
+                     overwrite)
+
+
+def _write_search_files(result: SearchResult, out, space: SearchSpace, workload: Workload, original: Evaluated | None,
+                        extra: dict | None) -> None:
+    import csv
 
     from compressor.modeldir import write_json_atomic
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = [p.row() for p in result.pareto]
     for r in rows:
         r["num_kv_heads"] = space.num_kv_heads(SubNetwork.from_dict(r["arch"]))
@@ -255,37 +263,3 @@ def plot_front(result: SearchResult, original: Evaluated | None, path, workload:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def run_search_cli(loaded, predictor_dir, workload: str, data: str, out, cfg: SearchConfig, eval_tokens: int,
-                   seq_len: int, online: bool = False, strict: bool = False) -> SearchResult:
-    """Load the predictor, build the quality oracle on held-out text, search, write the results."""
-    import warnings
-
-    from compressor.data import read_source
-    from compressor.evaluate import token_windows
-    from predictors import load_predictor
-
-    w = Workload.parse(workload)
-    predictor = load_predictor(predictor_dir, strict=strict)
-    kind, text = read_source(data, online)
-    if kind != "text":
-        raise NaspruneError("the search's quality objective needs held-out plain text (.txt)")
-    windows = token_windows(loaded.tokenizer, text, seq_len, eval_tokens)
-    sn = loaded.supernet()
-    quality = QualityOracle(sn, windows)
-
-    def latency(subs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # extrapolation is reported once below, not per generation
-            return predictor.predict_ms(subs, w)
-
-    result = run_nsga2(sn.space, quality, latency, cfg)
-    big = sn.space.largest()
-    original = Evaluated(big, quality(big), float(latency([big])[0]), sn.space.num_params(big), -1)
-    outside = predictor.out_of_range([p.arch for p in result.pareto], w)
-    write_results(result, out, sn.space, w, original,
-                  {"predictor": str(predictor_dir), "predictor_group": predictor.group,
-                   "model": str(loaded.path or loaded.source), "eval_tokens": int(windows.numel()),
-                   "extrapolated": outside})
-    return result

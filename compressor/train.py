@@ -17,10 +17,16 @@ Gradients of the sandwich's sub-networks are summed (each loss divided by the nu
 sub-networks and accumulation steps) before one optimizer step. ``--lora`` trains LoRA adapters
 on every linear (peft for config, persistence and merge; slicing in our forward); a tied lm_head
 is skipped unless ``--untie-lm-head`` gives it its own weight. accelerate handles devices,
-mixed precision and multi-GPU DDP (``accelerate launch -m compressor.cli train ...``).
+mixed precision and multi-GPU DDP (``accelerate launch -m nasprune train ...``).
 
 Resume is exact: the batch of every step is a pure function of (seed, step), and the checkpoint
 holds the trainable weights, optimizer, scheduler, sampler RNG and torch RNG.
+
+Recovery by distillation (``distill="logits"``, see :mod:`compressor.distill`): each
+sub-network's loss becomes ``alpha * KD + (1 - alpha) * CE``. With ``teacher="original"`` the
+teacher is the unpruned permuted model as it is when the :class:`Trainer` is built (before any
+step or checkpoint load), its top-k targets cached on disk once for every window the run will
+read; with ``teacher="largest"`` the sandwich's largest sub-network teaches the others in place.
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from compressor.data import IGNORE, TokenizedData, load_data
+from compressor.distill import TeacherCache, inplace_targets, kd_loss, kd_loss_full, state_dict_hash
 from compressor.errors import NaspruneError
-from compressor.modeldir import LoadedModel, ModelMeta, load_model, save_model_dir, versions
+from compressor.modeldir import LoadedModel, ModelMeta, cache_dir, load_model, save_model_dir, versions
 from compressor.sampling import make_sampler
 from compressor.search_space import SubNetwork
 from compressor.supernet import SuperNetwork
@@ -52,6 +59,8 @@ STRATEGIES: dict[str, tuple[bool, str | None]] = {
     "importance-grid-params": (True, "grid-params"),
     "importance-calibrate-mag": (True, "calibrate-mag"),
 }
+DISTILL_MODES = ("none", "logits")
+TEACHERS = ("original", "largest")
 
 
 @dataclass
@@ -82,6 +91,11 @@ class TrainConfig:
     log_every: int = 5
     seed: int = 0
     prompt_format: str = "auto"
+    distill: str = "none"  # "none" | "logits": add logit KD (compressor.distill) to every sub-network's loss
+    teacher: str = "original"  # "original": frozen start model, cached top-k | "largest": in-place, detached
+    distill_alpha: float = 1.0  # L = alpha * KD + (1 - alpha) * CE (1: pure KD as in Minitron / BigNAS)
+    distill_topk: int = 64  # teacher tokens kept per position by the cache (+ one tail bucket)
+    distill_temperature: float = 1.0  # softmax temperature of teacher and student; KD scaled by T^2
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -91,6 +105,20 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "num_bins", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise NaspruneError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.distill not in DISTILL_MODES:
+            raise NaspruneError(f"distill must be one of {', '.join(DISTILL_MODES)} (got {self.distill!r})")
+        if self.teacher not in TEACHERS:
+            raise NaspruneError(f"teacher must be one of {', '.join(TEACHERS)} (got {self.teacher!r})")
+        if not (isinstance(self.distill_alpha, (int, float)) and 0.0 <= self.distill_alpha <= 1.0):
+            raise NaspruneError(f"distill_alpha must be in [0, 1] (got {self.distill_alpha})")
+        if isinstance(self.distill_topk, bool) or not isinstance(self.distill_topk, int) or self.distill_topk < 1:
+            raise NaspruneError(f"distill_topk must be an integer >= 1 (got {self.distill_topk})")
+        if not (isinstance(self.distill_temperature, (int, float)) and math.isfinite(self.distill_temperature)
+                and self.distill_temperature > 0):
+            raise NaspruneError(f"distill_temperature must be > 0 (got {self.distill_temperature})")
+        if self.distill == "logits" and self.teacher == "largest" and self.strategy == "standard":
+            raise NaspruneError("teacher 'largest' needs a sandwich strategy (standard trains only the largest "
+                                "sub-network, which has no teacher); use teacher 'original' or another strategy")
 
     @staticmethod
     def load(path: Path | None = None, overrides: dict | None = None) -> "TrainConfig":
@@ -119,6 +147,16 @@ def batch_indices(step: int, micro: int, cfg: TrainConfig, n: int, world: int = 
         epoch, pos = divmod(g, n)
         out.append(np.random.default_rng([cfg.seed, epoch]).permutation(n)[pos])
     return np.array(out)
+
+
+def windows_needed(cfg: TrainConfig, n: int, world: int = 1) -> np.ndarray:
+    """Every example index that ``batch_indices`` yields over steps ``[0, cfg.steps)`` on all
+    ``world`` processes: the global positions ``0 .. steps*grad_accum*world*batch_size - 1``
+    of the per-epoch permutations (so all ``n`` once a run covers an epoch)."""
+    total = cfg.steps * cfg.grad_accum * world * cfg.batch_size
+    if total >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([cfg.seed, 0]).permutation(n)[:total])
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -171,15 +209,39 @@ def lora_state(model) -> dict[str, torch.Tensor]:
 
 
 class Trainer:
-    """One super-network training run; checkpoints to ``work_dir`` and resumes exactly."""
+    """One super-network training run; checkpoints to ``work_dir`` and resumes exactly.
 
-    def __init__(self, loaded: LoadedModel, data: TokenizedData, cfg: TrainConfig, work_dir: Path):
+    Loss of one step (the sandwich of n sub-networks, ``grad_accum`` micro-batches)::
+
+        L = 1/(n * grad_accum) * sum_micro sum_s L_s
+        L_s = CE_s                                   distill == "none"
+        L_s = alpha * KD_s + (1 - alpha) * CE_s      distill == "logits" (every s; for
+              teacher "largest" the largest itself has no teacher: L_largest = CE_largest)
+
+    Balancing: every term is a per-token mean (CE over supervised tokens; KD's KL over the same
+    tokens, times T^2 so its gradient scale does not depend on the temperature), every L_s is a
+    convex combination (weights sum to 1) and the sub-networks are averaged, not summed. So each
+    sub-network has weight 1/n whatever the mode: in in-place distillation the largest's CE (the
+    only loss on ground truth at alpha = 1, and typically several times larger than a KL) counts
+    as one sub-network's loss, not as an extra term on top of the students', and changing
+    ``num_sampled`` or alpha does not change the learning rate the largest effectively sees.
+
+    ``teacher_cache_dir`` (``teacher == "original"``): where the teacher's targets are cached
+    (default ``$NASPRUNE_CACHE/teacher``); keyed by content, so any run on the same tokens and
+    teacher reuses them.
+    """
+
+    def __init__(self, loaded: LoadedModel, data: TokenizedData, cfg: TrainConfig, work_dir: Path,
+                 teacher_cache_dir: Path | None = None, log=None):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
         self.loaded, self.data, self.cfg, self.work_dir = loaded, data, cfg, Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         model = loaded.model
+        cached_teacher = cfg.distill == "logits" and cfg.teacher == "original"
+        # the teacher is the model as loaded (permuted, before untie/LoRA, which preserve its function)
+        teacher_hash = state_dict_hash(model) if cached_teacher else None
         if cfg.untie_lm_head:
             untie_lm_head(model)
         self.supernet = SuperNetwork(model, loaded.meta.space_config, loaded.meta.layer_ranking)
@@ -212,6 +274,28 @@ class Trainer:
         self.step = 0
         self.log_path = self.work_dir / "train_log.jsonl"
         self.ckpt_path = self.work_dir / "checkpoint.pt"
+        self.teacher_cache: TeacherCache | None = None
+        self.teacher_fill: dict | None = None
+        if cached_teacher:
+            acc = self.accelerator
+            self.teacher_cache = TeacherCache(
+                Path(teacher_cache_dir) if teacher_cache_dir else cache_dir() / "teacher", data.input_ids,
+                data.attention_mask, teacher_hash, k=cfg.distill_topk, temperature=cfg.distill_temperature,
+                precision=acc.mixed_precision, rank=acc.process_index, world=acc.num_processes,
+                barrier=acc.wait_for_everyone)
+            needed = windows_needed(cfg, len(data), acc.num_processes)
+            self.teacher_fill = self.teacher_cache.ensure(needed, self._teacher_logits, batch_size=cfg.batch_size,
+                                                          device=acc.device, log=log)
+
+    def _teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The frozen teacher: the largest sub-network with the weights the trainer started with."""
+        was_training = self.supernet.training
+        self.supernet.eval()
+        try:
+            with torch.no_grad(), self.accelerator.autocast(), self.supernet.selected(self.supernet.space.largest()):
+                return self.supernet(ids, mask if self.data.kind == "instruct" else None)
+        finally:
+            self.supernet.train(was_training)
 
     # ---- sub-networks per step ----------------------------------------------------------------
     def sandwich(self) -> list[SubNetwork]:
@@ -235,12 +319,20 @@ class Trainer:
         tmp = self.ckpt_path.with_name(f".checkpoint.pt.tmp-{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)
+        self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> None:
+        """A process killed mid-``torch.save`` leaves ``.checkpoint.pt.tmp-PID`` (GBs); the complete
+        checkpoint is the one that counts, so the partial files go."""
+        for stale in self.work_dir.glob(".checkpoint.pt.tmp-*"):
+            stale.unlink(missing_ok=True)
 
     def load_checkpoint(self) -> None:
         if not self.ckpt_path.exists():
             raise NaspruneError(f"--resume: no checkpoint at {self.ckpt_path}; run without --resume to start")
         try:
-            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise NaspruneError(f"checkpoint {self.ckpt_path} is corrupt ({type(e).__name__}); delete it and restart") from None
         saved = {k: v for k, v in state["config"].items() if k not in ("steps", "max_minutes", "checkpoint_every", "log_every")}
@@ -257,11 +349,32 @@ class Trainer:
         self.step = state["step"]
 
     # ---- the loop -----------------------------------------------------------------------------
+    def _sub_loss(self, logits, labels, targets, teacher_logprob) -> tuple[torch.Tensor, float, float | None]:
+        """(objective, CE value, KD value or None) of one sub-network on one micro-batch."""
+        cfg = self.cfg
+        alpha = cfg.distill_alpha
+        if cfg.distill == "none" or (targets is None and teacher_logprob is None):
+            ce = lm_loss(logits, labels)
+            return ce, ce.item(), None
+        ce = lm_loss(logits if alpha < 1 else logits.detach(), labels)  # alpha = 1: CE only logged
+        student = logits[:, :-1] if alpha > 0 else logits[:, :-1].detach()
+        supervised = labels[:, 1:] != IGNORE  # position t predicts token t + 1, as in lm_loss
+        if targets is not None:
+            top_idx, top_lp, tail = targets
+            kd = kd_loss(student, top_idx[:, :-1], top_lp[:, :-1], tail[:, :-1], supervised, cfg.distill_temperature)
+        else:
+            kd = kd_loss_full(student, teacher_logprob[:, :-1], supervised, cfg.distill_temperature)
+        return alpha * kd + (1 - alpha) * ce, ce.item(), kd.item()
+
     def train_step(self) -> dict:
         cfg, device = self.cfg, self.accelerator.device
         self.model.train()
         subs = self.sandwich()
         losses = {str(s): 0.0 for s in subs}
+        kd_losses: dict[str, float] = {}
+        inplace = cfg.distill == "logits" and cfg.teacher == "largest"
+        if inplace and subs[0] != self.supernet.space.largest():
+            raise NaspruneError("in-place distillation needs the largest sub-network first in the sandwich")
         tokens = 0
         for micro in range(cfg.grad_accum):
             idx = batch_indices(self.step, micro, cfg, len(self.data), self.accelerator.num_processes,
@@ -270,12 +383,20 @@ class Trainer:
             ids, labels = batch.input_ids.to(device), batch.labels.to(device)
             mask = batch.attention_mask.to(device) if batch.kind == "instruct" else None
             tokens += int(batch.attention_mask.sum())
-            for sub in subs:
+            targets = self.teacher_cache.fetch(idx, device) if self.teacher_cache is not None else None
+            teacher_logprob = None
+            for i, sub in enumerate(subs):
                 self.supernet.select(sub)
                 with self.accelerator.autocast():
-                    loss = lm_loss(self.model(ids, mask), labels)
+                    logits = self.model(ids, mask)
+                loss, ce, kd = self._sub_loss(logits, labels, targets, teacher_logprob)
+                if inplace and i == 0:  # the largest: CE only, then it teaches the rest (detached)
+                    teacher_logprob = inplace_targets(logits, cfg.distill_temperature)
+                del logits
                 self.accelerator.backward(loss / (len(subs) * cfg.grad_accum))
-                losses[str(sub)] += loss.item() / cfg.grad_accum
+                losses[str(sub)] += ce / cfg.grad_accum
+                if kd is not None:
+                    kd_losses[str(sub)] = kd_losses.get(str(sub), 0.0) + kd / cfg.grad_accum
         if cfg.max_grad_norm:
             self.accelerator.clip_grad_norm_([p for p in self.supernet.parameters() if p.requires_grad], cfg.max_grad_norm)
         self.optimizer.step()
@@ -283,13 +404,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.supernet.select(self.supernet.space.largest())
         self.step += 1
-        return {"losses": losses, "tokens": tokens * len(subs)}
+        out = {"losses": losses, "tokens": tokens * len(subs)}
+        if cfg.distill != "none":
+            out["kd_losses"] = kd_losses
+            out["teacher_seconds"] = self.teacher_cache.take_fetch_seconds() if self.teacher_cache else 0.0
+        return out
 
     def run(self, progress: bool = True) -> dict:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         cfg = self.cfg
         start, tokens_seen = time.perf_counter(), 0
+        step_seconds, teacher_seconds = 0.0, 0.0
         stopped_by_time = False
         columns = [TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
@@ -306,14 +432,27 @@ class Trainer:
                 tokens_seen += out["tokens"]
                 mean_loss = float(np.mean(list(out["losses"].values())))
                 bar.update(task, advance=1, loss=mean_loss, tps=out["tokens"] / dt)
+                step_seconds += dt
+                teacher_seconds += out.get("teacher_seconds", 0.0)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self._log({"step": self.step, "loss": mean_loss, "losses": out["losses"], "step_seconds": dt,
-                               "tokens_per_s": out["tokens"] / dt, "lr": self.scheduler.get_last_lr()[0]})
+                    record = {"step": self.step, "loss": mean_loss, "losses": out["losses"], "step_seconds": dt,
+                              "tokens_per_s": out["tokens"] / dt, "lr": self.scheduler.get_last_lr()[0]}
+                    if cfg.distill != "none":
+                        record.update(kd_losses=out["kd_losses"], teacher_seconds=out["teacher_seconds"],
+                                      teacher_fraction=out["teacher_seconds"] / dt)
+                    self._log(record)
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         self.save_checkpoint()
         elapsed = time.perf_counter() - start
-        return {"steps": self.step, "seconds": elapsed, "tokens": tokens_seen, "stopped_by_time_budget": stopped_by_time}
+        stats = {"steps": self.step, "seconds": elapsed, "tokens": tokens_seen, "stopped_by_time_budget": stopped_by_time}
+        if cfg.distill != "none":
+            # teacher cost of the steps of this call: fetching cached targets (0 for in-place KD,
+            # whose teacher forward is the largest sub-network's own); the one-off fill is separate
+            stats["distill"] = {"teacher_fetch_seconds": teacher_seconds, "step_seconds": step_seconds,
+                                "teacher_fraction": teacher_seconds / step_seconds if step_seconds else 0.0,
+                                "teacher_fill": self.teacher_fill}
+        return stats
 
     def _log(self, record: dict) -> None:
         if self.accelerator.is_main_process:
@@ -345,12 +484,37 @@ def prepare_model(loaded: LoadedModel, cfg: TrainConfig, calib: TokenizedData | 
 
 
 def run_training(model: str, data: str, out: Path, cfg: TrainConfig, resume: bool = False, online: bool = False,
-                 calib_data: str | None = None, log=print) -> Path:
+                 calib_data: str | None = None, log=print, overwrite: bool = False) -> Path:
+    """Train, checkpointing to ``OUT.train/``, then write the model dir ``OUT`` atomically.
+
+    Ownership (:mod:`compressor.outputs`): ``OUT`` must be new, empty, or a nasprune model dir with
+    ``overwrite``; ``OUT.train`` must be new, empty, or this command's own work dir (continued with
+    ``resume``). A run that fails before its first checkpoint leaves no work dir behind.
+    """
+    from compressor.outputs import claim_output, mark_output
+
     out = Path(out)
     work = out.parent / f"{out.name}.train"
     if work.exists() and (work / "checkpoint.pt").exists() and not resume:
         raise NaspruneError(f"{work} holds an unfinished run; pass --resume to continue it or delete it to start over")
+    overwrite = overwrite or resume  # a resumed run replaces its own time-budget output
+    claim_output(out, "model", overwrite=overwrite)
+    how = claim_output(work, "training", resume=True)
+    if resume and how != "resume":
+        raise NaspruneError(f"--resume: no checkpoint at {work / 'checkpoint.pt'}; run without --resume to start")
+    created = not work.exists()
     work.mkdir(parents=True, exist_ok=True)
+    mark_output(work, "training")
+    try:
+        return _train_into(model, data, out, work, cfg, resume, online, calib_data, log, overwrite)
+    except BaseException:
+        if created and not (work / "checkpoint.pt").exists():
+            shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave nothing half-made
+        raise
+
+
+def _train_into(model: str, data: str, out: Path, work: Path, cfg: TrainConfig, resume: bool, online: bool,
+                calib_data: str | None, log, overwrite: bool) -> Path:
     torch.manual_seed(cfg.seed)
     loaded = load_model(model, online=online)
     train_data = load_data(loaded.tokenizer, data, cfg.seq_len, cfg.max_train_tokens, online, cfg.prompt_format)
@@ -358,7 +522,7 @@ def run_training(model: str, data: str, out: Path, cfg: TrainConfig, resume: boo
     if STRATEGIES[cfg.strategy][0] and loaded.meta.importance is None:
         calib = load_data(loaded.tokenizer, calib_data or data, 512, 65536, online, cfg.prompt_format)
     loaded = prepare_model(loaded, cfg, calib, log)
-    trainer = Trainer(loaded, train_data, cfg, work)
+    trainer = Trainer(loaded, train_data, cfg, work, log=log)
     if resume:
         trainer.load_checkpoint()
         log(f"resumed at step {trainer.step}")
@@ -379,7 +543,7 @@ def run_training(model: str, data: str, out: Path, cfg: TrainConfig, resume: boo
 
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
-        save_model_dir(model_out, loaded.tokenizer, meta, out, extra=copy_log)
+        save_model_dir(model_out, loaded.tokenizer, meta, out, extra=copy_log, overwrite=overwrite)
         if not stats["stopped_by_time_budget"]:
             trainer.ckpt_path.unlink(missing_ok=True)
     return out

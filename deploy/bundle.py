@@ -13,18 +13,19 @@
       onnx/fp16/...          FP16 conversion (GPU providers), on request
       tensorrt/*.plan        TensorRT engines, when TensorRT is installed
 
-The ONNX graphs are the ones profiling times (``deploy.onnx_export``), so a predictor fitted on
+The ONNX graphs are the ones profiling times (``compressor.onnx_export``), so a predictor fitted on
 profiles predicts exactly what ships.
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 from compressor.errors import NaspruneError
-from compressor.modeldir import now, versions, write_json_atomic
+from compressor.hashing import sha256_file
+from compressor.outputs import MARKER
+from compressor.modeldir import atomic_dir_write, now, versions, write_json_atomic
 from compressor.search_space import SubNetwork
 
 MANIFEST = "manifest.json"
@@ -37,17 +38,9 @@ def graph_paths(bundle: Path, variant: str = "fp32") -> dict[str, Path]:
     return {g: Path(bundle) / "onnx" / variant / g / "model.onnx" for g in GRAPHS}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_hashes(bundle: Path) -> dict[str, str]:
-    return {str(p.relative_to(bundle)): _sha256(p) for p in sorted(Path(bundle).rglob("*"))
-            if p.is_file() and p.name != MANIFEST}
+    return {str(p.relative_to(bundle)): sha256_file(p) for p in sorted(Path(bundle).rglob("*"))
+            if p.is_file() and p.name not in (MANIFEST, MARKER)}
 
 
 def optimize_graph(src: Path, dst: Path, provider: str = "CPUExecutionProvider") -> None:
@@ -108,21 +101,25 @@ def _license_text(provenance: dict) -> str:
 
 
 def build_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants=("fp32",), providers=("CPUExecutionProvider",),
-                 search_row: dict | None = None, log=print) -> Path:
-    """Extract ``sub``, write the checkpoint and every requested engine variant, and the manifest."""
-    import tempfile
+                 search_row: dict | None = None, log=print, overwrite: bool = False) -> Path:
+    """Extract ``sub``, write the checkpoint and every requested engine variant, and the manifest.
 
-    from compressor.extract import extract, save_extracted
-    from deploy.onnx_export import ExportRecipe, export_graphs
-
+    Written atomically under the ownership rule: an existing bundle is replaced only with ``overwrite``.
+    """
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise NaspruneError(f"unknown precision(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-    out = Path(out)
     supernet.space.validate(sub)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    return atomic_dir_write(Path(out), lambda tmp: _write_bundle(loaded, supernet, sub, tmp, variants, providers,
+                                                                 search_row, log), "bundle", overwrite)
+
+
+def _write_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants, providers, search_row, log) -> None:
+    import tempfile
+
+    from compressor.extract import extract, save_extracted
+    from compressor.onnx_export import ExportRecipe, export_graphs
+
     model_dir, n_params = save_extracted(loaded, supernet, sub, out / "model")
     (model_dir / "LICENSE").write_text(_license_text(loaded.meta.provenance))
     small = extract(supernet, sub)
@@ -159,7 +156,6 @@ def build_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants=("fp32",
     }
     manifest["files"] = file_hashes(out)
     write_json_atomic(out / MANIFEST, manifest)
-    return out
 
 
 def _tensorrt_engines(out: Path, raw, log) -> dict:

@@ -10,10 +10,11 @@ from typing import List, Optional
 import typer
 
 from compressor.errors import NaspruneError
+from compressor.outputs import claim_output
 
 
 def register(app: typer.Typer) -> None:
-    from compressor.cli import handles_errors
+    from compressor.console import handles_errors
 
     app.command("export")(handles_errors(export))
     app.command("generate")(handles_errors(generate))
@@ -21,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _console():
-    from compressor.cli import console
+    from compressor.console import console
 
     return console
 
@@ -50,6 +51,13 @@ def chosen_archs(arch: Optional[str], pareto: Optional[Path], pick: Optional[str
     return [(f"{i}", SubNetwork.from_dict(rows[i]["arch"]), rows[i]) for i in indices]
 
 
+def _is_baseline_file(path: Path) -> bool:
+    try:
+        return path.is_file() and json.loads(path.read_text()).get("format") == "nasprune-baseline/1"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def export(
     model: str = typer.Argument(..., help="the (trained) super-network: nasprune model dir, 'default', ..."),
     out: Path = typer.Option(..., "--out", help="bundle dir (one arch) or parent dir (several)"),
@@ -61,14 +69,16 @@ def export(
     predictor: Optional[Path] = typer.Option(None, "--predictor", help="predictor dir for predicted latency"),
     workload: List[str] = typer.Option(["prefill:1x128"], "--workload", help="workloads to predict/measure"),
     threads: int = typer.Option(1, help="intra-op threads for --verify"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing nasprune bundles at the targets"),
 ):
     """Export chosen sub-networks as engine bundles (HF checkpoint, optimized ONNX, INT8/FP16, TensorRT)."""
-    from compressor.cli import _load
+    from compressor.console import load_for_cli as _load
     from deploy.pipeline_steps import export_bundles
 
     picks = chosen_archs(arch, pareto, pick)
     loaded = _load(model)
-    paths = export_bundles(loaded, picks, out, precision, predictor, workload, verify, threads, log=_console().print)
+    paths = export_bundles(loaded, picks, out, precision, predictor, workload, verify, threads, log=_console().print,
+                           overwrite=overwrite)
     for p in paths:
         _console().print(f"wrote bundle {p}")
 
@@ -129,6 +139,11 @@ def check(
     if not 0 < quantile < 1:
         raise NaspruneError(f"--quantile must be between 0 and 1 (got {quantile})")
     cfg = GateConfig(threshold=_threshold(threshold), min_effect=min_effect, quantile=quantile)
+    report = report or Path(bundle) / "check"
+    claim_output(report, "check", overwrite=True)  # a check report is refreshed by every check, never a foreign dir
+    if update_baseline and baseline.exists() and not _is_baseline_file(baseline):
+        raise NaspruneError(f"--baseline {baseline} exists and is not a nasprune baseline; nasprune never replaces it, "
+                            "choose another path")
     start = time.perf_counter()
     if baseline_bundle is not None:
         current, base = measure_paired(bundle, baseline_bundle, w, precision, threads, blocks=blocks, iters_per_block=iters)
@@ -146,7 +161,7 @@ def check(
         except (json.JSONDecodeError, KeyError, TypeError):
             raise NaspruneError(f"{baseline} is not a nasprune baseline; re-create it with --update-baseline") from None
     verdict = compare(current, base, cfg)
-    write_report(report or Path(bundle) / "check", Path(bundle).name, verdict, current, base, cfg,
+    write_report(report, Path(bundle).name, verdict, current, base, cfg,
                  time.perf_counter() - start)
     style = {"pass": "green", "regression": "red", "incomparable": "yellow"}[verdict.status]
     ms = f" ({verdict.baseline_median_ms:.2f} -> {verdict.current_median_ms:.2f} ms)" if verdict.current_median_ms else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from compressor.outputs import claim_output, mark_output
 from compressor.workload import Workload
 from deploy.bundle import build_bundle, read_manifest, update_manifest
 
@@ -55,15 +56,27 @@ def verify(bundle: Path, workloads: list[Workload], variants, threads: int, pred
 
 
 def export_bundles(loaded, picks, out: Path, variants, predictor_dir, workloads, do_verify: bool, threads: int = 1,
-                   log=print) -> list[Path]:
+                   log=print, overwrite: bool = False) -> list[Path]:
+    """One bundle at ``out`` (a single --arch), or one per pick under the bundles dir ``out``.
+
+    Every target is claimed before the first (minutes-long) export, so a refusal costs nothing."""
     out = Path(out)
+    single = len(picks) == 1 and not picks[0][0]
+    if not single:
+        claim_output(out, "bundles", resume=True)  # a bundles dir collects bundles over several exports
+    targets = [out if single else out / (f"{name}-{sub}" if name else str(sub)) for name, sub, _ in picks]
+    for target in targets:
+        claim_output(target, "bundle", overwrite=overwrite)
+    if not single:
+        out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, "bundles")
     sn = loaded.supernet()
     ws = [Workload.parse(w) if isinstance(w, str) else w for w in workloads]
     paths = []
-    for name, sub, row in picks:
-        target = out if len(picks) == 1 and not name else out / (f"{name}-{sub}" if name else str(sub))
+    for (name, sub, row), target in zip(picks, targets):
         log(f"bundle {target}: {sub}")
-        bundle = build_bundle(loaded, sn, sub, target, variants=tuple(variants), search_row=row, log=log)
+        bundle = build_bundle(loaded, sn, sub, target, variants=tuple(variants), search_row=row, log=log,
+                              overwrite=overwrite)
         manifest = read_manifest(bundle)
         recipe_ids = {v: e.get("recipe_id") for v, e in manifest["engines"].items()}
         predicted = predictions(predictor_dir, sub, ws, variants, recipe_ids)

@@ -164,8 +164,11 @@ def write_report(out: Path, name: str, verdict: Verdict, current: Measurement, b
                  seconds: float) -> None:
     """check.json keeps both sides' raw samples, so a verdict can be re-examined later."""
     from compressor.modeldir import write_json_atomic
+    from compressor.outputs import claim_output, mark_output
 
+    claim_output(out, "check", overwrite=True)
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "check")
     write_json_atomic(out / "check.json", {"name": name, "verdict": asdict(verdict), "config": asdict(cfg),
                                            "current": current.to_dict(), "baseline": baseline.to_dict()})
     (out / "check.junit.xml").write_text(junit_xml(name, verdict, seconds))

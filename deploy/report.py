@@ -57,7 +57,11 @@ def write_report(pipeline) -> Path:
                      f"| {_fmt(fp32.get('stats_ms', {}).get('median'))} | {_fmt(fp32.get('error'), '+.1%')} "
                      f"| {_fmt(int8.get('stats_ms', {}).get('median'))} |"
                      + "".join(f" {_acc(acc, t)} |" for t in _task_names(evals)))
-    lines += ["", f"Perplexity on `{evals.get('heldout')}` ({evals.get('ppl_tokens')} tokens; engines token by token on "
+    agree = evals.get("validation_vs_test")
+    if agree:
+        lines += ["", f"Validation objective vs test loss over {agree['n']} searched sub-networks: Kendall tau "
+                  f"{agree['kendall_tau']:.3f} (1 = the search ranks exactly as the test text would)."]
+    lines += ["", f"Perplexity on `{evals.get('test')}` ({evals.get('ppl_tokens')} tokens; engines token by token on "
               f"the first {evals.get('onnx_ppl_tokens')}). Latency: median, `{pipeline.cfg.export.workloads[0]}`, "
               f"{pipeline.cfg.export.threads} thread(s), this machine.", "", "## Stage times", "",
               "| stage | seconds |", "|---|---|"]

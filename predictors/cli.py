@@ -1,9 +1,7 @@
 """``nasprune predictor fit|eval`` and ``nasprune predict``: registered on the main Typer app.
 
-Why ``register(app, host)`` takes the CLI module instead of importing ``compressor.cli``: under
-``python -m compressor.cli`` that module is ``__main__``, and importing it again by name would
-run its stage registration a second time, in a half-initialized state. The host supplies the
-shared pieces (one-line error handling, the ``--online`` state, transformers silencing).
+The shared console, ``--online`` state and one-line error handler come from the leaf
+``compressor.console``; the app itself is assembled in ``nasprune.cli``.
 """
 
 from __future__ import annotations
@@ -13,12 +11,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err_console = Console(stderr=True)
-_HOST: dict = {}
+from compressor.outputs import claim_output
+from compressor.console import STATE, console, err_console, handles_errors
+from compressor.console import quiet_transformers as quiet_transformers
 
 _FP = typer.Option(None, "--fingerprint", help="Device fingerprint id to select from the store.")
 _ENGINE = typer.Option(None, "--engine", help="Engine to select (onnxruntime, tensorrt, torch).")
@@ -43,11 +40,7 @@ def _show_warnings(caught) -> None:
 
 
 def _online() -> bool:
-    return bool(_HOST["module"].STATE["online"])
-
-
-def quiet_transformers() -> None:
-    _HOST["module"].quiet_transformers()
+    return bool(STATE["online"])
 
 
 def fit_cmd(store: Path = typer.Option(..., "--store", help="Profile store to fit on."),
@@ -66,8 +59,10 @@ def fit_cmd(store: Path = typer.Option(..., "--store", help="Profile store to fi
             budget_min: float = typer.Option(30.0, "--budget-min", help="Adaptive: stop after this many minutes."),
             batch: int = typer.Option(8, "--batch", help="Adaptive: sub-networks profiled per round."),
             workload: List[str] = typer.Option([], "--workload", help="Adaptive: workload to profile, repeatable (default: those in the store)."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing predictor at --out."),
             threads: Optional[int] = typer.Option(None, "--threads", help="Adaptive: profiler threads.")):
     """Fit a latency predictor on one (device, engine, precision, recipe) group of a profile store."""
+    claim_output(out, "predictor", overwrite=overwrite)  # before profiling/fitting, not after
     from predictors.dataset import read_store, select_group
     from predictors.fit import FitConfig, fit_predictor
     from predictors.modelspace import describe_model, resolve_source
@@ -89,7 +84,7 @@ def fit_cmd(store: Path = typer.Option(..., "--store", help="Profile store to fi
             description = describe_model(source, online=_online())
         with console.status(f"cross-validating {', '.join(config.candidates)} on {len(records)} records ..."):
             result = fit_predictor(records, description, config)
-    result.predictor.save(out)
+    result.predictor.save(out, overwrite=overwrite)
     m = result.predictor.manifest
     console.print(metrics_table(f"{config.folds}-fold CV (grouped by sub-network), {m['training']['n_records']} records, "
                                 f"{m['training']['n_subnetworks']} sub-networks", m["cv"]["models"], m["cv"]["selected"]))
@@ -157,11 +152,10 @@ def predict_cmd(directory: Path = typer.Argument(..., help="Predictor directory.
                       highlight=False)
 
 
-def register(app: typer.Typer, host) -> None:
-    """Add ``predictor fit|eval`` and ``predict`` to ``app``; ``host`` is the CLI module (see docstring)."""
-    _HOST["module"] = host
+def register(app: typer.Typer) -> None:
+    """Add ``predictor fit|eval`` and ``predict`` to ``app``."""
     group = typer.Typer(no_args_is_help=True, help="Fit, check and evaluate latency predictors.")
-    group.command("fit")(host.handles_errors(fit_cmd))
-    group.command("eval")(host.handles_errors(eval_cmd))
+    group.command("fit")(handles_errors(fit_cmd))
+    group.command("eval")(handles_errors(eval_cmd))
     app.add_typer(group, name="predictor")
-    app.command("predict")(host.handles_errors(predict_cmd))
+    app.command("predict")(handles_errors(predict_cmd))

@@ -18,7 +18,6 @@ from compressor.errors import NaspruneError
 from compressor.search_space import SubNetwork
 from compressor.workload import Workload
 
-PROFILE_SCHEMA = "nasprune-profile/1"
 GROUP_FIELDS = ("fingerprint_id", "engine", "precision", "recipe_id")
 # CLI flag for each group field, named in error messages
 GROUP_FLAGS = {"fingerprint_id": "--fingerprint", "engine": "--engine", "precision": "--precision",
@@ -79,12 +78,9 @@ def read_store(path: Path, **filters) -> list[dict]:
 
 
 def _check_record(r: dict) -> None:
-    if r.get("schema") != PROFILE_SCHEMA:
-        raise NaspruneError(f"profile record {r.get('key', '?')} has schema {r.get('schema')!r}, expected "
-                            f"{PROFILE_SCHEMA!r}; re-profile with this nasprune")
-    missing = [f for f in ("key", "model", "arch", "workload", "stats_ms", *GROUP_FIELDS) if f not in r]
-    if missing:
-        raise NaspruneError(f"profile record {r.get('key', '?')} lacks {', '.join(missing)}; the store is corrupt")
+    from profilers.records import validate_record
+
+    validate_record(r)
 
 
 def groups_of(records: list[dict]) -> dict[Group, int]:

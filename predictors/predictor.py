@@ -12,7 +12,6 @@ pickle from a stranger runs arbitrary code. skops only builds the types we allow
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import warnings
@@ -23,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from compressor.errors import NaspruneError
+from compressor.hashing import sha256_file
 from compressor.search_space import DIMENSIONS, SearchSpace, SubNetwork
 from compressor.workload import Workload
 from predictors.dataset import GROUP_FIELDS, GROUP_FLAGS
@@ -127,7 +127,7 @@ class LatencyPredictor:
         warnings.warn(text + "; the prediction is an extrapolation", ExtrapolationWarning, stacklevel=3)
 
     # ---- persistence -----------------------------------------------------------------------
-    def save(self, directory: Path) -> Path:
+    def save(self, directory: Path, overwrite: bool = False) -> Path:
         """Write the predictor directory atomically (readers never see half a predictor)."""
         import skops.io as sio
 
@@ -141,11 +141,11 @@ class LatencyPredictor:
             write_json_atomic(tmp / MANIFEST, manifest)
             self.manifest = manifest
 
-        return atomic_dir_write(Path(directory), write)
+        return atomic_dir_write(Path(directory), write, "predictor", overwrite)
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return sha256_file(path)
 
 
 def read_manifest(directory: Path) -> dict:

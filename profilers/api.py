@@ -63,7 +63,7 @@ def parse_workloads(workloads) -> list[Workload]:
 
 def make_plan(loaded, workloads, engine: str = "onnxruntime", device: str = "cpu", precision: str = "fp32",
               threads: int = 1, exporter: str = "torchscript", provider: str | None = None) -> Plan:
-    from deploy.onnx_export import recipe_id
+    from compressor.onnx_export import recipe_id
 
     eng = get_engine(engine)
     eng.check(device, precision)

@@ -17,7 +17,7 @@ from compressor.errors import NaspruneError
 
 
 def register(app: typer.Typer) -> None:
-    from compressor.cli import console, handles_errors
+    from compressor.console import console, handles_errors
 
     @app.command("profile")
     @handles_errors
@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
             return _import(console, results, store)
         if results is not None:
             raise NaspruneError(f"unexpected extra argument '{results}'; only 'profile import RESULTS' takes two")
-        from compressor.cli import _load
+        from compressor.console import load_for_cli as _load
         from profilers.api import choose_subnetworks, parse_workloads
         from profilers.standalone import Protocol
 

@@ -32,9 +32,13 @@ def export_for_device(loaded, subs, workloads, out_dir, precision: str = "fp32",
     """Write graphs, jobs.json and the runner into ``out_dir``; returns the manifest."""
     from compressor.extract import extract
 
-    plan = make_plan(loaded, workloads, "onnxruntime", "cpu", precision, threads, exporter)
+    from compressor.outputs import claim_output, mark_output
+
     out = Path(out_dir)
+    claim_output(out, "profile-export", overwrite=True)  # only ever replaces an earlier export of its own
+    plan = make_plan(loaded, workloads, "onnxruntime", "cpu", precision, threads, exporter)
     out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "profile-export")
     supernet = loaded.supernet()
     space = supernet.space
     jobs = []

@@ -1,5 +1,5 @@
 """ONNX Runtime: CPUExecutionProvider here; CUDA and TensorRT execution providers where
-onnxruntime-gpu is installed. Graphs come from ``deploy.onnx_export`` (the deploy recipe), the
+onnxruntime-gpu is installed. Graphs come from ``compressor.onnx_export`` (the deploy recipe), the
 timing loop and IO binding from ``profilers.standalone`` (the same file edge devices run).
 """
 
@@ -53,13 +53,13 @@ class OnnxRuntimeEngine(Engine):
         return name
 
     def recipe(self, precision: str, exporter: str) -> dict:
-        from deploy.onnx_export import ExportRecipe
+        from compressor.onnx_export import ExportRecipe
 
         return ExportRecipe(exporter=exporter, precision=precision).to_dict()
 
     def prepare(self, model, directory: Path, recipe: dict, graphs: tuple[str, ...],
                 provider: str | None = None) -> Artifacts:
-        from deploy.onnx_export import ExportRecipe, export_graphs
+        from compressor.onnx_export import ExportRecipe, export_graphs
 
         # fp32 parity runs on CPU (a check of the graph itself); fp16 on the provider that will time it
         check_on = ort_provider_list(provider, recipe["precision"]) if recipe["precision"] == "fp16" else None

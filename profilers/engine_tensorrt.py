@@ -43,7 +43,7 @@ class TensorRTEngine(Engine):
         return Availability(True, f"TensorRT on {torch.cuda.get_device_name()}", trt.__version__)
 
     def recipe(self, precision: str, exporter: str) -> dict:
-        from deploy.onnx_export import ExportRecipe
+        from compressor.onnx_export import ExportRecipe
 
         onnx = ExportRecipe(exporter=exporter, precision="fp32").to_dict()
         return {**onnx, "tensorrt": {"parser": "OnnxParser", "fp16": precision == "fp16",
@@ -51,7 +51,7 @@ class TensorRTEngine(Engine):
 
     def prepare(self, model, directory: Path, recipe: dict, graphs: tuple[str, ...],
                 provider: str | None = None) -> Artifacts:
-        from deploy.onnx_export import ExportRecipe, export_graphs
+        from compressor.onnx_export import ExportRecipe, export_graphs
 
         exported = export_graphs(model, directory, ExportRecipe.from_dict(recipe), graphs=graphs)
         return Artifacts(directory, {k: str(v) for k, v in exported.paths.items()}, exported.graph_bytes,

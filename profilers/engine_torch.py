@@ -39,7 +39,7 @@ class TorchEngine(Engine):
         import transformers
 
         return {"format": RECIPE_FORMAT, "runtime": "eager", "precision": precision, "attn_implementation": "sdpa",
-                "graphs": {"prefill": "deploy.onnx_export.PrefillGraph", "decode": "deploy.onnx_export.DecodeGraph"},
+                "graphs": {"prefill": "compressor.onnx_export.PrefillGraph", "decode": "compressor.onnx_export.DecodeGraph"},
                 "versions": {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}}
 
     def prepare(self, model, directory: Path, recipe: dict, graphs: tuple[str, ...],
@@ -77,7 +77,7 @@ class TorchEngine(Engine):
 def _step(model, device: str, kind: str, batch: int, seq: int, new_tokens: int):
     import torch
 
-    from deploy.onnx_export import DecodeGraph, PrefillGraph, kv_shape, num_layers
+    from compressor.onnx_export import DecodeGraph, PrefillGraph, kv_shape, num_layers
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g).to(device)

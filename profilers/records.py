@@ -7,11 +7,12 @@ A record's ``key`` hashes the model weights, the sub-network, the workload and t
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import torch
 
+from compressor.errors import NaspruneError
+from compressor.hashing import sha256_json, sha256_parts
 from compressor.modeldir import now, weights_hash
 from compressor.search_space import SearchSpace, SubNetwork
 from compressor.workload import Workload
@@ -20,7 +21,7 @@ from profilers.standalone import SCHEMA
 
 def record_key(model_sha256: str, arch: dict, workload: str, fingerprint_id: str) -> str:
     ident = {"schema": SCHEMA, "model": model_sha256, "arch": arch, "workload": workload, "fingerprint": fingerprint_id}
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+    return sha256_json(ident, 24)
 
 
 def model_identity(loaded) -> dict:
@@ -28,10 +29,8 @@ def model_identity(loaded) -> dict:
     source = loaded.meta.provenance.get("source") or str(loaded.source)
     if loaded.path is not None and any(loaded.path.glob("*.safetensors")):
         return {"source": source, "sha256": weights_hash(loaded.path)}
-    h = hashlib.sha256()
-    for name, tensor in sorted(loaded.model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    h = sha256_parts(part for name, tensor in sorted(loaded.model.state_dict().items())
+                     for part in (name, tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()))
     return {"source": source, "sha256": h.hexdigest()}
 
 
@@ -95,3 +94,23 @@ def build_record(job: dict, result: dict, protocol: dict, created_at: str | None
         "protocol": protocol,
         "created_at": created_at or now(),
     }
+
+
+# ---- the one profile-record schema and its validator (store, edge import and predictors use it) ----
+REQUIRED = ("schema", "key", "model", "arch", "params", "workload", "engine", "device", "provider", "precision",
+            "recipe_id", "export_recipe", "fingerprint_id", "fingerprint", "stats_ms", "tokens_per_s",
+            "peak_memory_bytes", "graph_bytes", "kv_cache_bytes", "env", "created_at")
+STATS = ("min", "median", "mean", "p90", "p99", "std", "cv", "count")
+
+
+def validate_record(record: dict) -> None:
+    """Raise a one-line NaspruneError unless ``record`` is a complete record of this nasprune's SCHEMA."""
+    if not isinstance(record, dict):
+        raise NaspruneError(f"a profile record must be a JSON object, not {type(record).__name__}")
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        raise NaspruneError(f"profile record lacks {', '.join(missing)}; it is not a {SCHEMA} record")
+    if record["schema"] != SCHEMA:
+        raise NaspruneError(f"profile record has schema {record['schema']!r}, this nasprune reads {SCHEMA!r}")
+    if set(STATS) - set(record["stats_ms"]):
+        raise NaspruneError(f"profile record {record['key']} has incomplete stats_ms (needs {', '.join(STATS)})")

@@ -19,25 +19,29 @@ import sqlite3
 from pathlib import Path
 
 from compressor.errors import NaspruneError
+from profilers.records import validate_record
 from profilers.standalone import SCHEMA
 
 # Top-level record fields that are also columns (filterable with ``records(**filters)``).
 COLUMNS = ("engine", "device", "provider", "precision", "fingerprint_id", "recipe_id", "workload", "params",
            "created_at")
-REQUIRED = ("schema", "key", "model", "arch", "params", "workload", "engine", "device", "provider", "precision",
-            "recipe_id", "export_recipe", "fingerprint_id", "fingerprint", "stats_ms", "tokens_per_s",
-            "peak_memory_bytes", "graph_bytes", "kv_cache_bytes", "env", "created_at")
-STATS = ("min", "median", "mean", "p90", "p99", "std", "cv", "count")
+def is_profile_store(path: Path) -> bool:
+    """True when ``path`` is an SQLite file that is empty or holds nasprune's ``meta`` table.
 
-
-def validate_record(record: dict) -> None:
-    missing = [k for k in REQUIRED if k not in record]
-    if missing:
-        raise NaspruneError(f"profile record lacks {', '.join(missing)}; it is not a {SCHEMA} record")
-    if record["schema"] != SCHEMA:
-        raise NaspruneError(f"profile record has schema {record['schema']!r}, this nasprune reads {SCHEMA!r}")
-    if set(STATS) - set(record["stats_ms"]):
-        raise NaspruneError(f"profile record {record['key']} has incomplete stats_ms (needs {', '.join(STATS)})")
+    Only reads: the SQLite magic bytes, then the schema (a read may roll back a hot journal left by a
+    killed writer, which restores the file rather than changing it), so a foreign file is never altered."""
+    with open(path, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            return False
+    try:
+        db = sqlite3.connect(path)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return False
+    return not tables or {"meta", "records"} <= tables
 
 
 class ProfileStore:
@@ -47,6 +51,9 @@ class ProfileStore:
         self.path = Path(path)
         if self.path.exists() and self.path.is_dir():
             raise NaspruneError(f"--store {self.path} is a directory; pass a file path such as {self.path}/profiles.sqlite")
+        if self.path.exists() and self.path.stat().st_size > 0 and not is_profile_store(self.path):
+            raise NaspruneError(f"--store {self.path} exists and is not a nasprune profile store; nasprune never writes "
+                                "into it, choose another --store path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._timeout = timeout_s
         columns = ", ".join(f"{c} {'INTEGER' if c == 'params' else 'TEXT'}" for c in COLUMNS)

@@ -1,9 +1,11 @@
-"""Shared fixtures: tiny random models of every supported family, and the real default model."""
+"""Shared fixtures: tiny random models of every supported family, a tiny Llama with a small committed
+tokenizer for pipeline plumbing, and the real default model."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +19,9 @@ from transformers import (AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PhiC
 from compressor.search_space import SearchSpaceConfig  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
+TINY_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TINY_VOCAB = 1024  # = the committed tokenizer's size (ids 0-16 are SmolLM2's special tokens)
 TINY_SPACE = SearchSpaceConfig(ffn_step=16, min_ffn_fraction=0.25, min_embed_fraction=0.5)
 
 
@@ -71,14 +76,34 @@ def english_text() -> str:
     return (path if path.exists() else PACKAGE_DATA / "persuasion_heldout.txt").read_text()
 
 
+def tiny_llama_config(vocab_size: int) -> LlamaConfig:
+    """The plumbing-test Llama: SmolLM2's layout (GQA, tied embeddings, bos 1, eos = pad 2), 4 layers of width 64."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                       intermediate_size=128, num_hidden_layers=4, tie_word_embeddings=True, bos_token_id=1,
+                       eos_token_id=2, pad_token_id=2, initializer_range=0.2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random Llama with the small committed tokenizer (tests/assets/tiny_tokenizer, 1,024 tokens).
+
+    For every test where any tokenizer will do (pipeline, bundle, DDP plumbing): it needs no real model,
+    and the embedding is 1024 x 64 instead of 49152 x 64. Regenerate the tokenizer with
+    tests/assets/make_tiny_tokenizer.py."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    AutoModelForCausalLM.from_config(tiny_llama_config(TINY_VOCAB)).save_pretrained(path)
+    for name in TINY_TOKENIZER_FILES:
+        shutil.copy(TINY_TOKENIZER / name, path / name)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_real(real_model, tmp_path_factory):
-    """A tiny random Llama with SmolLM2's vocabulary and tokenizer (so text data works)."""
+    """A tiny random Llama with SmolLM2's real 49,152-token vocabulary and tokenizer. Only where that
+    tokenizer is the point; plumbing tests use ``tiny_model``."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      intermediate_size=128, num_hidden_layers=4, tie_word_embeddings=True, bos_token_id=1,
-                      eos_token_id=2, pad_token_id=2, initializer_range=0.2)
     path = tmp_path_factory.mktemp("tinyreal") / "model"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    AutoModelForCausalLM.from_config(tiny_llama_config(49152)).save_pretrained(path)
     real_model.tokenizer.save_pretrained(path)
     return path

@@ -5,7 +5,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from compressor.cli import app
+from nasprune.cli import app
 from tests.conftest import make_tiny
 
 runner = CliRunner()
@@ -43,7 +43,7 @@ def test_extract_writes_loadable_dir(tiny_dir, tmp_path):
 ])
 def test_bad_input_is_one_line_exit_2(tiny_dir, tmp_path, args, needle):
     args = [a.replace("{d}", str(tiny_dir)).replace("{o}", str(tmp_path / "nowhere.gguf")) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "compressor.cli", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "nasprune", *args], capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr
@@ -53,5 +53,5 @@ def test_unsupported_checkpoint_is_one_line(tmp_path):
     from transformers import AutoModelForCausalLM, GPT2Config
 
     AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "g")
-    proc = subprocess.run([sys.executable, "-m", "compressor.cli", "info", str(tmp_path / "g")], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "nasprune", "info", str(tmp_path / "g")], capture_output=True, text=True)
     assert proc.returncode == 2 and "unsupported architecture" in proc.stderr and "Traceback" not in proc.stderr

@@ -8,13 +8,13 @@ import pytest
 
 
 @pytest.mark.slow
-def test_two_process_gloo_training(tiny_real, tmp_path):
+def test_two_process_gloo_training(tiny_model, tmp_path):
     data = tmp_path / "text.txt"
     data.write_text(("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
                      "must be in want of a wife. ") * 40)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "compressor", "train", str(tiny_real),
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "nasprune", "train", str(tiny_model),
            "--data", str(data), "--out", str(out), "--strategy", "grid-params", "--steps", "2", "--batch-size", "2",
            "--seq-len", "32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

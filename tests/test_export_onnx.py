@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from deploy.onnx_export import (ExportParityError, ExportRecipe, check_parity, export_graphs, past_names,
+from compressor.onnx_export import (ExportParityError, ExportRecipe, check_parity, export_graphs, past_names,
                                 present_names)
 from tests.conftest import make_tiny
 

@@ -252,7 +252,7 @@ runner = CliRunner()
 
 
 def test_cli_predict_prints_ms_and_refuses_other_engine(saved, fitted, split):
-    from compressor.cli import app
+    from nasprune.cli import app
 
     arch = json.dumps(split[1][0].to_dict())
     r = runner.invoke(app, ["predict", str(saved), "--arch", arch, "--workload", "prefill:1x64"])
@@ -265,7 +265,7 @@ def test_cli_predict_prints_ms_and_refuses_other_engine(saved, fitted, split):
 
 def test_cli_fit_then_eval_on_held_out_records(space, split, tmp_path, monkeypatch, description):
     import predictors.modelspace
-    from compressor.cli import app
+    from nasprune.cli import app
     from profilers.store import ProfileStore
 
     train_store, all_store = ProfileStore(tmp_path / "train.sqlite"), ProfileStore(tmp_path / "all.sqlite")

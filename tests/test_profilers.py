@@ -49,7 +49,7 @@ def tiny(tiny_dir):
 
 def cli(*args, **kwargs):
     """The real command line in a fresh process (needed where a run is killed or must not share state)."""
-    return subprocess.run([sys.executable, "-m", "compressor.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "nasprune", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, **kwargs)
 
 
@@ -57,7 +57,7 @@ def cli_inproc(*args):
     """The same Typer app in-process: seconds faster for commands that fail or finish at once."""
     from typer.testing import CliRunner
 
-    from compressor.cli import app
+    from nasprune.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 
@@ -218,7 +218,7 @@ def test_killed_run_resumes_without_duplicates_or_losses(tiny_dir, tmp_path):
     store_path = tmp_path / "p.sqlite"
     args = ["profile", tiny_dir, "--engine", "onnxruntime", "--samples", "4", "--workload", "prefill:1x8",
             "--workload", "decode:1x8", "--store", store_path, "--workdir", tmp_path / "work", *FAST_ARGS]
-    proc = subprocess.Popen([sys.executable, "-m", "compressor.cli", *map(str, args)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "nasprune", *map(str, args)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and (not store_path.exists() or len(ProfileStore(store_path)) < 2):

@@ -27,7 +27,6 @@ dictionary recorded with every measurement; its hash is the ``recipe_id``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import shutil
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from compressor.errors import NaspruneError
+from compressor.hashing import sha256_json
 
 RECIPE_FORMAT = "nasprune-onnx/1"
 EXPORTERS = ("torchscript", "dynamo")
@@ -96,7 +96,7 @@ class ExportRecipe:
 
 
 def recipe_id(recipe: dict) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_json(recipe, 16)
 
 
 @dataclass

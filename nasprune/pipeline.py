@@ -15,17 +15,23 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from compressor.errors import NaspruneError
-from compressor.evaluate import PACKAGE_DATA
+from compressor.data import check_data_roles, resolve_data
 from compressor.modeldir import write_json_atomic
+from compressor.outputs import claim_output, mark_output
 
 STAGES = ("importance", "train", "profile", "predictor", "search", "export", "evaluate", "report")
 
 
 @dataclass
 class DataConfig:
+    """The three data roles never overlap (checked by :func:`compressor.data.check_data_roles`):
+    calibration/training shape the weights, validation ranks sub-networks in the search (and any
+    early stopping), test produces every number in the report and is read by nothing else."""
+
     calibration: str = "builtin:northanger_abbey"
     train: str = "builtin:northanger_abbey"
-    heldout: str = "builtin:persuasion_heldout"
+    validation: str = "builtin:sense_and_sensibility_validation"
+    test: str = "builtin:persuasion_heldout"
 
 
 @dataclass
@@ -85,6 +91,8 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=list)
     task_files: list[str] = field(default_factory=list)
     limit: int | None = 50
+    rank_points: int = 12  # searched sub-networks scored on test text to check the validation ranking (0: skip)
+    rank_tokens: int = 2048
 
 
 @dataclass
@@ -129,23 +137,18 @@ class PipelineConfig:
         from compressor.train import TrainConfig
 
         TrainConfig.load(None, cfg.train)  # validate early, one line
+        check_data_roles(calibration=cfg.data.calibration, train=cfg.data.train, validation=cfg.data.validation,
+                         test=cfg.data.test)
         return cfg
-
-
-def resolve_data(ref: str) -> str:
-    if ref.startswith("builtin:"):
-        path = PACKAGE_DATA / f"{ref.split(':', 1)[1]}.txt"
-        if not path.is_file():
-            known = sorted(p.stem for p in PACKAGE_DATA.glob("*.txt"))
-            raise NaspruneError(f"no built-in text '{ref}'; built-in texts: {', '.join('builtin:' + k for k in known)}")
-        return str(path)
-    return ref
 
 
 class Pipeline:
     def __init__(self, model: str, run_dir: Path, cfg: PipelineConfig, online: bool = False, log=print):
         self.model, self.run, self.cfg, self.online, self.log = model, Path(run_dir), cfg, online, log
+        # a run dir is nasprune's own: re-running continues it; a foreign non-empty dir is refused
+        claim_output(self.run, "run", resume=True)
         self.run.mkdir(parents=True, exist_ok=True)
+        mark_output(self.run, "run")
         self.state_path = self.run / "run.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
         self.state.update({"model": model, "config": asdict(cfg)})
@@ -218,7 +221,7 @@ class Pipeline:
         scores = compute_importance(sn, calib, calib.subset(slice(0, max(1, c.layer_tokens // c.seq_len))), c.layer_metric,
                                     c.batch_size)
         ranking = layer_ranking(scores)
-        save_importance(loaded, permute(sn, scores), ranking, self.importance_dir)
+        save_importance(loaded, permute(sn, scores), ranking, self.importance_dir, overwrite=True)
         return {"layer_ranking": ranking, "importance_seconds": scores.info["seconds_total"]}
 
     def stage_train(self) -> dict:
@@ -227,7 +230,7 @@ class Pipeline:
         cfg = TrainConfig.load(None, self.cfg.train)
         resume = (self.run / "supernet.train" / "checkpoint.pt").exists()
         run_training(str(self.importance_dir), resolve_data(self.cfg.data.train), self.supernet_dir, cfg, resume=resume,
-                     online=self.online, log=self.log)
+                     online=self.online, log=self.log, overwrite=True)
         meta = json.loads((self.supernet_dir / "nasprune.json").read_text())
         return {"training": {k: meta["provenance"]["training"][k] for k in ("steps", "seconds", "tokens")}}
 
@@ -254,7 +257,7 @@ class Pipeline:
         records = select_group(read_store(self.store))
         result = fit_predictor(records, describe_model(str(self.supernet_dir)),
                                FitConfig(folds=c.folds, seed=c.seed, candidates=tuple(c.models)))
-        result.predictor.save(self.predictor_dir)
+        result.predictor.save(self.predictor_dir, overwrite=True)
         cv = result.predictor.manifest["cv"]
         sel = cv["models"][cv["selected"]]
         self.log(f"  predictor: {cv['selected']}, CV MAPE {sel['mape']:.2f}%, within ±10% {sel['acc10']:.1%}")
@@ -262,13 +265,15 @@ class Pipeline:
 
     def stage_search(self) -> dict:
         from compressor.modeldir import load_model
-        from compressor.search import SearchConfig, run_search_cli
+        from compressor.search import SearchConfig
+        from nasprune.search_driver import run_search_cli
 
         c = self.cfg.search
         cfg = SearchConfig(population=c.population, generations=c.generations, seed=c.seed,
                            max_latency_ms=c.max_latency_ms, max_params=c.max_params)
         result = run_search_cli(load_model(str(self.supernet_dir)), self.predictor_dir, c.workload,
-                                resolve_data(self.cfg.data.heldout), self.search_dir, cfg, c.eval_tokens, c.seq_len)
+                                resolve_data(self.cfg.data.validation), self.search_dir, cfg, c.eval_tokens, c.seq_len,
+                                overwrite=True)
         return {"evaluated": len(result.evaluated), "pareto_points": len(result.pareto),
                 "hypervolume": [result.hypervolume[0], result.hypervolume[-1]]}
 
@@ -286,7 +291,8 @@ class Pipeline:
 
         c = self.cfg.export
         paths = export_bundles(load_model(str(self.supernet_dir)), self.picks(), self.bundles_dir, c.precisions,
-                               self.predictor_dir, c.workloads, c.verify, c.threads, log=self.log)
+                               self.predictor_dir, c.workloads, c.verify, c.threads, log=self.log,
+                               overwrite=True)
         return {"bundles": [str(p) for p in paths]}
 
     def stage_evaluate(self) -> dict:
