@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from compressor.console import STATE, console, handles_errors, load_for_cli
+from compressor.errors import NaspruneError
 from compressor.outputs import claim_output
 
 
@@ -70,7 +71,11 @@ def info(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or
 def extract(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
             arch: str = typer.Option(..., "--arch", help='JSON object {"embed_dim":..,"num_heads":..,"ffn_dim":..,"num_layers":..} or a file'),
             out: Path = typer.Option(..., "--out", help="Output nasprune model dir (plain HF checkpoint + nasprune.json)"),
-            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out")):
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
+            repair: Optional[str] = typer.Option(None, "--repair", metavar="DATA",
+                                                 help="closed-form repair (bias compensation + ridge refit) on this "
+                                                      "calibration data (.txt or Alpaca .jsonl)"),
+            repair_tokens: int = typer.Option(4096, help="calibration tokens for --repair")):
     """Extract one sub-network as a standalone smaller model that plain transformers loads."""
     from compressor.extract import save_extracted
     from compressor.search_space import SubNetwork
@@ -80,8 +85,17 @@ def extract(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online)
     loaded = load_for_cli(model)
     sn = loaded.supernet()
     sn.space.validate(sub)
+    repaired, report = None, None
+    if repair:
+        from compressor.repair import RepairConfig, calibration_windows, repair_model
+
+        cfg = RepairConfig(tokens=repair_tokens)
+        windows = calibration_windows(loaded.tokenizer, repair, cfg, STATE["online"])
+        with console.status(f"repairing {sub} on {windows.numel():,} tokens ..."):
+            repaired, rep = repair_model(loaded, sub, windows, cfg, log=console.print)
+        report = {"data": repair, **rep.summary()}
     with console.status(f"extracting {sub} ..."):
-        path, n = save_extracted(loaded, sn, sub, out, overwrite=overwrite)
+        path, n = save_extracted(loaded, sn, sub, out, overwrite=overwrite, model=repaired, repair=report)
     console.print(f"wrote {path}: {sub} ({sn.space.num_kv_heads(sub)} KV heads), {n:,} params "
                   f"({n / sn.space.num_params(sn.space.largest()):.1%} of the super-network)")
 
@@ -99,9 +113,11 @@ def importance(
 ):
     """Score heads, neurons, channels and layers; permute so 'first k' = 'most important k'."""
     from compressor.data import load_data
-    from compressor.importance import compute_importance, layer_ranking, permute
+    from compressor.importance import LAYER_METRICS, compute_importance, layer_ranking, permute
     from compressor.importance_io import save_importance
 
+    if layer_metric not in LAYER_METRICS:
+        raise NaspruneError(f"unknown --layer-metric '{layer_metric}'; choose {' or '.join(LAYER_METRICS)}")
     claim_output(out, "model", overwrite=overwrite)
     loaded = load_for_cli(model)
     calib = load_data(loaded.tokenizer, data, seq_len, tokens, STATE["online"])
@@ -145,7 +161,10 @@ def train(
 ):
     """Fine-tune the super-network with the sandwich rule (full or LoRA)."""
     from compressor.train import TrainConfig, run_training
+    from compressor.yamlconfig import read_yaml_mapping
 
+    if config is not None:
+        read_yaml_mapping(config)  # a missing or broken file is one line (TrainConfig.load reads it again)
     overrides = {k: v for k, v in dict(strategy=strategy, steps=steps, max_minutes=max_minutes, batch_size=batch_size,
                                        grad_accum=grad_accum, seq_len=seq_len, lr=lr, lora=lora or None, lora_r=lora_r,
                                        lora_alpha=lora_alpha, untie_lm_head=untie_lm_head or None,

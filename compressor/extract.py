@@ -62,17 +62,21 @@ def extract(supernet: SuperNetwork, sub: SubNetwork, dtype: torch.dtype | None =
     return model.eval()
 
 
-def save_extracted(loaded, supernet: SuperNetwork, sub: SubNetwork, out, overwrite: bool = False) -> tuple:
-    """Extract and write a nasprune model dir; returns (path, exact parameter count)."""
+def save_extracted(loaded, supernet: SuperNetwork, sub: SubNetwork, out, overwrite: bool = False, model=None,
+                   repair: dict | None = None) -> tuple:
+    """Extract and write a nasprune model dir; returns (path, exact parameter count).
+
+    ``model``: an already extracted (e.g. repaired) model of ``sub`` to write instead; ``repair``: its
+    repair report, stored in ``nasprune.json`` (``subnetwork.repair``)."""
     from compressor.modeldir import ModelMeta, save_model_dir, versions
 
-    model = extract(supernet, sub)
+    model = extract(supernet, sub) if model is None else model
     n = sum(p.numel() for p in model.parameters())
     parent = loaded.meta.provenance
     meta = ModelMeta(
         subnetwork={"arch": sub.to_dict(), "num_kv_heads": supernet.space.num_kv_heads(sub), "num_params": n,
                     "kept_layers": supernet.space.kept_layers(sub), "parent": loaded.source,
-                    "parent_provenance": parent},
+                    "parent_provenance": parent, **({"repair": repair} if repair else {})},
         provenance={"source": parent.get("source", loaded.source), "source_sha256": parent.get("source_sha256"),
                     "extracted_from": str(loaded.path or loaded.source), "versions": versions()},
     )

@@ -173,6 +173,20 @@ def save_model_dir(model, tokenizer, meta: ModelMeta, out: Path, extra=None, ove
     return atomic_dir_write(out, write, "model", overwrite)
 
 
+def refuse_remote_code(directory: Path) -> None:
+    """nasprune never sets ``trust_remote_code``: a checkpoint whose config or tokenizer config names
+    its own Python code (``auto_map``) is refused, not half-loaded with transformers' built-in classes."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((Path(directory) / name).read_text()).get("auto_map")
+        except (OSError, ValueError, AttributeError):
+            continue  # absent or unreadable: the loader reports it
+        if auto_map:
+            raise NaspruneError(f"{directory}/{name} asks to run the checkpoint's own Python code (auto_map = remote code); "
+                                "nasprune never runs remote code: use a checkpoint of a supported architecture "
+                                "without auto_map")
+
+
 def _load_dir(directory: Path, dtype) -> tuple:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -181,6 +195,7 @@ def _load_dir(directory: Path, dtype) -> tuple:
     if not (directory / "config.json").exists():
         raise NaspruneError(f"{directory} is not a Hugging Face checkpoint (no config.json); pass a model dir, a .gguf file, "
                             "a hub id with --online, or 'default'")
+    refuse_remote_code(directory)
     try:
         config = AutoConfig.from_pretrained(directory)
     except Exception as e:  # noqa: BLE001 - any parse error is the same user problem
@@ -193,7 +208,11 @@ def _load_dir(directory: Path, dtype) -> tuple:
                             "the checkpoint may be corrupt or incomplete") from None
     tokenizer = None
     if any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except Exception as e:  # noqa: BLE001
+            raise NaspruneError(f"the tokenizer in {directory} cannot be loaded ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}); the checkpoint may be corrupt or incomplete") from None
     return model.eval(), tokenizer
 
 
@@ -262,6 +281,9 @@ def _load_hub(repo_id: str, dtype) -> LoadedModel:
 
     try:
         config = AutoConfig.from_pretrained(repo_id)
+        if getattr(config, "auto_map", None):
+            raise NaspruneError(f"'{repo_id}' asks to run its own Python code (auto_map = remote code); nasprune never "
+                                "runs remote code: use a checkpoint of a supported architecture without auto_map")
         family_for(config)
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(repo_id)

@@ -49,7 +49,8 @@ class SubNetwork:
         if missing or extra:
             raise NaspruneError(
                 f"bad sub-network {json.dumps(d)}: needs exactly the keys {', '.join(DIMENSIONS)}"
-                + (f" (missing {', '.join(missing)})" if missing else f" (unknown {', '.join(extra)})"))
+                + " (" + "; ".join(f"{what} {', '.join(keys)}" for what, keys in (("missing", missing), ("unknown", extra))
+                                   if keys) + ")")
         try:
             return SubNetwork(*(int(d[k]) for k in DIMENSIONS))
         except (TypeError, ValueError):

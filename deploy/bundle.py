@@ -100,15 +100,19 @@ def _license_text(provenance: dict) -> str:
             "Its licence is the source model's licence: check the source's model card before redistributing.\n")
 
 
+def check_variants(variants) -> None:
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise NaspruneError(f"unknown precision(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+
+
 def build_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants=("fp32",), providers=("CPUExecutionProvider",),
                  search_row: dict | None = None, log=print, overwrite: bool = False) -> Path:
     """Extract ``sub``, write the checkpoint and every requested engine variant, and the manifest.
 
     Written atomically under the ownership rule: an existing bundle is replaced only with ``overwrite``.
     """
-    unknown = set(variants) - set(VARIANTS)
-    if unknown:
-        raise NaspruneError(f"unknown precision(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    check_variants(variants)
     supernet.space.validate(sub)
     return atomic_dir_write(Path(out), lambda tmp: _write_bundle(loaded, supernet, sub, tmp, variants, providers,
                                                                  search_row, log), "bundle", overwrite)
@@ -210,6 +214,27 @@ def read_manifest(bundle: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise NaspruneError(f"{path} is corrupt ({e.msg}); re-create the bundle with nasprune export") from None
+
+
+def engine_manifest(bundle: Path, variant: str) -> dict:
+    """The manifest of a bundle whose ``variant`` engine exists and is as exported: every file of it
+    matches its sha256 in the manifest (a modified or truncated graph is refused before it is run)."""
+    manifest = read_manifest(bundle)
+    engines = manifest.get("engines") or {}
+    if variant not in engines:
+        raise NaspruneError(f"bundle {bundle} has no {variant} engine (has {', '.join(engines) or 'none'}); "
+                            f"re-export it with --precision {variant}")
+    prefix = f"onnx/{variant}/"
+    for rel, digest in (manifest.get("files") or {}).items():
+        if not rel.startswith(prefix):
+            continue
+        path = Path(bundle) / rel
+        if not path.is_file():
+            raise NaspruneError(f"bundle file {path} is missing; re-create the bundle with nasprune export")
+        if sha256_file(path) != digest:
+            raise NaspruneError(f"bundle file {path} was modified (sha256 differs from {MANIFEST}); "
+                                "re-create the bundle with nasprune export")
+    return manifest
 
 
 def update_manifest(bundle: Path, **sections) -> dict:

@@ -39,8 +39,11 @@ def chosen_archs(arch: Optional[str], pareto: Optional[Path], pick: Optional[str
         raise NaspruneError(f"pareto file {pareto} does not exist; run nasprune search first")
     try:
         rows = json.loads(Path(pareto).read_text())["pareto"]
-    except (json.JSONDecodeError, KeyError):
-        raise NaspruneError(f"{pareto} is not a nasprune pareto.json") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("arch"), dict) for r in rows):
+            raise TypeError
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        raise NaspruneError(f"{pareto} is not a nasprune pareto.json (a 'pareto' list of rows with an 'arch'); pass the "
+                            "pareto.json written by nasprune search") from None
     try:
         indices = [int(i) for i in (pick or ",".join(str(i) for i in range(len(rows)))).split(",") if i.strip()]
     except ValueError:
@@ -93,6 +96,8 @@ def generate(
     """Greedy generation on the bundle's ONNX graphs."""
     from deploy.generate import generate_text
 
+    if max_new_tokens < 1:
+        raise NaspruneError(f"--max-new-tokens must be >= 1, not {max_new_tokens}")
     t = time.perf_counter()
     text = generate_text(bundle, prompt, max_new_tokens, precision, chat)
     print(text)
@@ -138,6 +143,9 @@ def check(
     w = Workload.parse(workload)
     if not 0 < quantile < 1:
         raise NaspruneError(f"--quantile must be between 0 and 1 (got {quantile})")
+    for flag, value in (("--threads", threads), ("--blocks", blocks), ("--iters", iters)):
+        if value < 1:
+            raise NaspruneError(f"{flag} must be >= 1, not {value}")
     cfg = GateConfig(threshold=_threshold(threshold), min_effect=min_effect, quantile=quantile)
     report = report or Path(bundle) / "check"
     claim_output(report, "check", overwrite=True)  # a check report is refreshed by every check, never a foreign dir
@@ -148,18 +156,19 @@ def check(
     if baseline_bundle is not None:
         current, base = measure_paired(bundle, baseline_bundle, w, precision, threads, blocks=blocks, iters_per_block=iters)
     else:
-        if not update_baseline and not baseline.is_file():
-            raise NaspruneError(f"baseline {baseline} does not exist; create it with --update-baseline")
+        if not update_baseline:  # read before minutes of measuring
+            if not baseline.is_file():
+                raise NaspruneError(f"baseline {baseline} does not exist; create it with --update-baseline")
+            try:
+                base = Measurement.from_dict(json.loads(baseline.read_text()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
+                raise NaspruneError(f"{baseline} is not a nasprune baseline; re-create it with --update-baseline") from None
         current = measure_blocks(bundle, w, precision, threads, blocks=blocks, iters_per_block=iters)
         if update_baseline:
             write_json_atomic(baseline, {"format": "nasprune-baseline/1", "bundle": str(bundle), **current.to_dict()})
             med = sorted(x for b in current.blocks for x in b)[len(current.blocks) * iters // 2]
             _console().print(f"baseline written to {baseline}: median {med:.2f} ms ({w}, {precision})")
             return
-        try:
-            base = Measurement.from_dict(json.loads(baseline.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise NaspruneError(f"{baseline} is not a nasprune baseline; re-create it with --update-baseline") from None
     verdict = compare(current, base, cfg)
     write_report(report, Path(bundle).name, verdict, current, base, cfg,
                  time.perf_counter() - start)

@@ -26,8 +26,12 @@ class OnnxGenerator:
         if threads:
             opts.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
-        self.prefill = ort.InferenceSession(str(prefill_path), opts, providers=providers)
-        self.decode = ort.InferenceSession(str(decode_path), opts, providers=providers)
+        try:
+            self.prefill = ort.InferenceSession(str(prefill_path), opts, providers=providers)
+            self.decode = ort.InferenceSession(str(decode_path), opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable graphs
+            raise NaspruneError(f"ONNX Runtime cannot load {prefill_path} / {decode_path} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}); re-create the bundle with nasprune export") from None
         self.present = [o.name for o in self.prefill.get_outputs() if o.name.startswith("present.")]
         self.past = [i.name for i in self.decode.get_inputs() if i.name.startswith("past_key_values.")]
         if len(self.present) != len(self.past):
@@ -59,10 +63,15 @@ def generate_text(bundle: Path, prompt: str, max_new_tokens: int = 32, variant: 
     """Decode ``prompt`` with the bundle's graphs (tokenizer from the bundle's checkpoint)."""
     from transformers import AutoTokenizer
 
-    from deploy.bundle import graph_paths
+    from deploy.bundle import engine_manifest, graph_paths
 
     bundle = Path(bundle)
-    tokenizer = AutoTokenizer.from_pretrained(bundle / "model")
+    engine_manifest(bundle, variant)  # a nasprune bundle with this engine, unmodified
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(bundle / "model")
+    except Exception as e:  # noqa: BLE001
+        raise NaspruneError(f"the tokenizer in {bundle / 'model'} cannot be loaded ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]}); re-create the bundle with nasprune export") from None
     if chat and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                add_generation_prompt=True)

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.errors import NaspruneError
 from compressor.workload import Workload
-from deploy.bundle import graph_paths, read_manifest
+from deploy.bundle import engine_manifest, graph_paths
 from deploy.regression import Measurement
 
 def _job(bundle: Path, workload: Workload, variant: str, threads: int, device: str) -> dict:
     from profilers.standalone import ORT_PROVIDERS
 
-    manifest = read_manifest(bundle)
-    if variant not in manifest["engines"]:
-        raise NaspruneError(f"bundle has no {variant} engine (has {', '.join(manifest['engines'])}); "
-                            f"re-export with --precision {variant}")
+    manifest = engine_manifest(bundle, variant)
     paths = graph_paths(bundle, variant)
     return {"files": {k: str(v) for k, v in paths.items()}, "workload": {"kind": workload.kind, "batch": workload.batch,
             "seq": workload.seq, "new_tokens": workload.new_tokens}, "provider": ORT_PROVIDERS[device], "precision": variant,

@@ -5,18 +5,16 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from compressor.errors import NaspruneError
 from compressor.outputs import claim_output, mark_output
 from compressor.workload import Workload
-from deploy.bundle import build_bundle, read_manifest, update_manifest
+from deploy.bundle import build_bundle, check_variants, read_manifest, update_manifest
 
 
-def predictions(predictor_dir, sub, workloads: list[Workload], variants, recipe_ids: dict[str, str]) -> dict:
+def predictions(predictor, predictor_dir, sub, workloads: list[Workload], variants, recipe_ids: dict[str, str]) -> dict:
     """Predicted ms per variant/workload where a predictor for that precision + recipe exists."""
-    if predictor_dir is None:
+    if predictor is None:
         return {}
-    from predictors import load_predictor
-
-    predictor = load_predictor(predictor_dir)
     group = predictor.group
     out = {}
     for variant in variants:
@@ -59,8 +57,21 @@ def export_bundles(loaded, picks, out: Path, variants, predictor_dir, workloads,
                    log=print, overwrite: bool = False) -> list[Path]:
     """One bundle at ``out`` (a single --arch), or one per pick under the bundles dir ``out``.
 
-    Every target is claimed before the first (minutes-long) export, so a refusal costs nothing."""
+    Every input is checked and every target claimed before the first (minutes-long) export, so a
+    refusal costs nothing and leaves nothing behind."""
     out = Path(out)
+    check_variants(variants)
+    ws = [Workload.parse(w) if isinstance(w, str) else w for w in workloads]
+    if threads < 1:
+        raise NaspruneError(f"--threads must be >= 1, not {threads}")
+    sn = loaded.supernet()
+    for _, sub, _ in picks:
+        sn.space.validate(sub)
+    predictor = None
+    if predictor_dir is not None:
+        from predictors import load_predictor
+
+        predictor = load_predictor(predictor_dir)
     single = len(picks) == 1 and not picks[0][0]
     if not single:
         claim_output(out, "bundles", resume=True)  # a bundles dir collects bundles over several exports
@@ -70,8 +81,6 @@ def export_bundles(loaded, picks, out: Path, variants, predictor_dir, workloads,
     if not single:
         out.mkdir(parents=True, exist_ok=True)
         mark_output(out, "bundles")
-    sn = loaded.supernet()
-    ws = [Workload.parse(w) if isinstance(w, str) else w for w in workloads]
     paths = []
     for (name, sub, row), target in zip(picks, targets):
         log(f"bundle {target}: {sub}")
@@ -79,7 +88,7 @@ def export_bundles(loaded, picks, out: Path, variants, predictor_dir, workloads,
                               overwrite=overwrite)
         manifest = read_manifest(bundle)
         recipe_ids = {v: e.get("recipe_id") for v, e in manifest["engines"].items()}
-        predicted = predictions(predictor_dir, sub, ws, variants, recipe_ids)
+        predicted = predictions(predictor, predictor_dir, sub, ws, variants, recipe_ids)
         update_manifest(bundle, latency={"predicted": predicted})
         if do_verify:
             update_manifest(bundle, latency={"measured": verify(bundle, ws, variants, threads, predicted, log)})

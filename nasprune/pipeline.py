@@ -108,22 +108,22 @@ class PipelineConfig:
 
     @staticmethod
     def load(path: Path | None) -> "PipelineConfig":
-        import yaml
+        """The config in the YAML file ``path`` (defaults for None). Everything a stage will read is
+        checked here, in one line per problem: unknown sections and settings (typos), wrong value
+        types, bad workloads and names, overlapping data roles; not hours later in that stage."""
+        from compressor.yamlconfig import read_yaml_mapping
 
         if path is None:
             return PipelineConfig()
-        if not Path(path).is_file():
-            raise NaspruneError(f"config file {path} does not exist")
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise NaspruneError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = read_yaml_mapping(path)
         sections = {f.name: f.type for f in fields(PipelineConfig)}
         unknown = sorted(set(raw) - set(sections))
         if unknown:
             raise NaspruneError(f"{path}: unknown sections {unknown}; known: {sorted(sections)}")
         kwargs = {}
         for name, value in raw.items():
+            if value is not None and not isinstance(value, dict):
+                raise NaspruneError(f"{path}: section '{name}' must hold settings (key: value), not {value!r}")
             default = getattr(PipelineConfig(), name)
             if isinstance(default, dict):
                 kwargs[name] = dict(value or {})
@@ -132,23 +132,88 @@ class PipelineConfig:
             bad = sorted(set(value or {}) - known)
             if bad:
                 raise NaspruneError(f"{path}: unknown settings {bad} in '{name}'; known: {sorted(known)}")
+            optional = {f.name for f in fields(default) if "None" in str(f.type)}
+            for key, v in (value or {}).items():
+                _check_type(path, f"{name}.{key}", v, getattr(default, key), key in optional)
             kwargs[name] = type(default)(**(value or {}))
         cfg = PipelineConfig(**kwargs)
-        from compressor.train import TrainConfig
-
-        TrainConfig.load(None, cfg.train)  # validate early, one line
-        check_data_roles(calibration=cfg.data.calibration, train=cfg.data.train, validation=cfg.data.validation,
-                         test=cfg.data.test)
+        cfg.validate(path)
         return cfg
+
+    def validate(self, path: Path | str = "config") -> None:
+        """Refuse (one line naming the file and section) values a stage would otherwise fail on
+        only after the stages before it have run."""
+        from compressor.importance import LAYER_METRICS
+        from compressor.train import TrainConfig
+        from compressor.workload import Workload
+        from deploy.bundle import check_variants
+        from predictors.fit import FitConfig
+        from profilers.base import get_engine
+        from profilers.standalone import Protocol
+
+        def at_least_one(key: str, value) -> None:
+            if value < 1:
+                raise NaspruneError(f"{key} must be >= 1, not {value}")
+
+        def layer_metric(value: str) -> None:
+            if value not in LAYER_METRICS:
+                raise NaspruneError(f"layer_metric '{value}' is not one of {', '.join(LAYER_METRICS)}")
+
+        def protocol(d: dict) -> None:
+            try:
+                Protocol.from_dict(d)
+            except (ValueError, TypeError) as e:
+                raise NaspruneError(f"{e} (under 'protocol')") from None
+
+        p, x = self.profile, self.export
+        checks = [
+            ("train", lambda: TrainConfig.load(None, self.train)),
+            ("data", lambda: check_data_roles(calibration=self.data.calibration, train=self.data.train,
+                                              validation=self.data.validation, test=self.data.test)),
+            ("importance", lambda: layer_metric(self.importance.layer_metric)),
+            ("profile", lambda: [Workload.parse(str(w)) for w in p.workloads]),
+            ("profile", lambda: get_engine(p.engine).check(p.device, p.precision)),
+            ("profile", lambda: protocol(p.protocol)),
+            ("profile", lambda: (at_least_one("threads", p.threads), at_least_one("samples", p.samples))),
+            ("predictor", lambda: FitConfig(folds=self.predictor.folds, seed=self.predictor.seed,
+                                            candidates=tuple(self.predictor.models))),
+            ("search", lambda: Workload.parse(str(self.search.workload))),
+            ("export", lambda: check_variants(x.precisions)),
+            ("export", lambda: [Workload.parse(str(w)) for w in x.workloads]),
+            ("export", lambda: (at_least_one("threads", x.threads), at_least_one("points", x.points))),
+        ]
+        for section, check in checks:
+            try:
+                check()
+            except NaspruneError as e:
+                raise NaspruneError(f"{path}: section '{section}': {e}") from None
+
+
+def _check_type(path, key: str, value, default, optional: bool) -> None:
+    """A setting must have its default's type (an int is a fine float; null is fine where the field is
+    optional): a quoted number, or one word where a list is expected, is refused at load."""
+    if value is None and optional or default is None:
+        return
+    want = float if isinstance(default, float) else type(default)
+    if want is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    if not ok:
+        raise NaspruneError(f"{path}: {key} must be of type {want.__name__} (like {default!r}), not {value!r}")
 
 
 class Pipeline:
     def __init__(self, model: str, run_dir: Path, cfg: PipelineConfig, online: bool = False, log=print):
         self.model, self.run, self.cfg, self.online, self.log = model, Path(run_dir), cfg, online, log
-        # a run dir is nasprune's own: re-running continues it; a foreign non-empty dir is refused
+        for role in ("calibration", "train", "validation", "test"):
+            ref = getattr(cfg.data, role)
+            if not online and not Path(resolve_data(ref)).expanduser().is_file():
+                raise NaspruneError(f"data.{role} '{ref}' is not a file; give a .txt or Alpaca .jsonl (or builtin:NAME), "
+                                    "or a hub dataset name with --online")
+        # a run dir is nasprune's own: re-running continues it; a foreign non-empty dir is refused.
+        # Nothing is written before execute() has checked its arguments too.
         claim_output(self.run, "run", resume=True)
-        self.run.mkdir(parents=True, exist_ok=True)
-        mark_output(self.run, "run")
         self.state_path = self.run / "run.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
         self.state.update({"model": model, "config": asdict(cfg)})
@@ -192,6 +257,8 @@ class Pipeline:
             if stage not in STAGES:
                 raise NaspruneError(f"--force must name stages from {', '.join(STAGES)}")
             self.state["stages"].pop(stage, None)
+        self.run.mkdir(parents=True, exist_ok=True)
+        mark_output(self.run, "run")
         for stage in STAGES:
             if self.done(stage):
                 self.log(f"[{stage}] done earlier ({self.state['stages'][stage]['seconds']}s): skipped")

@@ -60,6 +60,8 @@ def register(app: typer.Typer) -> None:
         from profilers.standalone import Protocol
 
         workloads = parse_workloads(workload)  # bad strings fail before the model loads
+        if threads < 1:
+            raise NaspruneError(f"--threads must be >= 1, not {threads}")
         protocol = Protocol(warmup_iters=warmup_iters, warmup_seconds=warmup_seconds, min_iters=min_iters,
                             min_seconds=min_seconds, max_remeasure=max_remeasure, pin_cpus=[int(c) for c in pin.split(",")] if pin else None)
         if export_only is not None and (engine, device) != ("onnxruntime", "cpu"):
@@ -118,11 +120,10 @@ def _table(console, records: list[dict]) -> None:
 
 def _import(console, results: Path | None, store: Path | None) -> None:
     from profilers.edge import import_results
-    from profilers.store import ProfileStore
 
     if results is None or store is None:
         raise NaspruneError("usage: nasprune profile import RESULTS --store PATH")
-    added, lines = import_results(results, ProfileStore(store))
+    added, lines = import_results(results, store)
     console.print(f"imported {added} new record(s) from {lines} result line(s) into {store}")
 
 

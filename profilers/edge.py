@@ -20,7 +20,7 @@ from compressor.modeldir import now
 from profilers import standalone
 from profilers.api import make_plan
 from profilers.base import graphs_for
-from profilers.records import build_record, graph_bytes_for
+from profilers.records import build_record, graph_bytes_for, validate_record
 from profilers.standalone import Protocol
 from profilers.store import ProfileStore
 
@@ -61,14 +61,17 @@ def export_for_device(loaded, subs, workloads, out_dir, precision: str = "fp32",
     return manifest
 
 
-def import_results(results, store: ProfileStore) -> tuple[int, int]:
-    """Add the measurements in a runner's results file; returns (new records, lines read)."""
+def import_results(results, store: ProfileStore | str | Path) -> tuple[int, int]:
+    """Add the measurements in a runner's results file; returns (new records, lines read).
+
+    Every line is read and checked before the store is opened (or created at a path): a missing or
+    corrupt results file changes nothing."""
     path = Path(results)
     if path.is_dir():
         path = path / "results.jsonl"
     if not path.is_file():
         raise NaspruneError(f"results file {path} does not exist; pass the results.jsonl written by {RUNNER}")
-    added = lines = 0
+    records = []
     for n, text in enumerate(path.read_text().splitlines(), 1):
         if not text.strip():
             continue
@@ -79,9 +82,11 @@ def import_results(results, store: ProfileStore) -> tuple[int, int]:
             result = line["result"]
             result["fingerprint_id"] = standalone.fingerprint_id(result["fingerprint"])
             record = build_record(line["job"], result, line["protocol"], line["created_at"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise NaspruneError(f"{path}:{n} is not a {RUNNER} result line ({type(e).__name__}: {e}); "
                                 "pass the results.jsonl the runner wrote") from None
-        added += store.add(record)
-        lines += 1
-    return added, lines
+        validate_record(record)
+        records.append(record)
+    if not isinstance(store, ProfileStore):
+        store = ProfileStore(store)
+    return sum(store.add(r) for r in records), len(records)

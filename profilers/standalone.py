@@ -72,8 +72,12 @@ class Protocol:
 
     @staticmethod
     def from_dict(d: dict | None) -> "Protocol":
+        """The protocol ``d`` describes; an unknown setting (a typo) is a ValueError, never ignored."""
         d = dict(d or {})
-        return Protocol(**{k: v for k, v in d.items() if k in Protocol.__dataclass_fields__})
+        unknown = sorted(set(d) - set(Protocol.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown protocol settings {unknown}; known: {sorted(Protocol.__dataclass_fields__)}")
+        return Protocol(**d)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,38 +17,24 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from nasprune.cli import app
-from tests.conftest import make_tiny
 
 runner = CliRunner()
 
 ARCH = '{"embed_dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layers": 2}'
-OTHER_ARCH = '{"embed_dim": 48, "num_heads": 4, "ffn_dim": 96, "num_layers": 3}'
+OTHER_ARCH = '{"embed_dim": 48, "num_heads": 4, "ffn_dim": 128, "num_layers": 3}'
 WORKLOAD = "prefill:1x16"
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
-def _char_tokenizer():
-    """A 96-token character tokenizer matching the tiny models' vocabulary (text data works)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in range(32, 124):
-        vocab[chr(c)] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
 def _records(space, subs, workloads=(WORKLOAD,)) -> list[dict]:
     """Synthetic profile records (latency grows with parameters) for one predictor group."""
     from compressor.workload import Workload
@@ -70,8 +56,8 @@ def _records(space, subs, workloads=(WORKLOAD,)) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def fx(tmp_path_factory) -> Path:
-    """Shared, read-only inputs: a tiny model with a tokenizer, a bundle, a profile store, a
+def fx(tmp_path_factory, tiny_model) -> Path:
+    """Shared, read-only inputs: the tiny model with its tokenizer, a bundle, a profile store, a
     predictor, a pareto.json and held-out text. Cases must not change them (checked)."""
     from compressor.modeldir import load_model
     from compressor.search_space import SubNetwork
@@ -81,8 +67,7 @@ def fx(tmp_path_factory) -> Path:
     from profilers.store import ProfileStore
 
     root = tmp_path_factory.mktemp("fixtures")
-    make_tiny("llama-gqa").save_pretrained(root / "model")
-    _char_tokenizer().save_pretrained(root / "model")
+    shutil.copytree(tiny_model, root / "model")
     (root / "heldout.txt").write_text("It was a truth universally acknowledged, that a tiny model needs text. " * 40)
     loaded = load_model(str(root / "model"))
     build_bundle(loaded, loaded.supernet(), SubNetwork.from_dict(json.loads(ARCH)), root / "bundle", log=lambda *_: None)
@@ -204,6 +189,15 @@ CASES = [
          both(copy("model", "m"), write("m/nasprune.json", "{oops"))),
     Case("info-remote-code", ["info", "{tmp}/m"], "remote code",
          model_with(lambda c: c.update(auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}))),
+    Case("info-remote-code-tokenizer", ["info", "{tmp}/m"], "remote code",
+         both(copy("model", "m"), edit_json("m/tokenizer_config.json",
+                                            lambda c: c.update(auto_map={"AutoTokenizer": ["tok_evil.EvilTokenizer", None]})))),
+    Case("fit-model-remote-code", ["predictor", "fit", "--store", "{fx}/profiles.sqlite", "--model", "{tmp}/m",
+                                   "--models", "linear", "--folds", "2", "--out", "{tmp}/p"], "remote code",
+         model_with(lambda c: c.update(auto_map={"AutoConfig": "configuration_evil.EvilConfig"}))),
+    Case("fit-model-corrupt-config", ["predictor", "fit", "--store", "{fx}/profiles.sqlite", "--model", "{tmp}/m",
+                                      "--models", "linear", "--folds", "2", "--out", "{tmp}/p"],
+         "config.json cannot be read", both(copy("model", "m"), write("m/config.json", '{"model_type": "llama",'))),
     Case("profile-remote-code", ["profile", "{tmp}/m", "--store", "{tmp}/p.sqlite"], "remote code",
          model_with(lambda c: c.update(auto_map={"AutoConfig": "configuration_evil.EvilConfig"}))),
     Case("extract-garbage-weights", ["extract", "{tmp}/m", "--arch", ARCH, "--out", "{tmp}/sub"], "cannot be loaded",
@@ -311,6 +305,12 @@ CASES = [
          "was modified", both(copy("bundle", "b"), flip_byte("b/onnx/fp32/decode/model.onnx"))),
     Case("check-foreign-baseline", ["check", "{fx}/bundle", "--baseline", "{tmp}/notes.json", "--update-baseline",
                                     "--workload", WORKLOAD], "not a nasprune baseline", write("notes.json", '{"a": 1}')),
+    Case("check-zero-blocks", ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--blocks", "0"],
+         "--blocks must be >= 1"),
+    Case("generate-zero-tokens", ["generate", "{fx}/bundle", "hello", "--max-new-tokens", "0"],
+         "--max-new-tokens must be >= 1"),
+    Case("check-corrupt-baseline", ["check", "{fx}/bundle", "--baseline", "{tmp}/base.json", "--workload", WORKLOAD],
+         "not a nasprune baseline", write("base.json", '{"blocks": [["fast"]], "reference_ms": [1.0]}')),
     Case("check-bad-threshold", ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--threshold", "ten"],
          "--threshold must look like"),
     # ---- YAML configs ----
@@ -322,16 +322,27 @@ CASES = [
          "min_iter", write("c.yaml", "profile:\n  protocol:\n    min_iter: 3\n")),
     Case("compress-unknown-train-key", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
          "unknown training settings ['step']", write("c.yaml", "train:\n  step: 3\n")),
+    Case("compress-section-not-settings", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+         "section 'profile' must hold settings", write("c.yaml", "profile: fast\n")),
+    Case("compress-yaml-list", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+         "must hold YAML settings", write("c.yaml", "- profile\n- search\n")),
     Case("compress-missing-config", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
          "does not exist"),
     Case("compress-missing-data", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
          "missing.txt", write("c.yaml", "data:\n  train: /nonexistent/missing.txt\n")),
     Case("compress-bad-workload-in-config", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
          "bad workload", write("c.yaml", "search:\n  workload: prefill-1x128\n")),
+    Case("compress-wrong-value-type", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+         "profile.samples must be of type int", write("c.yaml", "profile:\n  samples: '8'\n")),
+    Case("compress-unknown-precision-in-config", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config",
+                                                  "{tmp}/c.yaml"], "unknown precision(s) ['fp64']",
+         write("c.yaml", "export:\n  precisions: [fp32, fp64]\n")),
     Case("compress-bad-stop-after", ["compress", "{fx}/model", "--out", "{tmp}/run", "--stop-after", "profiling"],
          "--stop-after must be one of"),
     Case("train-bad-yaml", ["train", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t",
                             "--config", "{tmp}/t.yaml"], "not valid YAML", write("t.yaml", "steps: [1\n")),
+    Case("train-missing-config", ["train", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t",
+                                  "--config", "{tmp}/t.yaml"], "does not exist"),
     Case("train-unknown-key", ["train", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t",
                                "--config", "{tmp}/t.yaml"], "unknown training settings ['lrate']",
          write("t.yaml", "lrate: 0.1\n")),
@@ -365,9 +376,11 @@ CASES = [
     Case("export-corrupt-pareto", ["export", "{fx}/model", "--pareto", "{tmp}/pareto.json", "--out", "{tmp}/bundles"],
          "not a nasprune pareto.json", write("pareto.json", '{"front": []}')),
     # ---- other knobs ----
+    Case("export-pareto-not-rows", ["export", "{fx}/model", "--pareto", "{tmp}/pareto.json", "--out", "{tmp}/bundles"],
+         "not a nasprune pareto.json", write("pareto.json", '{"pareto": [1, 2]}')),
     Case("eval-bad-via", ["eval", "{fx}/model", "--data", "{fx}/heldout.txt", "--via", "onnx"], "--via must be"),
     Case("importance-bad-layer-metric", ["importance", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/imp",
-                                         "--layer-metric", "entropy"], "--layer-metric"),
+                                         "--layer-metric", "entropy"], "unknown --layer-metric 'entropy'"),
 ]
 
 
@@ -394,11 +407,12 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, fx: Path, isolate
     assert snapshot(tmp, fx) == before, f"files changed\n{shown}"
 
 
-def test_table_is_wide():
-    commands = {c.args[0] if c.args[0] != "predictor" else " ".join(c.args[:2]) for c in CASES}
+def test_table_covers_every_command():
+    commands = {c.name for c in app.registered_commands}
+    commands |= {f"{g.name} {c.name}" for g in app.registered_groups for c in g.typer_instance.registered_commands}
+    covered = {" ".join(c.args[:2]) if c.args[0] == "predictor" else c.args[0] for c in CASES}
+    assert commands - covered == set(), "commands without a bad-input case"
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
-    assert commands == {"info", "extract", "importance", "train", "eval", "profile", "predictor fit", "predictor eval",
-                        "predict", "search", "export", "generate", "check", "compress"}
 
 
 # ---- the output-ownership rule, on extract ------------------------------------------------------
