@@ -24,6 +24,7 @@ def register(app: typer.Typer) -> None:
     app.command("importance")(handles_errors(importance))
     app.command("train")(handles_errors(train))
     app.command("eval")(handles_errors(evaluate))
+    app.command("refine")(handles_errors(refine))
 
 
 def info(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
@@ -156,6 +157,20 @@ def train(
                                              "without importance (default: the training data)"),
     seed: Optional[int] = typer.Option(None),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="optimizer steps between checkpoints"),
+    distill: Optional[str] = typer.Option(None, "--distill", help="none | logits: add logit distillation (KD) against a "
+                                          "teacher to every sub-network's loss (default none)"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="original = the unpruned (permuted) model at the start, "
+                                          "frozen, its top-k logits cached on disk once | largest = in-place, the same "
+                                          "step's largest sub-network (detached)"),
+    distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", help="loss = alpha*KD + (1-alpha)*CE "
+                                                  "(default 1: pure KD)"),
+    distill_topk: Optional[int] = typer.Option(None, "--distill-topk", help="teacher tokens cached per position, plus "
+                                               "one tail bucket (default 64)"),
+    distill_temperature: Optional[float] = typer.Option(None, "--distill-temperature", help="softmax temperature of "
+                                                        "teacher and student; KD is scaled by T^2 (default 1)"),
+    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="where teacher targets are cached "
+                                                 "(default $NASPRUNE_CACHE/teacher); reused by any run on the same "
+                                                 "tokens and teacher"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT's checkpoint exactly"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
@@ -169,11 +184,13 @@ def train(
                                        grad_accum=grad_accum, seq_len=seq_len, lr=lr, lora=lora or None, lora_r=lora_r,
                                        lora_alpha=lora_alpha, untie_lm_head=untie_lm_head or None,
                                        gradient_checkpointing=gradient_checkpointing or None, seed=seed,
-                                       checkpoint_every=checkpoint_every).items()
+                                       checkpoint_every=checkpoint_every, distill=distill, teacher=teacher,
+                                       distill_alpha=distill_alpha, distill_topk=distill_topk,
+                                       distill_temperature=distill_temperature).items()
                  if v is not None}
     cfg = TrainConfig.load(config, overrides)
     path = run_training(model, data, out, cfg, resume=resume, online=STATE["online"], calib_data=calib_data,
-                        overwrite=overwrite)
+                        overwrite=overwrite, teacher_cache_dir=teacher_cache)
     console.print(f"wrote {path}")
 
 
@@ -207,3 +224,35 @@ def evaluate(
             console.print(f"  {key}: {result[key]:.3f}")
     for task, metrics in result.get("tasks", {}).items():
         console.print(f"  {task}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+def refine(
+    model: str = typer.Argument(..., help="the parent: an importance-permuted or trained super-network (model dir)"),
+    arch: str = typer.Option(..., "--arch", help="the sub-network to refine: JSON object or a file"),
+    data: str = typer.Option(..., "--data", help="distillation data (.txt or Alpaca .jsonl); also the repair calibration"),
+    out: Path = typer.Option(..., "--out", help="output nasprune model dir (plain HF checkpoint of the refined model)"),
+    minutes: float = typer.Option(5.0, "--minutes", help="training-time budget"),
+    steps: int = typer.Option(100_000, "--steps", help="step budget (the run stops at the first of minutes / steps)"),
+    validation: Optional[str] = typer.Option(None, "--validation", help="plain text for quality before/after (never "
+                                             "the --data text)"),
+    no_repair: bool = typer.Option(False, "--no-repair", help="skip the closed-form repair before training"),
+    batch_size: int = typer.Option(4, help="windows per step"),
+    seq_len: int = typer.Option(256, help="tokens per window"),
+    lr: float = typer.Option(1e-4),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted refine of the same --out"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
+):
+    """Distil one sub-network on its own from the unpruned original (repair first), for a short budget."""
+    from compressor.refine import RefineConfig, refine as run_refine
+    from compressor.search_space import SubNetwork
+
+    sub = SubNetwork.parse(arch)
+    cfg = RefineConfig(minutes=minutes, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, repair=not no_repair)
+    claim_output(out, "model", overwrite=overwrite or resume)
+    record = run_refine(model, sub, data, out, cfg, validation=validation, online=STATE["online"], resume=resume,
+                        overwrite=overwrite, log=console.print)
+    shown = ", ".join(f"{k.removeprefix('ppl_')} {record[k]:.2f}" for k in ("ppl_one_shot", "ppl_repaired", "ppl_refined")
+                      if record.get(k) is not None)
+    console.print(f"wrote {out}: {sub}, {record['training']['steps']} steps in {record['training']['seconds']:.0f}s"
+                  + (f"; validation perplexity {shown}" if shown else ""))
+

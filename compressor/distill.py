@@ -321,7 +321,7 @@ class TeacherCache:
             raise NaspruneError(f"teacher cache {self.dir} is missing chunks {missing[:5]} after filling; "
                                 "check that every rank sees the same cache directory")
         self.fill_seconds += time.perf_counter() - t0
-        return {"cache_dir": str(self.dir), "chunks": int(len(needed)), "chunks_computed": len(mine),
+        return {"cache_dir": str(self.dir), "chunks": len(needed), "chunks_computed": len(mine),
                 "teacher_windows": self.teacher_windows, "seconds": round(time.perf_counter() - t0, 3)}
 
     def _fill_chunk(self, c: int, teacher, batch_size: int, device) -> None:

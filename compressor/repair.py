@@ -37,18 +37,24 @@ import torch
 from compressor.errors import NaspruneError
 from compressor.search_space import SubNetwork
 
-#: family name -> (attention output projection, FFN output projection), relative to a decoder layer
-TARGETS = {"llama": ("self_attn.o_proj", "mlp.down_proj"), "phi3": ("self_attn.o_proj", "mlp.down_proj")}
+#: family name -> (attention output projection, FFN output projection, the norm that reads the
+#: post-attention residual), relative to a decoder layer
+TARGETS = {"llama": ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm"),
+           "phi3": ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm")}
 
 
 @dataclass
 class RepairConfig:
     tokens: int = 4096  # calibration tokens (one batch; activations of one pass stay in memory)
     seq_len: int = 256
-    lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    lambdas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
     holdout: float = 0.25  # share of calibration tokens that choose lambda
     bias: bool = True  # bias compensation where the family's config can declare biases
     refit: bool = True  # ridge refit of the kept weights (False: bias compensation only)
+    # what down_proj is fitted to: "local" = the original layer's own FFN output; "residual" = whatever
+    # makes the block's output residual equal the original's residual at the next *kept* layer, so a
+    # block also absorbs the dropped layers after it and the drift accumulated before it
+    target: str = "residual"
 
     def __post_init__(self):
         if self.tokens < 2 * self.seq_len:
@@ -56,6 +62,8 @@ class RepairConfig:
                                 f"2 x seq_len {self.seq_len})")
         if not 0 < self.holdout < 0.9:
             raise NaspruneError(f"repair holdout must be in (0, 0.9) (got {self.holdout})")
+        if self.target not in ("local", "residual"):
+            raise NaspruneError(f"repair target must be local or residual (got {self.target!r})")
         if any(lam <= 0 for lam in self.lambdas):
             raise NaspruneError("repair lambdas must be > 0")
 
@@ -203,17 +211,33 @@ def repair_model(parent_loaded, sub: SubNetwork, windows: torch.Tensor, cfg: Rep
         student, with_bias = _with_biases(student, family)
     teacher = parent_loaded.model.eval()
     k_e = sub.embed_dim
-    names = TARGETS[family]
+    attn_out, ffn_out, mid_norm = TARGETS[family]
+    names = (attn_out, ffn_out)
 
-    # teacher targets: each kept layer's projection outputs on the kept residual channels
+    # teacher targets: each kept layer's projection outputs on the kept residual channels, and the
+    # residual stream entering every layer (+ after the last) for the "residual" target
     targets: dict[tuple[int, str], torch.Tensor] = {}
+    residual: dict[int, torch.Tensor] = {}
     hooks = []
     t_layers = sn.family.layers(teacher)
+
+    def keep(out):
+        return out[..., :k_e].reshape(-1, k_e).float()
+
     for new, old in enumerate(kept):
         for name in names:
             module = t_layers[old].get_submodule(name)
             hooks.append(module.register_forward_hook(
-                lambda m, inp, out, key=(new, name): targets.__setitem__(key, out[..., :k_e].reshape(-1, k_e).float())))
+                lambda m, inp, out, key=(new, name): targets.__setitem__(key, keep(out))))
+    if cfg.target == "residual":
+        for j, layer in enumerate(t_layers):
+            hooks.append(layer.register_forward_pre_hook(
+                lambda m, args, kwargs, j=j: residual.__setitem__(j, keep(args[0] if args else kwargs["hidden_states"])),
+                with_kwargs=True))
+        last = len(t_layers)
+        hooks.append(t_layers[-1].register_forward_hook(
+            lambda m, inp, out: residual.__setitem__(last, keep(out[0] if isinstance(out, tuple) else out))))
+        next_kept = {new: (kept[new + 1] if new + 1 < len(kept) else last) for new in range(len(kept))}
     try:
         with torch.no_grad():
             _base(teacher)(input_ids=windows, use_cache=False)
@@ -225,9 +249,14 @@ def repair_model(parent_loaded, sub: SubNetwork, windows: torch.Tensor, cfg: Rep
     report = RepairReport(tokens=int(windows.numel()), seconds=0.0, bias=with_bias, config=asdict(cfg))
     s_layers = sn.family.layers(student)
 
+    mid: dict[int, torch.Tensor] = {}
+
     def refit(module, args, key):
         x = args[0].reshape(-1, args[0].shape[-1]).double()
         y = targets.pop(key).double()
+        if cfg.target == "residual" and key[1] == ffn_out:
+            # the FFN output that makes this block's output = the original's residual at the next kept layer
+            y = residual[next_kept[key[0]]].double() - mid.pop(key[0])
         w0 = module.weight.detach().double()
         b0 = module.bias.detach().double() if module.bias is not None else None
         choice, w, b, before, after = _choose(x, y, w0, b0, cfg, with_bias and module.bias is not None)
@@ -241,6 +270,10 @@ def repair_model(parent_loaded, sub: SubNetwork, windows: torch.Tensor, cfg: Rep
 
     hooks = [s_layers[new].get_submodule(name).register_forward_pre_hook(
         lambda m, args, key=(new, name): refit(m, args, key)) for new in range(len(kept)) for name in names]
+    if cfg.target == "residual":  # the student's residual after attention, before the FFN adds to it
+        hooks += [s_layers[new].get_submodule(mid_norm).register_forward_pre_hook(
+            lambda m, args, new=new: mid.__setitem__(new, args[0].reshape(-1, args[0].shape[-1]).double()))
+            for new in range(len(kept))]
     try:
         with torch.no_grad():
             _base(student)(input_ids=windows, use_cache=False)

@@ -232,7 +232,7 @@ class Trainer:
     """
 
     def __init__(self, loaded: LoadedModel, data: TokenizedData, cfg: TrainConfig, work_dir: Path,
-                 teacher_cache_dir: Path | None = None, log=None):
+                 teacher_cache_dir: Path | None = None, log=None, teacher: LoadedModel | None = None):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -241,7 +241,11 @@ class Trainer:
         model = loaded.model
         cached_teacher = cfg.distill == "logits" and cfg.teacher == "original"
         # the teacher is the model as loaded (permuted, before untie/LoRA, which preserve its function)
-        teacher_hash = state_dict_hash(model) if cached_teacher else None
+        if teacher is not None and not cached_teacher:
+            raise NaspruneError("an external teacher needs distill 'logits' with teacher 'original'")
+        # an external teacher (refine: the unpruned parent of an extracted student) replaces the start model
+        self._external_teacher = teacher.supernet().eval() if teacher is not None else None
+        teacher_hash = state_dict_hash(teacher.model if teacher is not None else model) if cached_teacher else None
         if cfg.untie_lm_head:
             untie_lm_head(model)
         self.supernet = SuperNetwork(model, loaded.meta.space_config, loaded.meta.layer_ranking)
@@ -286,9 +290,15 @@ class Trainer:
             needed = windows_needed(cfg, len(data), acc.num_processes)
             self.teacher_fill = self.teacher_cache.ensure(needed, self._teacher_logits, batch_size=cfg.batch_size,
                                                           device=acc.device, log=log)
+        self._external_teacher = None  # its targets are on disk now: free it
 
     def _teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The frozen teacher: the largest sub-network with the weights the trainer started with."""
+        """The frozen teacher: the largest sub-network with the weights the trainer started with, or the
+        external teacher (the unpruned parent when a single extracted sub-network is refined)."""
+        if self._external_teacher is not None:
+            parent = self._external_teacher.to(self.accelerator.device)
+            with torch.no_grad(), self.accelerator.autocast():
+                return parent(ids, mask if self.data.kind == "instruct" else None)
         was_training = self.supernet.training
         self.supernet.eval()
         try:
@@ -484,8 +494,12 @@ def prepare_model(loaded: LoadedModel, cfg: TrainConfig, calib: TokenizedData | 
 
 
 def run_training(model: str, data: str, out: Path, cfg: TrainConfig, resume: bool = False, online: bool = False,
-                 calib_data: str | None = None, log=print, overwrite: bool = False) -> Path:
+                 calib_data: str | None = None, log=print, overwrite: bool = False,
+                 teacher_cache_dir: Path | None = None, teacher: str | None = None) -> Path:
     """Train, checkpointing to ``OUT.train/``, then write the model dir ``OUT`` atomically.
+
+    ``teacher``: a MODEL whose logits distil into ``model`` instead of ``model``'s own start weights
+    (used by :mod:`compressor.refine`: the unpruned parent teaches an extracted sub-network).
 
     Ownership (:mod:`compressor.outputs`): ``OUT`` must be new, empty, or a nasprune model dir with
     ``overwrite``; ``OUT.train`` must be new, empty, or this command's own work dir (continued with
@@ -506,7 +520,8 @@ def run_training(model: str, data: str, out: Path, cfg: TrainConfig, resume: boo
     work.mkdir(parents=True, exist_ok=True)
     mark_output(work, "training")
     try:
-        return _train_into(model, data, out, work, cfg, resume, online, calib_data, log, overwrite)
+        return _train_into(model, data, out, work, cfg, resume, online, calib_data, log, overwrite, teacher_cache_dir,
+                           teacher)
     except BaseException:
         if created and not (work / "checkpoint.pt").exists():
             shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave nothing half-made
@@ -514,7 +529,8 @@ def run_training(model: str, data: str, out: Path, cfg: TrainConfig, resume: boo
 
 
 def _train_into(model: str, data: str, out: Path, work: Path, cfg: TrainConfig, resume: bool, online: bool,
-                calib_data: str | None, log, overwrite: bool) -> Path:
+                calib_data: str | None, log, overwrite: bool, teacher_cache_dir: Path | None = None,
+                teacher: str | None = None) -> Path:
     torch.manual_seed(cfg.seed)
     loaded = load_model(model, online=online)
     train_data = load_data(loaded.tokenizer, data, cfg.seq_len, cfg.max_train_tokens, online, cfg.prompt_format)
@@ -522,7 +538,11 @@ def _train_into(model: str, data: str, out: Path, work: Path, cfg: TrainConfig, 
     if STRATEGIES[cfg.strategy][0] and loaded.meta.importance is None:
         calib = load_data(loaded.tokenizer, calib_data or data, 512, 65536, online, cfg.prompt_format)
     loaded = prepare_model(loaded, cfg, calib, log)
-    trainer = Trainer(loaded, train_data, cfg, work, log=log)
+    teacher_loaded = load_model(teacher, online=online) if teacher is not None else None
+    if teacher_loaded is not None and teacher_loaded.model.config.vocab_size != loaded.model.config.vocab_size:
+        raise NaspruneError(f"teacher {teacher} has another vocabulary than {model}; distillation needs the same tokenizer")
+    trainer = Trainer(loaded, train_data, cfg, work, teacher_cache_dir=teacher_cache_dir, log=log, teacher=teacher_loaded)
+    del teacher_loaded
     if resume:
         trainer.load_checkpoint()
         log(f"resumed at step {trainer.step}")

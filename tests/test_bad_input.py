@@ -351,6 +351,13 @@ CASES = [
     # ---- --out ----
     Case("extract-out-is-file", ["extract", "{fx}/model", "--arch", ARCH, "--out", "{tmp}/notes.txt"],
          "is an existing file", write("notes.txt", "my notes\n")),
+    Case("refine-out-foreign-dir", ["refine", "{fx}/model", "--arch", ARCH, "--data", "{fx}/heldout.txt",
+                                    "--out", "{tmp}/mine"], "files nasprune did not write", FOREIGN),
+    Case("refine-arch-not-in-space", ["refine", "{fx}/model", "--arch",
+                                      '{"embed_dim": 33, "num_heads": 2, "ffn_dim": 64, "num_layers": 2}',
+                                      "--data", "{fx}/heldout.txt", "--out", "{tmp}/r"], "embed_dim"),
+    Case("refine-zero-minutes", ["refine", "{fx}/model", "--arch", ARCH, "--data", "{fx}/heldout.txt",
+                                 "--out", "{tmp}/r", "--minutes", "0"], "minutes must be > 0"),
     Case("extract-out-foreign-dir", ["extract", "{fx}/model", "--arch", ARCH, "--out", "{tmp}/mine"],
          "files nasprune did not write", FOREIGN),
     Case("export-out-foreign-dir", ["export", "{fx}/model", "--arch", ARCH, "--out", "{tmp}/mine"],

@@ -16,7 +16,6 @@ from compressor.distill import (TeacherCache, inplace_targets, kd_loss, kd_loss_
                                 topk_targets)
 from compressor.errors import NaspruneError
 from compressor.modeldir import LoadedModel, ModelMeta
-from compressor.supernet import SuperNetwork
 from compressor.train import TrainConfig, Trainer, batch_indices, windows_needed
 from tests.conftest import TINY_SPACE, make_tiny
 
@@ -49,8 +48,8 @@ def test_kd_loss_equals_hand_computation():
                         + 0.3 * math.log(0.3 / (q[2] + q[3] + q[4])))
     student = torch.tensor([[z, [50.0, 0, 0, 0, 0]]])  # the second token is masked out
     idx = torch.tensor([[[0, 1], [4, 3]]])
-    top = torch.tensor([[[math.log(0.5), math.log(0.2)], [float("nan"), 0.0]]])
-    tail = torch.tensor([[math.log(0.3), 123.0]])
+    top = torch.tensor([[[math.log(teacher[0]), math.log(teacher[1])], [float("nan"), 0.0]]])
+    tail = torch.tensor([[math.log(sum(teacher[2:])), 123.0]])
     mask = torch.tensor([[True, False]])
     assert kd_loss(student, idx, top, tail, mask, T).item() == pytest.approx(expected, rel=1e-6)
     # two copies of the valid token average to the same value

@@ -1,0 +1,371 @@
+"""Recovery benchmark: how much quality does each recovery method buy per CPU-minute?
+
+Fixed sub-networks of SmolLM2-135M-Instruct (the FACTS.md architectures at ~75 % and ~50 % of
+the parameters, plus a width-pruned ~50 % one), equal wall-clock budgets on this machine, the
+same general training data (four Austen novels interleaved with 7,000 instruction examples),
+and test text no stage has seen:
+
+* ``persuasion``: ../shared/data/text/persuasion.txt (a novel never trained or calibrated on);
+* ``instruct``: 500 held-out instruction examples (never trained on);
+* MC accuracy on BIG-bench multiple-choice tasks from ../shared/data/eval (lm-eval, local).
+
+Methods: one-shot importance pruning (no training); + closed-form repair (:mod:`compressor.repair`);
+sandwich super-network training with cross-entropy, with logit distillation from the original
+(cached top-k teacher), with in-place distillation from the largest sub-network; and refine
+(repair + distillation of each sub-network on its own; the budget is split over the archs so the
+total equals one sandwich run). References: the original in fp32 and the original through ONNX
+Runtime dynamic INT8 (engine perplexity on a prefix, next to the fp32 engine on the same tokens).
+
+Every result is stored as soon as it exists (``--out`` JSON, rewritten atomically), so an
+interrupted run continues where it stopped. Prints a table, writes JSON and a plot of test
+perplexity against CPU minutes per method.
+
+    python benchmarks/recovery.py --minutes 10 --segments 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "data"
+
+import torch  # noqa: E402
+
+from compressor.console import offline_by_default  # noqa: E402
+
+offline_by_default([])
+
+from compressor.search_space import SubNetwork  # noqa: E402
+
+ARCHS = {
+    "75% (576/1280/24)": SubNetwork(576, 9, 1280, 24),
+    "50% depth (576/1024/15)": SubNetwork(576, 9, 1024, 15),
+    "50% width (432/1024/23)": SubNetwork(432, 9, 1024, 23),
+}
+SANDWICH = {"sandwich-ce": {}, "sandwich-kd": {"distill": "logits", "teacher": "original"},
+            "inplace-kd": {"distill": "logits", "teacher": "largest"}}
+
+
+# ---- data ------------------------------------------------------------------------------------
+def make_data(work: Path) -> dict[str, Path]:
+    """General training text (novels interleaved with instructions) and held-out instruction text."""
+    paths = {"train": work / "general_train.txt", "instruct_test": work / "instruct_test.txt",
+             "persuasion": SHARED / "text" / "persuasion.txt"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    rng = random.Random(0)
+    rows = [json.loads(line) for line in (SHARED / "instruct" / "natural_instructions_alpaca_8k.jsonl").open()]
+    rng.shuffle(rows)
+
+    def render(r):
+        return (r["instruction"] + "\n" + (r["input"] + "\n" if r["input"] else "") + r["output"]).strip()
+
+    train_rows = [render(r) for r in rows[:7000]]
+    chunks = []
+    for name in ("emma.txt", "mansfieldpark.txt", "prideprejudice.txt", "northangerabbey.txt"):
+        novel = (SHARED / "text" / name).read_text()
+        chunks += [novel[i:i + 2000] for i in range(0, len(novel), 2000)]
+    rng.shuffle(chunks)
+    out, j = [], 0
+    for chunk in chunks:
+        out += [chunk, "\n\n".join(train_rows[j:j + 3])]
+        j = (j + 3) % len(train_rows)
+    work.mkdir(parents=True, exist_ok=True)
+    paths["train"].write_text("\n\n".join(out))
+    paths["instruct_test"].write_text("\n\n".join(render(r) for r in rows[7500:8000]))
+    return paths
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+class Evaluator:
+    def __init__(self, tokenizer, paths, args):
+        from compressor.evaluate import token_windows
+
+        self.tok, self.args = tokenizer, args
+        self.windows = {"persuasion": token_windows(tokenizer, paths["persuasion"].read_text(), 256, args.test_tokens),
+                        "instruct": token_windows(tokenizer, paths["instruct_test"].read_text(), 256, args.test_tokens)}
+
+    def ppl(self, logits_fn) -> dict:
+        from compressor.evaluate import perplexity
+
+        return {name: perplexity(logits_fn, w) for name, w in self.windows.items()}
+
+    def mc(self, model) -> dict:
+        import tempfile
+
+        from compressor.evaluate import lm_eval_tasks, write_local_tasks
+
+        if not self.args.mc_tasks:
+            return {}
+        with tempfile.TemporaryDirectory() as tmp:
+            files = [SHARED / "eval" / f"{t}.jsonl" for t in self.args.mc_tasks]
+            names = write_local_tasks(files, Path(tmp))
+            res = lm_eval_tasks(model, self.tok, names, Path(tmp), self.args.mc_limit)
+        return {t: m.get("acc") for t, m in res.items()}
+
+    def model(self, model, with_mc: bool) -> dict:
+        from compressor.evaluate import hf_logits
+
+        out = self.ppl(hf_logits(model.eval()))
+        if with_mc:
+            out["mc"] = self.mc(model)
+        return out
+
+
+# ---- results store ---------------------------------------------------------------------------
+class Results:
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"rows": [], "meta": {}}
+
+    def has(self, method, arch, minutes) -> bool:
+        return any(r["method"] == method and r["arch"] == arch and abs(r["minutes"] - minutes) < 1e-6
+                   for r in self.data["rows"])
+
+    def add(self, **row) -> None:
+        self.data["rows"].append(row)
+        self.save()
+        mc = row.get("mc") or {}
+        print(f"  {row['method']:<14} {row['arch']:<24} {row['minutes']:6.1f} min  persuasion {row['persuasion']:9.2f}  "
+              f"instruct {row['instruct']:9.2f}" + "".join(f"  {k} {v:.3f}" for k, v in mc.items() if v is not None),
+              flush=True)
+
+    def save(self) -> None:
+        from compressor.modeldir import write_json_atomic
+
+        write_json_atomic(self.path, self.data)
+
+
+# ---- methods ---------------------------------------------------------------------------------
+def importance_dir(args, paths) -> Path:
+    if args.importance:
+        return Path(args.importance)
+    out = args.work / "importance"
+    if (out / "nasprune.json").exists():
+        return out
+    from compressor.data import load_data
+    from compressor.importance import compute_importance, layer_ranking, permute
+    from compressor.importance_io import save_importance
+    from compressor.modeldir import load_model
+
+    loaded = load_model("default")
+    calib = load_data(loaded.tokenizer, str(paths["train"]), 512, 16384)
+    sn = loaded.supernet()
+    scores = compute_importance(sn, calib, calib.subset(slice(0, 4)), "drop-loss", 8)
+    save_importance(loaded, permute(sn, scores), layer_ranking(scores), out)
+    return out
+
+
+def run_one_shot(args, results, ev, imp):
+    from compressor.extract import extract
+    from compressor.modeldir import load_model
+
+    parent = load_model(str(imp))
+    sn = parent.supernet()
+    for name, sub in ARCHS.items():
+        if not results.has("one-shot", name, 0.0):
+            results.add(method="one-shot", arch=name, minutes=0.0, params=sn.space.num_params(sub),
+                        **ev.model(extract(sn, sub), with_mc=True))
+
+
+def run_repair(args, results, ev, imp, paths):
+    from compressor.modeldir import load_model
+    from compressor.repair import RepairConfig, calibration_windows, repair_model
+
+    parent = load_model(str(imp))
+    cfg = RepairConfig(tokens=args.repair_tokens)
+    windows = calibration_windows(parent.tokenizer, str(paths["train"]), cfg)
+    for name, sub in ARCHS.items():
+        if any(r["method"] == "repair" and r["arch"] == name for r in results.data["rows"]):
+            continue
+        t = time.perf_counter()
+        model, report = repair_model(parent, sub, windows, cfg)
+        minutes = (time.perf_counter() - t) / 60
+        results.add(method="repair", arch=name, minutes=minutes, params=sum(p.numel() for p in model.parameters()),
+                    repair=report.summary(), **ev.model(model, with_mc=True))
+
+
+def run_sandwich(args, results, ev, imp, paths, method):
+    from compressor.extract import extract
+    from compressor.modeldir import load_model
+    from compressor.train import TrainConfig, run_training
+
+    out = args.work / method
+    segment = args.minutes / args.segments
+    for seg in range(1, args.segments + 1):
+        minutes = segment * seg
+        if all(results.has(method, name, minutes) for name in ARCHS):
+            continue
+        cfg = TrainConfig(strategy="importance-random", steps=args.steps, max_minutes=segment, batch_size=args.batch_size,
+                          seq_len=256, lr=args.lr, warmup_steps=3, checkpoint_every=5, seed=args.seed,
+                          **SANDWICH[method])
+        resume = (args.work / f"{method}.train" / "checkpoint.pt").exists()
+        t = time.perf_counter()
+        run_training(str(imp), str(paths["train"]), out, cfg, resume=resume, overwrite=True, log=lambda *_: None,
+                     teacher_cache_dir=args.work / "teacher")
+        wall = time.perf_counter() - t
+        trained = load_model(str(out))
+        info = trained.meta.provenance["training"]
+        sn = trained.supernet()
+        for name, sub in ARCHS.items():
+            if not results.has(method, name, minutes):
+                results.add(method=method, arch=name, minutes=minutes, params=sn.space.num_params(sub),
+                            steps=info["steps"], tokens=info["tokens"], wall_seconds=wall,
+                            distill=info.get("distill"), **ev.model(extract(sn, sub), with_mc=seg == args.segments))
+
+
+def run_refine(args, results, ev, imp, paths):
+    from compressor.modeldir import load_model
+    from compressor.refine import RefineConfig, refine
+
+    per_arch = args.minutes / len(ARCHS)
+    for name, sub in ARCHS.items():
+        if results.has("refine", name, per_arch):
+            continue
+        out = args.work / f"refine-{sub}"
+        cfg = RefineConfig(minutes=per_arch, steps=args.steps, batch_size=args.batch_size, seq_len=256, lr=args.lr,
+                           repair_tokens=args.repair_tokens, seed=args.seed)
+        record = refine(str(imp), sub, str(paths["train"]), out, cfg, overwrite=True, log=lambda *_: None,
+                        teacher_cache_dir=args.work / "teacher")
+        refined = load_model(str(out))
+        results.add(method="refine", arch=name, minutes=per_arch, params=sum(p.numel() for p in refined.model.parameters()),
+                    steps=record["training"]["steps"], tokens=record["training"]["tokens"],
+                    **ev.model(refined.model, with_mc=True))
+
+
+def run_references(args, results, ev, imp):
+    """The original fp32 (torch), and the original's ONNX fp32 and dynamic-INT8 engines on a prefix."""
+    import math as _math
+    import tempfile
+
+    from compressor.modeldir import load_model
+
+    parent = load_model(str(imp))
+    if not results.has("original fp32", "original", 0.0):
+        results.add(method="original fp32", arch="original", minutes=0.0,
+                    params=sum(p.numel() for p in parent.model.parameters()), **ev.model(parent.model, with_mc=True))
+    if args.skip_int8 or results.has("original int8 (ORT)", "original", 0.0):
+        return
+    from deploy.bundle import build_bundle, graph_paths
+    from deploy.generate import OnnxGenerator, onnx_mean_nll
+
+    sn = parent.supernet()
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        bundle = build_bundle(parent, sn, sn.space.largest(), Path(tmp) / "original", variants=("fp32", "int8"),
+                              log=lambda *_: None)
+        engine = {}
+        for variant in ("fp32", "int8"):
+            p = graph_paths(bundle, variant)
+            gen = OnnxGenerator(p["prefill"], p["decode"])
+            engine[variant] = {name: _math.exp(onnx_mean_nll(gen, w[:1, : args.engine_tokens].numpy()))
+                               for name, w in ev.windows.items()}
+    ratio = {name: engine["int8"][name] / engine["fp32"][name] for name in ev.windows}
+    torch_ppl = results.data["rows"][[r["method"] for r in results.data["rows"]].index("original fp32")]
+    # the INT8 row is the fp32 torch perplexity times the engine's measured INT8/fp32 ratio on the prefix
+    results.add(method="original int8 (ORT)", arch="original", minutes=0.0, params=torch_ppl["params"],
+                engine_ppl=engine, int8_over_fp32=ratio,
+                **{name: torch_ppl[name] * ratio[name] for name in ev.windows})
+
+
+# ---- report ----------------------------------------------------------------------------------
+def report(results: Results, out_png: Path) -> None:
+    rows = results.data["rows"]
+    ref = next((r for r in rows if r["method"] == "original fp32"), None)
+    print("\n| method | arch | params | CPU min | persuasion ppl | x orig | instruct ppl | x orig | MC acc |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        mc = r.get("mc") or {}
+        acc = " / ".join(f"{v:.3f}" for v in mc.values() if v is not None) or "–"
+        xp = f"{r['persuasion'] / ref['persuasion']:.2f}" if ref else "–"
+        xi = f"{r['instruct'] / ref['instruct']:.2f}" if ref else "–"
+        print(f"| {r['method']} | {r['arch']} | {r['params'] / 1e6:.1f}M | {r['minutes']:.1f} | {r['persuasion']:.2f} | {xp} "
+              f"| {r['instruct']:.2f} | {xi} | {acc} |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(ARCHS), figsize=(5 * len(ARCHS), 4), squeeze=False)
+    for ax, arch in zip(axes[0], ARCHS):
+        for method in ["one-shot", "repair", *SANDWICH, "refine"]:
+            pts = sorted((r["minutes"], r["persuasion"]) for r in rows if r["method"] == method and r["arch"] == arch)
+            if method in SANDWICH:
+                base = [(0.0, r["persuasion"]) for r in rows if r["method"] == "one-shot" and r["arch"] == arch]
+                pts = base + pts
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        if ref:
+            ax.axhline(ref["persuasion"], color="k", ls="--", lw=1, label="original fp32")
+            int8 = next((r for r in rows if r["method"] == "original int8 (ORT)"), None)
+            if int8:
+                ax.axhline(int8["persuasion"], color="grey", ls=":", lw=1, label="original INT8 (ORT)")
+        ax.set_yscale("log")
+        ax.set_title(arch)
+        ax.set_xlabel("CPU minutes (2 cores)")
+        ax.set_ylabel("test perplexity (Persuasion)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "recovery_work")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recovery.json")
+    ap.add_argument("--importance", help="an importance-permuted model dir to reuse (default: computed in --work)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="budget per training method")
+    ap.add_argument("--segments", type=int, default=2, help="evaluation points along each training run")
+    ap.add_argument("--methods", default="references,one-shot,repair,sandwich-ce,sandwich-kd,inplace-kd,refine")
+    ap.add_argument("--steps", type=int, default=60, help="cosine schedule length (the time budget stops first)")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repair-tokens", type=int, default=4096)
+    ap.add_argument("--test-tokens", type=int, default=4096)
+    ap.add_argument("--engine-tokens", type=int, default=256, help="prefix for the ONNX engine perplexity")
+    ap.add_argument("--mc-tasks", default="bb_sports_understanding,bb_navigate")
+    ap.add_argument("--mc-limit", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-int8", action="store_true")
+    args = ap.parse_args()
+    args.mc_tasks = [t for t in args.mc_tasks.split(",") if t]
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    paths = make_data(args.work)
+    imp = importance_dir(args, paths)
+    from compressor.modeldir import load_model
+
+    ev = Evaluator(load_model(str(imp)).tokenizer, paths, args)
+    results = Results(args.out)
+    results.data["meta"] = {"archs": {k: v.to_dict() for k, v in ARCHS.items()}, "args": {k: str(v) for k, v in
+                                                                                          vars(args).items()}}
+    methods = args.methods.split(",")
+    if "references" in methods:
+        run_references(args, results, ev, imp)
+    if "one-shot" in methods:
+        run_one_shot(args, results, ev, imp)
+    if "repair" in methods:
+        run_repair(args, results, ev, imp, paths)
+    for method in SANDWICH:
+        if method in methods:
+            run_sandwich(args, results, ev, imp, paths, method)
+    if "refine" in methods:
+        run_refine(args, results, ev, imp, paths)
+    report(results, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Refine: distil one chosen sub-network on its own from the unpruned original, before export.
+
+Why: the super-network's weights are a compromise shared by every sub-network, and rankings
+flip after a short distillation of each candidate (Model-Optimizer's Minitron-vs-Puzzletron
+study), so each Pareto point that will ship gets a short budget of its own. The student is the
+extracted sub-network (optionally repaired in closed form first, :mod:`compressor.repair`); the
+teacher is the *original* model (the parent's largest sub-network), through the same cached
+top-k logits as super-network distillation (:class:`compressor.distill.TeacherCache`): on the
+same data the teacher's forward is paid once for every refined point and for the sandwich run.
+
+Layout: ``OUT.student/`` holds the extracted (repaired) starting point, ``OUT.train/`` the
+resumable training work dir, ``OUT/`` the refined nasprune model dir (plain HF checkpoint) with
+the refine record (budget, quality before and after) in ``nasprune.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from compressor.errors import NaspruneError
+from compressor.search_space import SubNetwork
+
+
+@dataclass
+class RefineConfig:
+    minutes: float = 5.0  # training-time budget (the run stops at the first of minutes / steps)
+    steps: int = 100_000
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 1e-4
+    warmup_steps: int = 2
+    distill_alpha: float = 1.0  # pure logit KD (Minitron: no LM loss needed)
+    distill_topk: int = 64
+    distill_temperature: float = 1.0
+    repair: bool = True  # closed-form repair of the student before training
+    repair_tokens: int = 4096
+    eval_tokens: int = 4096  # validation tokens for the before/after quality
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (self.minutes > 0 and math.isfinite(self.minutes)):
+            raise NaspruneError(f"refine minutes must be > 0 (got {self.minutes})")
+        for name in ("steps", "batch_size", "seq_len", "repair_tokens", "eval_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise NaspruneError(f"refine {name} must be >= 1 (got {getattr(self, name)})")
+
+    @staticmethod
+    def from_dict(d: dict | None) -> "RefineConfig":
+        from dataclasses import fields
+
+        d = dict(d or {})
+        known = {f.name for f in fields(RefineConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise NaspruneError(f"unknown refine settings {unknown}; known: {sorted(known)}")
+        return RefineConfig(**d)
+
+    def train_config(self):
+        from compressor.train import TrainConfig
+
+        # steps bound the cosine schedule; the time budget usually stops the run first
+        return TrainConfig(strategy="standard", steps=self.steps, max_minutes=self.minutes, batch_size=self.batch_size,
+                           seq_len=self.seq_len, lr=self.lr, warmup_steps=self.warmup_steps, distill="logits",
+                           teacher="original", distill_alpha=self.distill_alpha, distill_topk=self.distill_topk,
+                           distill_temperature=self.distill_temperature, seed=self.seed,
+                           checkpoint_every=max(1, min(50, self.steps)))
+
+
+def _validation_ppl(model, tokenizer, text: str | None, cfg: RefineConfig) -> float | None:
+    if text is None:
+        return None
+    from compressor.evaluate import hf_logits, perplexity, token_windows
+
+    return perplexity(hf_logits(model.eval()), token_windows(tokenizer, text, cfg.seq_len, cfg.eval_tokens))
+
+
+def refine(parent: str, sub: SubNetwork, data: str, out: Path, cfg: RefineConfig | None = None,
+           validation: str | None = None, online: bool = False, resume: bool = False, overwrite: bool = False,
+           log=print, teacher_cache_dir: Path | None = None) -> dict:
+    """Extract ``sub`` from the model dir ``parent``, repair it, distil it from ``parent``'s original
+    for ``cfg.minutes`` on ``data``, write ``out``; returns the refine record (quality before/after)."""
+    from compressor.data import read_source, resolve_data
+    from compressor.extract import extract, save_extracted
+    from compressor.modeldir import ModelMeta, load_model, write_json_atomic
+    from compressor.outputs import claim_output
+    from compressor.train import run_training
+
+    cfg = cfg or RefineConfig()
+    out = Path(out)
+    student_dir = out.parent / f"{out.name}.student"
+    claim_output(out, "model", overwrite=overwrite or resume)
+    parent_loaded = load_model(parent, online=online)
+    sn = parent_loaded.supernet()
+    sn.space.validate(sub)
+    val_text = None
+    if validation is not None:
+        kind, val_text = read_source(resolve_data(validation), online)
+        if kind != "text":
+            raise NaspruneError(f"refine validation data {validation} must be plain text (.txt)")
+    record: dict = {"arch": sub.to_dict(), "parent": str(parent), "data": str(data), "validation": validation,
+                    "config": asdict(cfg)}
+    if not (resume and (student_dir / "nasprune.json").exists()):
+        plain = extract(sn, sub)
+        record["ppl_one_shot"] = _validation_ppl(plain, parent_loaded.tokenizer, val_text, cfg)
+        model, repair = plain, None
+        if cfg.repair:
+            from compressor.repair import RepairConfig, calibration_windows, repair_model
+
+            rcfg = RepairConfig(tokens=cfg.repair_tokens, seq_len=cfg.seq_len)
+            windows = calibration_windows(parent_loaded.tokenizer, data, rcfg, online)
+            model, report = repair_model(parent_loaded, sub, windows, rcfg, log=log)
+            repair = {"data": str(data), **report.summary()}
+            record["ppl_repaired"] = _validation_ppl(model, parent_loaded.tokenizer, val_text, cfg)
+        save_extracted(parent_loaded, sn, sub, student_dir, overwrite=True, model=model, repair=repair)
+        write_json_atomic(student_dir / "refine_start.json", record)
+    else:
+        import json
+
+        record = json.loads((student_dir / "refine_start.json").read_text())
+        log(f"resuming the refine of {sub} from {student_dir}")
+    run_training(str(student_dir), data, out, cfg.train_config(), resume=resume, online=online, log=log,
+                 overwrite=overwrite, teacher=str(parent), teacher_cache_dir=teacher_cache_dir)
+    refined = load_model(str(out))
+    record["ppl_refined"] = _validation_ppl(refined.model, refined.tokenizer, val_text, cfg)
+    record["training"] = {k: refined.meta.provenance.get("training", {}).get(k) for k in ("steps", "seconds", "tokens")}
+    meta = ModelMeta.read(out)
+    meta.subnetwork = {**(ModelMeta.read(student_dir).subnetwork or {}), "refine": record}
+    write_json_atomic(out / "nasprune.json", asdict(meta))
+    return record
