@@ -7,7 +7,7 @@ PIP     = $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 ORT_EXTRA  ?= cpu
 
-.PHONY: venv install install-test demo test clean
+.PHONY: venv install install-test demo lint test clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ install-test: venv
 
 demo: install
 	$(VENV)/bin/nasprune compress default --out runs/demo --config configs/demo.yaml
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: install-test
 	$(VENV)/bin/python -m pytest -q

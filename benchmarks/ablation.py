@@ -25,8 +25,8 @@ import torch
 from compressor.data import pack_text
 from compressor.evaluate import perplexity, token_windows
 from compressor.importance import compute_importance, layer_ranking, permute
-from compressor.supernet import SuperNetwork
 from compressor.modeldir import LoadedModel, ModelMeta, load_model
+from compressor.supernet import SuperNetwork
 from compressor.train import STRATEGIES, TrainConfig, Trainer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
@@ -64,8 +64,11 @@ def main():
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--step-ratio-steps", type=int, default=3, help="alternating steps for the step-time ratio")
-    ap.add_argument("--permuted", default=None, help="reuse a `nasprune importance default --data emma.txt` output "
-                    "instead of computing importance here")
+    ap.add_argument(
+        "--permuted",
+        default=None,
+        help="reuse a `nasprune importance default --data emma.txt` output instead of computing importance here",
+    )
     ap.add_argument("--out", default=str(RESULTS / "ablation.json"))
     args = ap.parse_args()
     if not SHARED.exists():
@@ -84,10 +87,17 @@ def main():
     subs = [sn.space.balanced_at(f) for f in args.fractions]
     full_params = sn.space.num_params(sn.space.largest())
     results["setup"] = {
-        "subnetworks": [{"arch": s.to_dict(), "params": sn.space.num_params(s), "fraction": sn.space.num_params(s) / full_params}
-                        for s in subs],
-        "train": {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
-                  "tokens_per_subnetwork_step": args.batch_size * args.seq_len},
+        "subnetworks": [
+            {"arch": s.to_dict(), "params": sn.space.num_params(s), "fraction": sn.space.num_params(s) / full_params}
+            for s in subs
+        ],
+        "train": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "seq_len": args.seq_len,
+            "lr": args.lr,
+            "tokens_per_subnetwork_step": args.batch_size * args.seq_len,
+        },
         "eval": {"text": "persuasion.txt", "tokens": int(windows.numel()), "window": 256},
         "calibration": {"text": "emma.txt", "tokens": args.calib_tokens},
     }
@@ -112,11 +122,18 @@ def main():
             ranking, info = layer_ranking(scores), scores.info
             sn = SuperNetwork(loaded.model, loaded.meta.space_config, ranking)
         oneshot = eval_subs(sn, subs, windows)
-        results["baselines"] = {"original_full_ppl": base_full, "naive_first_k": naive, "one_shot_importance": oneshot,
-                                "importance": {k: v for k, v in info.items() if k != "layer_scores"},
-                                "layer_ranking": ranking, "seconds": time.perf_counter() - t}
-        torch.save({"state": {k: v.clone() for k, v in loaded.model.state_dict().items()},
-                    "ranking": ranking, "info": info}, RESULTS / "ablation_permuted.pt")
+        results["baselines"] = {
+            "original_full_ppl": base_full,
+            "naive_first_k": naive,
+            "one_shot_importance": oneshot,
+            "importance": {k: v for k, v in info.items() if k != "layer_scores"},
+            "layer_ranking": ranking,
+            "seconds": time.perf_counter() - t,
+        }
+        torch.save(
+            {"state": {k: v.clone() for k, v in loaded.model.state_dict().items()}, "ranking": ranking, "info": info},
+            RESULTS / "ablation_permuted.pt",
+        )
         save()
         print(f"original {base_full:.1f}; naive {naive}; one-shot importance {oneshot}")
     perm = torch.load(RESULTS / "ablation_permuted.pt", weights_only=False)
@@ -129,9 +146,17 @@ def main():
                 continue
             uses_importance, _ = STRATEGIES[strategy]
             start = fresh(perm["state"], loaded, perm_meta) if uses_importance else fresh(base_state, loaded, base_meta)
-            cfg = TrainConfig(strategy=strategy, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                              lr=args.lr, warmup_steps=max(1, args.steps // 10), seed=seed, checkpoint_every=10**9,
-                              log_every=1)
+            cfg = TrainConfig(
+                strategy=strategy,
+                steps=args.steps,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                lr=args.lr,
+                warmup_steps=max(1, args.steps // 10),
+                seed=seed,
+                checkpoint_every=10**9,
+                log_every=1,
+            )
             work = RESULTS / "ablation_work" / key.replace("/", "_")
             if work.exists():
                 for f in work.iterdir():
@@ -142,10 +167,16 @@ def main():
             ppl = eval_subs(trainer.supernet, subs, windows)
             with trainer.supernet.selected(trainer.supernet.space.largest()):
                 full = perplexity(trainer.supernet.eval(), windows, batch_size=8)
-            results["runs"][key] = {"strategy": strategy, "seed": seed, "ppl": ppl, "full_ppl": full,
-                                    "train_seconds": stats["seconds"], "tokens": stats["tokens"],
-                                    "mean_step_seconds": statistics.mean(r["step_seconds"] for r in log[1:] or log),
-                                    "config": asdict(cfg)}
+            results["runs"][key] = {
+                "strategy": strategy,
+                "seed": seed,
+                "ppl": ppl,
+                "full_ppl": full,
+                "train_seconds": stats["seconds"],
+                "tokens": stats["tokens"],
+                "mean_step_seconds": statistics.mean(r["step_seconds"] for r in log[1:] or log),
+                "config": asdict(cfg),
+            }
             (work / "checkpoint.pt").unlink(missing_ok=True)
             save()
             print(f"{key}: ppl {[round(p, 1) for p in ppl]} full {full:.1f} ({stats['seconds']:.0f}s)")
@@ -162,8 +193,14 @@ def step_time_ratio(perm, loaded, meta, train_data, args) -> dict:
     trainers = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("standard", "importance-random"):
-            cfg = TrainConfig(strategy=name, steps=10**6, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                              checkpoint_every=10**9)
+            cfg = TrainConfig(
+                strategy=name,
+                steps=10**6,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                lr=args.lr,
+                checkpoint_every=10**9,
+            )
             trainers[name] = Trainer(fresh(perm["state"], loaded, meta), train_data, cfg, Path(tmp) / name)
         times = {name: [] for name in trainers}
         for _ in range(args.step_ratio_steps + 1):  # the first round warms up
@@ -183,8 +220,10 @@ def report(results: dict, out_path: Path) -> None:
 
     setup = results["setup"]
     fracs = [s["fraction"] for s in setup["subnetworks"]]
-    rows = {"naive first-k (no training)": [results["baselines"]["naive_first_k"]],
-            "one-shot importance (no training)": [results["baselines"]["one_shot_importance"]]}
+    rows = {
+        "naive first-k (no training)": [results["baselines"]["naive_first_k"]],
+        "one-shot importance (no training)": [results["baselines"]["one_shot_importance"]],
+    }
     for run in results["runs"].values():
         rows.setdefault(run["strategy"], []).append(run["ppl"])
     header = "method".ljust(36) + "".join(f"{f:>16.0%}" for f in fracs)
@@ -197,8 +236,10 @@ def report(results: dict, out_path: Path) -> None:
         print(name.ljust(36) + "".join(f"{m:>10.1f} ±{s:<5.1f}" for m, s in zip(means, spread)))
     if "step_time" in results:
         st = results["step_time"]
-        print(f"super-network (sandwich) step / plain fine-tuning step: {st['ratio']:.2f}x "
-              f"({st['sandwich_s']:.2f}s vs {st['standard_s']:.2f}s, interleaved in one process)")
+        print(
+            f"super-network (sandwich) step / plain fine-tuning step: {st['ratio']:.2f}x "
+            f"({st['sandwich_s']:.2f}s vs {st['standard_s']:.2f}s, interleaved in one process)"
+        )
     results["table"] = table
     out_path.write_text(json.dumps(results, indent=2))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -207,7 +248,9 @@ def report(results: dict, out_path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("sub-network size (% of SmolLM2-135M params)")
     ax.set_ylabel("perplexity on persuasion (held out)")
-    ax.set_title(f"{setup['train']['steps']} steps x {setup['train']['tokens_per_subnetwork_step']} tokens per sub-network")
+    ax.set_title(
+        f"{setup['train']['steps']} steps x {setup['train']['tokens_per_subnetwork_step']} tokens per sub-network"
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_path.with_suffix(".png"), dpi=120)

@@ -54,12 +54,31 @@ def main():
     for f, (sub, _) in models.items():
         med = statistics.median(times[f])
         p = space.num_params(sub)
-        rows.append({"target_fraction": f, "arch": sub.to_dict(), "params": p, "param_ratio": p / full,
-                     "median_ms": med, "latency_ratio": med / base, "samples_ms": times[f]})
+        rows.append(
+            {
+                "target_fraction": f,
+                "arch": sub.to_dict(),
+                "params": p,
+                "param_ratio": p / full,
+                "median_ms": med,
+                "latency_ratio": med / base,
+                "samples_ms": times[f],
+            }
+        )
         print(f"{f:>6.2f} {str(sub):<22} {p:>12,} {p / full:>7.2f} {med:>10.1f} {med / base:>6.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"workload": f"prefill:1x{args.seq}", "engine": "torch-cpu",
-                                          "threads": args.threads, "rounds": args.rounds, "rows": rows}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "workload": f"prefill:1x{args.seq}",
+                "engine": "torch-cpu",
+                "threads": args.threads,
+                "rounds": args.rounds,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,15 +54,21 @@ def comparisons(raw: dict) -> dict[str, list[tuple[Measurement, Measurement]]]:
 def score(raw: dict, cfg: GateConfig) -> dict:
     rows = {}
     for mode, pairs in comparisons(raw).items():
-        for label, factor in (CASES if mode != "real" else (("slower bundle", 1.0),)):
+        for label, factor in CASES if mode != "real" else (("slower bundle", 1.0),):
             verdicts = [compare(scaled(cur, factor), base, cfg) for cur, base in pairs]
             ratios = np.array([v.ratio for v in verdicts])
             flagged = sum(v.exit_code == 1 for v in verdicts)
             rows[f"{mode} {label}"] = {
-                "mode": mode, "case": label, "comparisons": len(verdicts), "flagged": flagged,
-                "rate": flagged / len(verdicts), "median_ratio": float(np.median(ratios)),
-                "ratio_p05": float(np.quantile(ratios, 0.05)), "ratio_p95": float(np.quantile(ratios, 0.95)),
-                "median_ci_width": float(np.median([v.ci_high - v.ci_low for v in verdicts]))}
+                "mode": mode,
+                "case": label,
+                "comparisons": len(verdicts),
+                "flagged": flagged,
+                "rate": flagged / len(verdicts),
+                "median_ratio": float(np.median(ratios)),
+                "ratio_p05": float(np.quantile(ratios, 0.05)),
+                "ratio_p95": float(np.quantile(ratios, 0.95)),
+                "median_ci_width": float(np.median([v.ci_high - v.ci_low for v in verdicts])),
+            }
     return rows
 
 
@@ -82,11 +88,14 @@ def collect(args, raw_path: Path) -> dict:
             if len(done) > i:
                 continue
             if mode == "paired":
-                cur, base = measure_paired(Path(args.bundle), Path(args.bundle), w, blocks=args.blocks,
-                                           iters_per_block=args.iters)
+                cur, base = measure_paired(
+                    Path(args.bundle), Path(args.bundle), w, blocks=args.blocks, iters_per_block=args.iters
+                )
                 done.append([cur.to_dict(), base.to_dict()])
             else:
-                done.append(measure_blocks(Path(args.bundle), w, blocks=args.blocks, iters_per_block=args.iters).to_dict())
+                done.append(
+                    measure_blocks(Path(args.bundle), w, blocks=args.blocks, iters_per_block=args.iters).to_dict()
+                )
             tmp = raw_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(raw))
             os.replace(tmp, raw_path)
@@ -95,8 +104,9 @@ def collect(args, raw_path: Path) -> dict:
         raw["setup"]["slower_bundle"] = args.slower_bundle
         done = raw.setdefault("real", [])
         while len(done) < args.real_repeats:
-            cur, base = measure_paired(Path(args.slower_bundle), Path(args.bundle), w, blocks=args.blocks,
-                                       iters_per_block=args.iters)
+            cur, base = measure_paired(
+                Path(args.slower_bundle), Path(args.bundle), w, blocks=args.blocks, iters_per_block=args.iters
+            )
             done.append([cur.to_dict(), base.to_dict()])
             tmp = raw_path.with_suffix(".tmp")
             tmp.write_text(json.dumps(raw))
@@ -132,13 +142,21 @@ def main():
         raw = collect(args, raw_path)
     cfg = GateConfig()
     rows = score(raw, cfg)
-    print(f"\n{'mode':<7} {'case':<13} {'n':>4} {'flagged':>8} {'rate':>7} {'median ratio':>13} "
-          f"{'ratio p5..p95':>15} {'CI width':>9}")
+    print(
+        f"\n{'mode':<7} {'case':<13} {'n':>4} {'flagged':>8} {'rate':>7} {'median ratio':>13} "
+        f"{'ratio p5..p95':>15} {'CI width':>9}"
+    )
     for r in rows.values():
-        print(f"{r['mode']:<7} {r['case']:<13} {r['comparisons']:>4} {r['flagged']:>8} {r['rate']:>7.1%} "
-              f"{r['median_ratio']:>13.3f} {r['ratio_p05']:>7.3f}..{r['ratio_p95']:<7.3f} {r['median_ci_width']:>9.3f}")
-    Path(args.out).write_text(json.dumps({"setup": raw["setup"], "gate": asdict(cfg), "results": rows,
-                                          "measure_seconds": raw.get("seconds")}, indent=2))
+        print(
+            f"{r['mode']:<7} {r['case']:<13} {r['comparisons']:>4} {r['flagged']:>8} {r['rate']:>7.1%} "
+            f"{r['median_ratio']:>13.3f} {r['ratio_p05']:>7.3f}..{r['ratio_p95']:<7.3f} {r['median_ci_width']:>9.3f}"
+        )
+    Path(args.out).write_text(
+        json.dumps(
+            {"setup": raw["setup"], "gate": asdict(cfg), "results": rows, "measure_seconds": raw.get("seconds")},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

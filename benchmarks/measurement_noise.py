@@ -47,21 +47,36 @@ def noise(loaded, threads: int, repeats: int, workload: str, protocol: Protocol)
         t = time.perf_counter()
         artifacts = plan.engine.prepare(extract(supernet, sub), Path(tmp) / "g", plan.recipe, graphs_for([w]))
         export_s = time.perf_counter() - t
-        job = plan.job(supernet.space, sub, w, artifacts.files, graph_bytes_for(artifacts.graph_bytes, w), artifacts.export)
+        job = plan.job(
+            supernet.space, sub, w, artifacts.files, graph_bytes_for(artifacts.graph_bytes, w), artifacts.export
+        )
         for i in range(repeats):
             run_worker([job], protocol, Path(tmp), lambda line: runs.append(line["result"]))
             s, env = runs[-1]["stats_ms"], runs[-1]["env"]
-            print(f"  process {i + 1:>2}/{repeats}: median {s['median']:.1f} ms  cv {s['cv']:.1%}  n={s['count']}  "
-                  f"load {env['load_before']:.2f}  ref {env['ref_score_before']:.0f}->{env['ref_score_after']:.0f} "
-                  f"GFLOP/s  remeasured {env['remeasured']}", flush=True)
+            print(
+                f"  process {i + 1:>2}/{repeats}: median {s['median']:.1f} ms  cv {s['cv']:.1%}  n={s['count']}  "
+                f"load {env['load_before']:.2f}  ref {env['ref_score_before']:.0f}->{env['ref_score_after']:.0f} "
+                f"GFLOP/s  remeasured {env['remeasured']}",
+                flush=True,
+            )
     medians = [r["stats_ms"]["median"] for r in runs]
     mean = statistics.mean(medians)
-    return {"sub_network": str(sub), "arch": sub.to_dict(), "params": supernet.space.num_params(sub),
-            "workload": workload, "export_seconds": round(export_s, 1), "export": artifacts.export,
-            "medians_ms": medians, "cv_of_medians": statistics.stdev(medians) / mean, "mean_of_medians_ms": mean,
-            "min_median_ms": min(medians), "max_median_ms": max(medians),
-            "within_run_cv": [r["stats_ms"]["cv"] for r in runs], "env": [r["env"] for r in runs],
-            "fingerprint_id": runs[0]["fingerprint_id"]}
+    return {
+        "sub_network": str(sub),
+        "arch": sub.to_dict(),
+        "params": supernet.space.num_params(sub),
+        "workload": workload,
+        "export_seconds": round(export_s, 1),
+        "export": artifacts.export,
+        "medians_ms": medians,
+        "cv_of_medians": statistics.stdev(medians) / mean,
+        "mean_of_medians_ms": mean,
+        "min_median_ms": min(medians),
+        "max_median_ms": max(medians),
+        "within_run_cv": [r["stats_ms"]["cv"] for r in runs],
+        "env": [r["env"] for r in runs],
+        "fingerprint_id": runs[0]["fingerprint_id"],
+    }
 
 
 def throughput(loaded, threads: int, subs: int, workload: str, protocol: Protocol) -> dict:
@@ -70,15 +85,29 @@ def throughput(loaded, threads: int, subs: int, workload: str, protocol: Protoco
     with tempfile.TemporaryDirectory(prefix="nasprune-tput-") as tmp:
         store = ProfileStore(Path(tmp) / "p.sqlite")
         t = time.perf_counter()
-        records = profile_subnetworks(loaded, chosen, [workload], engine="onnxruntime", store=store, threads=threads,
-                                      protocol=protocol, progress=True, workdir=tmp)
+        records = profile_subnetworks(
+            loaded,
+            chosen,
+            [workload],
+            engine="onnxruntime",
+            store=store,
+            threads=threads,
+            protocol=protocol,
+            progress=True,
+            workdir=tmp,
+        )
         wall = time.perf_counter() - t
     export_s = sum(sum(r["export"]["seconds"].values()) for r in records)
-    return {"sub_networks": [str(s) for s in chosen], "workload": workload, "wall_seconds": round(wall, 1),
-            "sub_networks_per_minute": len(chosen) / (wall / 60), "export_seconds_total": round(export_s, 1),
-            "export_share": export_s / wall,
-            "medians_ms": {str(s): r["stats_ms"]["median"] for s, r in zip(chosen, records)},
-            "parity_max_abs_diff": max(max(r["export"]["parity_max_abs_diff"].values()) for r in records)}
+    return {
+        "sub_networks": [str(s) for s in chosen],
+        "workload": workload,
+        "wall_seconds": round(wall, 1),
+        "sub_networks_per_minute": len(chosen) / (wall / 60),
+        "export_seconds_total": round(export_s, 1),
+        "export_share": export_s / wall,
+        "medians_ms": {str(s): r["stats_ms"]["median"] for s, r in zip(chosen, records)},
+        "parity_max_abs_diff": max(max(r["export"]["parity_max_abs_diff"].values()) for r in records),
+    }
 
 
 def main():
@@ -87,8 +116,12 @@ def main():
     ap.add_argument("--subs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--workload", default="prefill:1x128")
-    ap.add_argument("--max-remeasure", type=int, default=Protocol().max_remeasure,
-                    help="more attempts per measurement on a shared machine (the least-disturbed one is kept)")
+    ap.add_argument(
+        "--max-remeasure",
+        type=int,
+        default=Protocol().max_remeasure,
+        help="more attempts per measurement on a shared machine (the least-disturbed one is kept)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "measurement_noise.json"))
     args = ap.parse_args()
     protocol = Protocol(max_remeasure=args.max_remeasure)
@@ -97,15 +130,28 @@ def main():
     load_start = load_average()
     print(f"noise: {args.repeats} separate processes, ORT CPU, {args.threads} thread(s), {args.workload}")
     n = noise(loaded, args.threads, args.repeats, args.workload, protocol)
-    print(f"CV of medians {n['cv_of_medians']:.2%} (mean {n['mean_of_medians_ms']:.1f} ms, "
-          f"range {n['min_median_ms']:.1f}-{n['max_median_ms']:.1f})")
+    print(
+        f"CV of medians {n['cv_of_medians']:.2%} (mean {n['mean_of_medians_ms']:.1f} ms, "
+        f"range {n['min_median_ms']:.1f}-{n['max_median_ms']:.1f})"
+    )
     print(f"throughput: {args.subs} sub-networks, {args.workload}")
     tp = throughput(loaded, args.threads, args.subs, args.workload, protocol)
-    print(f"{tp['sub_networks_per_minute']:.2f} sub-networks/minute ({tp['wall_seconds']} s for {args.subs}; "
-          f"export {tp['export_share']:.0%} of it)")
-    out = {"created_at": now(), "engine": "onnxruntime", "provider": "CPUExecutionProvider", "threads": args.threads,
-           "protocol": protocol.to_dict(), "cpu_count": os.cpu_count(), "load_average_at_start": load_start,
-           "load_average_at_end": load_average(), "noise": n, "throughput": tp}
+    print(
+        f"{tp['sub_networks_per_minute']:.2f} sub-networks/minute ({tp['wall_seconds']} s for {args.subs}; "
+        f"export {tp['export_share']:.0%} of it)"
+    )
+    out = {
+        "created_at": now(),
+        "engine": "onnxruntime",
+        "provider": "CPUExecutionProvider",
+        "threads": args.threads,
+        "protocol": protocol.to_dict(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": load_start,
+        "load_average_at_end": load_average(),
+        "noise": n,
+        "throughput": tp,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -49,15 +49,21 @@ ARCHS = {
     "50% depth (576/1024/15)": SubNetwork(576, 9, 1024, 15),
     "50% width (432/1024/23)": SubNetwork(432, 9, 1024, 23),
 }
-SANDWICH = {"sandwich-ce": {}, "sandwich-kd": {"distill": "logits", "teacher": "original"},
-            "inplace-kd": {"distill": "logits", "teacher": "largest"}}
+SANDWICH = {
+    "sandwich-ce": {},
+    "sandwich-kd": {"distill": "logits", "teacher": "original"},
+    "inplace-kd": {"distill": "logits", "teacher": "largest"},
+}
 
 
 # ---- data ------------------------------------------------------------------------------------
 def make_data(work: Path) -> dict[str, Path]:
     """General training text (novels interleaved with instructions) and held-out instruction text."""
-    paths = {"train": work / "general_train.txt", "instruct_test": work / "instruct_test.txt",
-             "persuasion": SHARED / "text" / "persuasion.txt"}
+    paths = {
+        "train": work / "general_train.txt",
+        "instruct_test": work / "instruct_test.txt",
+        "persuasion": SHARED / "text" / "persuasion.txt",
+    }
     if all(p.exists() for p in paths.values()):
         return paths
     rng = random.Random(0)
@@ -71,11 +77,11 @@ def make_data(work: Path) -> dict[str, Path]:
     chunks = []
     for name in ("emma.txt", "mansfieldpark.txt", "prideprejudice.txt", "northangerabbey.txt"):
         novel = (SHARED / "text" / name).read_text()
-        chunks += [novel[i:i + 2000] for i in range(0, len(novel), 2000)]
+        chunks += [novel[i : i + 2000] for i in range(0, len(novel), 2000)]
     rng.shuffle(chunks)
     out, j = [], 0
     for chunk in chunks:
-        out += [chunk, "\n\n".join(train_rows[j:j + 3])]
+        out += [chunk, "\n\n".join(train_rows[j : j + 3])]
         j = (j + 3) % len(train_rows)
     work.mkdir(parents=True, exist_ok=True)
     paths["train"].write_text("\n\n".join(out))
@@ -89,8 +95,10 @@ class Evaluator:
         from compressor.evaluate import token_windows
 
         self.tok, self.args = tokenizer, args
-        self.windows = {"persuasion": token_windows(tokenizer, paths["persuasion"].read_text(), 256, args.test_tokens),
-                        "instruct": token_windows(tokenizer, paths["instruct_test"].read_text(), 256, args.test_tokens)}
+        self.windows = {
+            "persuasion": token_windows(tokenizer, paths["persuasion"].read_text(), 256, args.test_tokens),
+            "instruct": token_windows(tokenizer, paths["instruct_test"].read_text(), 256, args.test_tokens),
+        }
 
     def ppl(self, logits_fn) -> dict:
         from compressor.evaluate import perplexity
@@ -126,16 +134,20 @@ class Results:
         self.data = json.loads(path.read_text()) if path.exists() else {"rows": [], "meta": {}}
 
     def has(self, method, arch, minutes) -> bool:
-        return any(r["method"] == method and r["arch"] == arch and abs(r["minutes"] - minutes) < 1e-6
-                   for r in self.data["rows"])
+        return any(
+            r["method"] == method and r["arch"] == arch and abs(r["minutes"] - minutes) < 1e-6
+            for r in self.data["rows"]
+        )
 
     def add(self, **row) -> None:
         self.data["rows"].append(row)
         self.save()
         mc = row.get("mc") or {}
-        print(f"  {row['method']:<14} {row['arch']:<24} {row['minutes']:6.1f} min  persuasion {row['persuasion']:9.2f}  "
-              f"instruct {row['instruct']:9.2f}" + "".join(f"  {k} {v:.3f}" for k, v in mc.items() if v is not None),
-              flush=True)
+        print(
+            f"  {row['method']:<14} {row['arch']:<24} {row['minutes']:6.1f} min  persuasion {row['persuasion']:9.2f}  "
+            f"instruct {row['instruct']:9.2f}" + "".join(f"  {k} {v:.3f}" for k, v in mc.items() if v is not None),
+            flush=True,
+        )
 
     def save(self) -> None:
         from compressor.modeldir import write_json_atomic
@@ -171,8 +183,13 @@ def run_one_shot(args, results, ev, imp):
     sn = parent.supernet()
     for name, sub in ARCHS.items():
         if not results.has("one-shot", name, 0.0):
-            results.add(method="one-shot", arch=name, minutes=0.0, params=sn.space.num_params(sub),
-                        **ev.model(extract(sn, sub), with_mc=True))
+            results.add(
+                method="one-shot",
+                arch=name,
+                minutes=0.0,
+                params=sn.space.num_params(sub),
+                **ev.model(extract(sn, sub), with_mc=True),
+            )
 
 
 def run_repair(args, results, ev, imp, paths):
@@ -188,8 +205,14 @@ def run_repair(args, results, ev, imp, paths):
         t = time.perf_counter()
         model, report = repair_model(parent, sub, windows, cfg)
         minutes = (time.perf_counter() - t) / 60
-        results.add(method="repair", arch=name, minutes=minutes, params=sum(p.numel() for p in model.parameters()),
-                    repair=report.summary(), **ev.model(model, with_mc=True))
+        results.add(
+            method="repair",
+            arch=name,
+            minutes=minutes,
+            params=sum(p.numel() for p in model.parameters()),
+            repair=report.summary(),
+            **ev.model(model, with_mc=True),
+        )
 
 
 def run_sandwich(args, results, ev, imp, paths, method):
@@ -200,25 +223,57 @@ def run_sandwich(args, results, ev, imp, paths, method):
     out = args.work / method
     segment = args.minutes / args.segments
     for seg in range(1, args.segments + 1):
-        minutes = segment * seg
-        if all(results.has(method, name, minutes) for name in ARCHS):
+        budget = segment * seg
+        done = [r for r in results.data["rows"] if r["method"] == method]
+        if any(r.get("budget") == budget for r in done) or any(r.get("schedule_done") for r in done):
             continue
-        cfg = TrainConfig(strategy="importance-random", steps=args.steps, max_minutes=segment, batch_size=args.batch_size,
-                          seq_len=256, lr=args.lr, warmup_steps=3, checkpoint_every=5, seed=args.seed,
-                          **SANDWICH[method])
+        cfg = TrainConfig(
+            strategy="importance-random",
+            steps=args.steps,
+            max_minutes=segment,
+            batch_size=args.batch_size,
+            seq_len=256,
+            lr=args.lr,
+            warmup_steps=3,
+            checkpoint_every=5,
+            seed=args.seed,
+            **SANDWICH[method],
+        )
         resume = (args.work / f"{method}.train" / "checkpoint.pt").exists()
         t = time.perf_counter()
-        run_training(str(imp), str(paths["train"]), out, cfg, resume=resume, overwrite=True, log=lambda *_: None,
-                     teacher_cache_dir=args.work / "teacher")
+        run_training(
+            str(imp),
+            str(paths["train"]),
+            out,
+            cfg,
+            resume=resume,
+            overwrite=True,
+            log=lambda *_: None,
+            teacher_cache_dir=args.work / "teacher",
+        )
         wall = time.perf_counter() - t
         trained = load_model(str(out))
         info = trained.meta.provenance["training"]
         sn = trained.supernet()
+        first = next(iter(ARCHS))
+        seconds = sum(r.get("train_seconds", 0.0) for r in done if r["arch"] == first) + info["seconds"]
+        finished = not info["stopped_by_time_budget"]  # the schedule ended before the budget: no more segments
         for name, sub in ARCHS.items():
-            if not results.has(method, name, minutes):
-                results.add(method=method, arch=name, minutes=minutes, params=sn.space.num_params(sub),
-                            steps=info["steps"], tokens=info["tokens"], wall_seconds=wall,
-                            distill=info.get("distill"), **ev.model(extract(sn, sub), with_mc=seg == args.segments))
+            # minutes = training time actually spent (excluding the one-off teacher-cache fill, reported apart)
+            results.add(
+                method=method,
+                arch=name,
+                minutes=seconds / 60,
+                budget=budget,
+                schedule_done=finished,
+                params=sn.space.num_params(sub),
+                steps=info["steps"],
+                tokens=info["tokens"],
+                train_seconds=info["seconds"],
+                wall_seconds=wall,
+                distill=info.get("distill"),
+                **ev.model(extract(sn, sub), with_mc=seg == args.segments or finished),
+            )
 
 
 def run_refine(args, results, ev, imp, paths):
@@ -230,14 +285,35 @@ def run_refine(args, results, ev, imp, paths):
         if results.has("refine", name, per_arch):
             continue
         out = args.work / f"refine-{sub}"
-        cfg = RefineConfig(minutes=per_arch, steps=args.steps, batch_size=args.batch_size, seq_len=256, lr=args.lr,
-                           repair_tokens=args.repair_tokens, seed=args.seed)
-        record = refine(str(imp), sub, str(paths["train"]), out, cfg, overwrite=True, log=lambda *_: None,
-                        teacher_cache_dir=args.work / "teacher")
+        cfg = RefineConfig(
+            minutes=per_arch,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            seq_len=256,
+            lr=args.lr,
+            repair_tokens=args.repair_tokens,
+            seed=args.seed,
+        )
+        record = refine(
+            str(imp),
+            sub,
+            str(paths["train"]),
+            out,
+            cfg,
+            overwrite=True,
+            log=lambda *_: None,
+            teacher_cache_dir=args.work / "teacher",
+        )
         refined = load_model(str(out))
-        results.add(method="refine", arch=name, minutes=per_arch, params=sum(p.numel() for p in refined.model.parameters()),
-                    steps=record["training"]["steps"], tokens=record["training"]["tokens"],
-                    **ev.model(refined.model, with_mc=True))
+        results.add(
+            method="refine",
+            arch=name,
+            minutes=per_arch,
+            params=sum(p.numel() for p in refined.model.parameters()),
+            steps=record["training"]["steps"],
+            tokens=record["training"]["tokens"],
+            **ev.model(refined.model, with_mc=True),
+        )
 
 
 def run_references(args, results, ev, imp):
@@ -249,8 +325,13 @@ def run_references(args, results, ev, imp):
 
     parent = load_model(str(imp))
     if not results.has("original fp32", "original", 0.0):
-        results.add(method="original fp32", arch="original", minutes=0.0,
-                    params=sum(p.numel() for p in parent.model.parameters()), **ev.model(parent.model, with_mc=True))
+        results.add(
+            method="original fp32",
+            arch="original",
+            minutes=0.0,
+            params=sum(p.numel() for p in parent.model.parameters()),
+            **ev.model(parent.model, with_mc=True),
+        )
     if args.skip_int8 or results.has("original int8 (ORT)", "original", 0.0):
         return
     from deploy.bundle import build_bundle, graph_paths
@@ -258,20 +339,29 @@ def run_references(args, results, ev, imp):
 
     sn = parent.supernet()
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
-        bundle = build_bundle(parent, sn, sn.space.largest(), Path(tmp) / "original", variants=("fp32", "int8"),
-                              log=lambda *_: None)
+        bundle = build_bundle(
+            parent, sn, sn.space.largest(), Path(tmp) / "original", variants=("fp32", "int8"), log=lambda *_: None
+        )
         engine = {}
         for variant in ("fp32", "int8"):
             p = graph_paths(bundle, variant)
             gen = OnnxGenerator(p["prefill"], p["decode"])
-            engine[variant] = {name: _math.exp(onnx_mean_nll(gen, w[:1, : args.engine_tokens].numpy()))
-                               for name, w in ev.windows.items()}
+            engine[variant] = {
+                name: _math.exp(onnx_mean_nll(gen, w[:1, : args.engine_tokens].numpy()))
+                for name, w in ev.windows.items()
+            }
     ratio = {name: engine["int8"][name] / engine["fp32"][name] for name in ev.windows}
     torch_ppl = results.data["rows"][[r["method"] for r in results.data["rows"]].index("original fp32")]
     # the INT8 row is the fp32 torch perplexity times the engine's measured INT8/fp32 ratio on the prefix
-    results.add(method="original int8 (ORT)", arch="original", minutes=0.0, params=torch_ppl["params"],
-                engine_ppl=engine, int8_over_fp32=ratio,
-                **{name: torch_ppl[name] * ratio[name] for name in ev.windows})
+    results.add(
+        method="original int8 (ORT)",
+        arch="original",
+        minutes=0.0,
+        params=torch_ppl["params"],
+        engine_ppl=engine,
+        int8_over_fp32=ratio,
+        **{name: torch_ppl[name] * ratio[name] for name in ev.windows},
+    )
 
 
 # ---- report ----------------------------------------------------------------------------------
@@ -285,8 +375,11 @@ def report(results: Results, out_png: Path) -> None:
         acc = " / ".join(f"{v:.3f}" for v in mc.values() if v is not None) or "–"
         xp = f"{r['persuasion'] / ref['persuasion']:.2f}" if ref else "–"
         xi = f"{r['instruct'] / ref['instruct']:.2f}" if ref else "–"
-        print(f"| {r['method']} | {r['arch']} | {r['params'] / 1e6:.1f}M | {r['minutes']:.1f} | {r['persuasion']:.2f} | {xp} "
-              f"| {r['instruct']:.2f} | {xi} | {acc} |")
+        print(
+            f"| {r['method']} | {r['arch']} | {r['params'] / 1e6:.1f}M | {r['minutes']:.1f} "
+            f"| {r['persuasion']:.2f} | {xp} "
+            f"| {r['instruct']:.2f} | {xi} | {acc} |"
+        )
     try:
         import matplotlib
 
@@ -325,7 +418,7 @@ def main():
     ap.add_argument("--minutes", type=float, default=10.0, help="budget per training method")
     ap.add_argument("--segments", type=int, default=2, help="evaluation points along each training run")
     ap.add_argument("--methods", default="references,one-shot,repair,sandwich-ce,sandwich-kd,inplace-kd,refine")
-    ap.add_argument("--steps", type=int, default=60, help="cosine schedule length (the time budget stops first)")
+    ap.add_argument("--steps", type=int, default=120, help="cosine schedule length (the time budget stops first)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
@@ -349,8 +442,10 @@ def main():
 
     ev = Evaluator(load_model(str(imp)).tokenizer, paths, args)
     results = Results(args.out)
-    results.data["meta"] = {"archs": {k: v.to_dict() for k, v in ARCHS.items()}, "args": {k: str(v) for k, v in
-                                                                                          vars(args).items()}}
+    results.data["meta"] = {
+        "archs": {k: v.to_dict() for k, v in ARCHS.items()},
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     methods = args.methods.split(",")
     if "references" in methods:
         run_references(args, results, ev, imp)

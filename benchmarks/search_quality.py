@@ -16,8 +16,6 @@ import statistics
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 from compressor.evaluate import PACKAGE_DATA, token_windows
 from compressor.modeldir import load_model
 from compressor.search import QualityOracle, SearchConfig, hypervolume, reference_point, run_nsga2, run_random
@@ -40,7 +38,9 @@ def main():
     loaded = load_model(str(run / "supernet"))
     predictor = load_predictor(run / "predictor")
     w = Workload.parse(args.workload)
-    windows = token_windows(loaded.tokenizer, (PACKAGE_DATA / "persuasion_heldout.txt").read_text(), 256, args.eval_tokens)
+    windows = token_windows(
+        loaded.tokenizer, (PACKAGE_DATA / "persuasion_heldout.txt").read_text(), 256, args.eval_tokens
+    )
     sn = loaded.supernet()
     quality = QualityOracle(sn, windows)
 
@@ -55,19 +55,35 @@ def main():
         ref = reference_point(sn.space, quality, latency, cfg)
         ga = run_nsga2(sn.space, quality, latency, cfg, progress=False)
         rnd = run_random(sn.space, quality, latency, cfg, evaluations=len(ga.evaluated))
-        row = {"seed": seed, "evaluations": len(ga.evaluated), "hv_nsga2": hypervolume(ga.evaluated, ref, cfg),
-               "hv_random": hypervolume(rnd.evaluated, ref, cfg), "front_nsga2": len(ga.pareto),
-               "front_random": len(rnd.pareto), "hv_per_generation_nsga2": ga.hypervolume,
-               "hv_per_generation_random": rnd.hypervolume}
+        row = {
+            "seed": seed,
+            "evaluations": len(ga.evaluated),
+            "hv_nsga2": hypervolume(ga.evaluated, ref, cfg),
+            "hv_random": hypervolume(rnd.evaluated, ref, cfg),
+            "front_nsga2": len(ga.pareto),
+            "front_random": len(rnd.pareto),
+            "hv_per_generation_nsga2": ga.hypervolume,
+            "hv_per_generation_random": rnd.hypervolume,
+        }
         rows.append(row)
-        print(f"seed {seed}: {row['evaluations']} evaluations  HV NSGA-II {row['hv_nsga2']:.4f}  random {row['hv_random']:.4f}"
-              f"  ratio {row['hv_nsga2'] / row['hv_random']:.3f}")
+        print(
+            f"seed {seed}: {row['evaluations']} evaluations  "
+            f"HV NSGA-II {row['hv_nsga2']:.4f}  random {row['hv_random']:.4f}"
+            f"  ratio {row['hv_nsga2'] / row['hv_random']:.3f}"
+        )
     ratios = [r["hv_nsga2"] / r["hv_random"] for r in rows]
-    summary = {"mean_hv_nsga2": statistics.mean(r["hv_nsga2"] for r in rows),
-               "mean_hv_random": statistics.mean(r["hv_random"] for r in rows), "mean_ratio": statistics.mean(ratios),
-               "nsga2_wins": sum(x > 1 for x in ratios), "seeds": len(rows), "unique_subnetworks_scored": len(quality.cache)}
-    print(f"mean HV NSGA-II {summary['mean_hv_nsga2']:.4f} vs random {summary['mean_hv_random']:.4f} "
-          f"(ratio {summary['mean_ratio']:.3f}; NSGA-II better in {summary['nsga2_wins']}/{len(rows)} seeds)")
+    summary = {
+        "mean_hv_nsga2": statistics.mean(r["hv_nsga2"] for r in rows),
+        "mean_hv_random": statistics.mean(r["hv_random"] for r in rows),
+        "mean_ratio": statistics.mean(ratios),
+        "nsga2_wins": sum(x > 1 for x in ratios),
+        "seeds": len(rows),
+        "unique_subnetworks_scored": len(quality.cache),
+    }
+    print(
+        f"mean HV NSGA-II {summary['mean_hv_nsga2']:.4f} vs random {summary['mean_hv_random']:.4f} "
+        f"(ratio {summary['mean_ratio']:.3f}; NSGA-II better in {summary['nsga2_wins']}/{len(rows)} seeds)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"setup": vars(args), "summary": summary, "runs": rows}, indent=2))
 

@@ -15,7 +15,6 @@ without it); sliding-window attention is treated as full attention (exact below 
 
 from __future__ import annotations
 
-
 import re
 from dataclasses import dataclass
 
@@ -57,7 +56,7 @@ class Selection:
     ffn: torch.Tensor  # FFN neurons
 
     @staticmethod
-    def first_k(dims: ModelDims, embed: int, groups: int, ffn: int) -> "Selection":
+    def first_k(dims: ModelDims, embed: int, groups: int, ffn: int) -> Selection:
         return Selection(
             embed=torch.arange(embed),
             groups=torch.arange(groups),
@@ -126,7 +125,11 @@ def elastic_linear(module: torch.nn.Module, x: torch.Tensor, rows: slice, cols: 
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     bias = base.bias[rows] if base.bias is not None else None
     out = F.linear(x, base.weight[rows, :cols], bias)
-    if hasattr(module, "lora_A") and not getattr(module, "merged", False) and not getattr(module, "disable_adapters", False):
+    if (
+        hasattr(module, "lora_A")
+        and not getattr(module, "merged", False)
+        and not getattr(module, "disable_adapters", False)
+    ):
         for name in module.active_adapters:
             if name not in module.lora_A:
                 continue
@@ -207,7 +210,9 @@ class Family:
         for pattern, roles in self._compiled:
             if pattern.match(generic):
                 return roles
-        raise NaspruneError(f"parameter '{name}' of {self.name} has no slicing rule; this checkpoint variant is not supported")
+        raise NaspruneError(
+            f"parameter '{name}' of {self.name} has no slicing rule; this checkpoint variant is not supported"
+        )
 
     @staticmethod
     def layer_of(name: str) -> int | None:
@@ -377,15 +382,21 @@ class PhiFamily(LlamaFamily):
 
     def __init__(self, config):
         if getattr(config, "qk_layernorm", False):
-            raise NaspruneError("Phi checkpoints with qk_layernorm=True are not supported (their norm size is tied to hidden/heads)")
+            raise NaspruneError(
+                "Phi checkpoints with qk_layernorm=True are not supported (their norm size is tied to hidden/heads)"
+            )
         super().__init__(config)
 
     def block(self, layer, x, cos_sin, attention_mask, s):
         h = self._norm(layer.input_layernorm, x, s.embed)
         attn = layer.self_attn
         a = self._attend(*self._qkv(attn, h, s), cos_sin, attention_mask, s, attn.dense, s.embed)
-        m = elastic_linear(layer.mlp.fc2, ACT2FN[self.config.hidden_act](
-            elastic_linear(layer.mlp.fc1, h, slice(0, s.ffn), s.embed)), slice(0, s.embed), s.ffn)
+        m = elastic_linear(
+            layer.mlp.fc2,
+            ACT2FN[self.config.hidden_act](elastic_linear(layer.mlp.fc1, h, slice(0, s.ffn), s.embed)),
+            slice(0, s.embed),
+            s.ffn,
+        )
         return x + a + m
 
     def head(self, model, x, s):
@@ -438,8 +449,16 @@ class GPTNeoXFamily(Family):
         h = self._norm(layer.input_layernorm, x, s.embed)
         qkv = elastic_linear(layer.attention.query_key_value, h, slice(0, 3 * s.heads * hd), s.embed)
         q, k, v = qkv.view(b, t, s.heads, 3 * hd).chunk(3, dim=-1)
-        a = self._attend(q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1), cos_sin,
-                         attention_mask, s, layer.attention.dense, s.embed)
+        a = self._attend(
+            q.reshape(b, t, -1),
+            k.reshape(b, t, -1),
+            v.reshape(b, t, -1),
+            cos_sin,
+            attention_mask,
+            s,
+            layer.attention.dense,
+            s.embed,
+        )
 
         def mlp(inp):
             up = elastic_linear(layer.mlp.dense_h_to_4h, inp, slice(0, s.ffn), s.embed)
@@ -464,8 +483,14 @@ def family_for(config) -> Family:
     """The family of a config, or a one-line error listing what is supported."""
     archs = list(getattr(config, "architectures", None) or [])
     model_type = getattr(config, "model_type", "")
-    by_type = {"llama": LlamaFamily, "mistral": LlamaFamily, "qwen2": LlamaFamily, "phi": PhiFamily,
-               "phi3": Phi3Family, "gpt_neox": GPTNeoXFamily}
+    by_type = {
+        "llama": LlamaFamily,
+        "mistral": LlamaFamily,
+        "qwen2": LlamaFamily,
+        "phi": PhiFamily,
+        "phi3": Phi3Family,
+        "gpt_neox": GPTNeoXFamily,
+    }
     for family in FAMILIES:
         if any(a in family.hf_classes for a in archs):
             return family(config)
@@ -473,5 +498,3 @@ def family_for(config) -> Family:
         return by_type[model_type](config)
     found = ", ".join(archs) or model_type or "unknown"
     raise NaspruneError(f"unsupported architecture {found}; nasprune supports {', '.join(SUPPORTED)}")
-
-

@@ -27,8 +27,10 @@ def register(app: typer.Typer) -> None:
     app.command("refine")(handles_errors(refine))
 
 
-def info(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
-         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+def info(
+    model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
     """Architecture, search-space choices, number of sub-networks, min/max parameters."""
     loaded = load_for_cli(model)
     sn = loaded.supernet()
@@ -44,16 +46,23 @@ def info(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or
         "search_space": space.to_dict(),
         "layer_ranking": space.layer_ranking,
         "importance_permuted": loaded.meta.importance is not None,
-        "params": {"min": space.num_params(smallest), "max": space.num_params(largest),
-                   "smallest": smallest.to_dict(), "largest": largest.to_dict()},
+        "params": {
+            "min": space.num_params(smallest),
+            "max": space.num_params(largest),
+            "smallest": smallest.to_dict(),
+            "largest": largest.to_dict(),
+        },
     }
     if as_json:
         print(json.dumps(data, indent=2))
         return
     console.print(f"[bold]{data['architecture']}[/] ({sn.family.name}) from {data['path'] or model}")
-    console.print(f"  vocab {dims.vocab_size}, hidden {dims.hidden_size}, {dims.num_layers} layers, FFN {dims.intermediate_size}, "
-                  f"{dims.num_heads} query heads in {dims.num_kv_heads} KV groups (head_dim {dims.head_dim}), "
-                  f"tied embeddings: {dims.tied_embeddings}")
+    console.print(
+        f"  vocab {dims.vocab_size}, hidden {dims.hidden_size}, {dims.num_layers} layers, "
+        f"FFN {dims.intermediate_size}, "
+        f"{dims.num_heads} query heads in {dims.num_kv_heads} KV groups (head_dim {dims.head_dim}), "
+        f"tied embeddings: {dims.tied_embeddings}"
+    )
     table = Table(title="search space")
     table.add_column("dimension")
     table.add_column("choices")
@@ -69,14 +78,21 @@ def info(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or
         console.print(f"  note: {note}")
 
 
-def extract(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
-            arch: str = typer.Option(..., "--arch", help='JSON object {"embed_dim":..,"num_heads":..,"ffn_dim":..,"num_layers":..} or a file'),
-            out: Path = typer.Option(..., "--out", help="Output nasprune model dir (plain HF checkpoint + nasprune.json)"),
-            overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
-            repair: Optional[str] = typer.Option(None, "--repair", metavar="DATA",
-                                                 help="closed-form repair (bias compensation + ridge refit) on this "
-                                                      "calibration data (.txt or Alpaca .jsonl)"),
-            repair_tokens: int = typer.Option(4096, help="calibration tokens for --repair")):
+def extract(
+    model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
+    arch: str = typer.Option(
+        ..., "--arch", help='JSON object {"embed_dim":..,"num_heads":..,"ffn_dim":..,"num_layers":..} or a file'
+    ),
+    out: Path = typer.Option(..., "--out", help="Output nasprune model dir (plain HF checkpoint + nasprune.json)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
+    repair: Optional[str] = typer.Option(
+        None,
+        "--repair",
+        metavar="DATA",
+        help="closed-form repair (bias compensation + ridge refit) on this calibration data (.txt or Alpaca .jsonl)",
+    ),
+    repair_tokens: int = typer.Option(4096, help="calibration tokens for --repair"),
+):
     """Extract one sub-network as a standalone smaller model that plain transformers loads."""
     from compressor.extract import save_extracted
     from compressor.search_space import SubNetwork
@@ -97,13 +113,17 @@ def extract(model: str = typer.Argument(..., help="dir, .gguf, hub id (--online)
         report = {"data": repair, **rep.summary()}
     with console.status(f"extracting {sub} ..."):
         path, n = save_extracted(loaded, sn, sub, out, overwrite=overwrite, model=repaired, repair=report)
-    console.print(f"wrote {path}: {sub} ({sn.space.num_kv_heads(sub)} KV heads), {n:,} params "
-                  f"({n / sn.space.num_params(sn.space.largest()):.1%} of the super-network)")
+    console.print(
+        f"wrote {path}: {sub} ({sn.space.num_kv_heads(sub)} KV heads), {n:,} params "
+        f"({n / sn.space.num_params(sn.space.largest()):.1%} of the super-network)"
+    )
 
 
 def importance(
     model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
-    data: str = typer.Option(..., "--data", help="calibration text (.txt), Alpaca .jsonl, or a hub dataset with --online"),
+    data: str = typer.Option(
+        ..., "--data", help="calibration text (.txt), Alpaca .jsonl, or a hub dataset with --online"
+    ),
     out: Path = typer.Option(..., "--out", help="output nasprune model dir (permuted weights + layer ranking)"),
     tokens: int = typer.Option(65536, help="calibration tokens for head/neuron/channel scores"),
     layer_tokens: int = typer.Option(2048, help="tokens for the layer metric (drop-loss runs one pass per layer)"),
@@ -129,18 +149,24 @@ def importance(
     sorted_scores = permute(sn, scores)
     path = save_importance(loaded, sorted_scores, ranking, out, overwrite=overwrite)
     info = scores.info
-    console.print(f"scored {info['calibration_tokens']:,} tokens in {info['seconds_activation']:.1f}s "
-                  f"(+ layer {layer_metric} on {info['layer_tokens']:,} tokens, total {info['seconds_total']:.1f}s)")
+    console.print(
+        f"scored {info['calibration_tokens']:,} tokens in {info['seconds_activation']:.1f}s "
+        f"(+ layer {layer_metric} on {info['layer_tokens']:,} tokens, total {info['seconds_total']:.1f}s)"
+    )
     console.print(f"layer ranking (most important first): {ranking}")
     console.print(f"wrote {path}; use it as MODEL everywhere (e.g. nasprune extract {path} --arch ...)")
 
 
 def train(
     model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
-    data: str = typer.Option(..., "--data", help="training text (.txt) or Alpaca .jsonl (or a hub dataset with --online)"),
+    data: str = typer.Option(
+        ..., "--data", help="training text (.txt) or Alpaca .jsonl (or a hub dataset with --online)"
+    ),
     out: Path = typer.Option(..., "--out", help="output nasprune model dir (LoRA merged) + training log"),
-    strategy: str = typer.Option("importance-calibrate-mag", help="standard | random | grid-params | importance-random | "
-                                 "importance-grid-params | importance-calibrate-mag"),
+    strategy: str = typer.Option(
+        "importance-calibrate-mag",
+        help="standard | random | grid-params | importance-random | importance-grid-params | importance-calibrate-mag",
+    ),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON file with TrainConfig fields (flags override it)"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps"),
     max_minutes: Optional[float] = typer.Option(None, help="stop after this much training time (resumable)"),
@@ -151,26 +177,48 @@ def train(
     lora: bool = typer.Option(False, "--lora", help="LoRA on every linear instead of full fine-tuning"),
     lora_r: Optional[int] = typer.Option(None),
     lora_alpha: Optional[float] = typer.Option(None),
-    untie_lm_head: bool = typer.Option(False, "--untie-lm-head", help="give lm_head its own weights so LoRA can adapt it"),
+    untie_lm_head: bool = typer.Option(
+        False, "--untie-lm-head", help="give lm_head its own weights so LoRA can adapt it"
+    ),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
-    calib_data: Optional[str] = typer.Option(None, help="calibration data for importance-* strategies on a model "
-                                             "without importance (default: the training data)"),
+    calib_data: Optional[str] = typer.Option(
+        None,
+        help="calibration data for importance-* strategies on a model without importance (default: the training data)",
+    ),
     seed: Optional[int] = typer.Option(None),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="optimizer steps between checkpoints"),
-    distill: Optional[str] = typer.Option(None, "--distill", help="none | logits: add logit distillation (KD) against a "
-                                          "teacher to every sub-network's loss (default none)"),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="original = the unpruned (permuted) model at the start, "
-                                          "frozen, its top-k logits cached on disk once | largest = in-place, the same "
-                                          "step's largest sub-network (detached)"),
-    distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", help="loss = alpha*KD + (1-alpha)*CE "
-                                                  "(default 1: pure KD)"),
-    distill_topk: Optional[int] = typer.Option(None, "--distill-topk", help="teacher tokens cached per position, plus "
-                                               "one tail bucket (default 64)"),
-    distill_temperature: Optional[float] = typer.Option(None, "--distill-temperature", help="softmax temperature of "
-                                                        "teacher and student; KD is scaled by T^2 (default 1)"),
-    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="where teacher targets are cached "
-                                                 "(default $NASPRUNE_CACHE/teacher); reused by any run on the same "
-                                                 "tokens and teacher"),
+    checkpoint_every: Optional[int] = typer.Option(
+        None, "--checkpoint-every", help="optimizer steps between checkpoints"
+    ),
+    distill: Optional[str] = typer.Option(
+        None,
+        "--distill",
+        help="none | logits: add logit distillation (KD) against a teacher to every sub-network's loss (default none)",
+    ),
+    teacher: Optional[str] = typer.Option(
+        None,
+        "--teacher",
+        help="original = the unpruned (permuted) model at the start, "
+        "frozen, its top-k logits cached on disk once | largest = in-place, the same "
+        "step's largest sub-network (detached)",
+    ),
+    distill_alpha: Optional[float] = typer.Option(
+        None, "--distill-alpha", help="loss = alpha*KD + (1-alpha)*CE (default 1: pure KD)"
+    ),
+    distill_topk: Optional[int] = typer.Option(
+        None, "--distill-topk", help="teacher tokens cached per position, plus one tail bucket (default 64)"
+    ),
+    distill_temperature: Optional[float] = typer.Option(
+        None,
+        "--distill-temperature",
+        help="softmax temperature of teacher and student; KD is scaled by T^2 (default 1)",
+    ),
+    teacher_cache: Optional[Path] = typer.Option(
+        None,
+        "--teacher-cache",
+        help="where teacher targets are cached "
+        "(default $NASPRUNE_CACHE/teacher); reused by any run on the same "
+        "tokens and teacher",
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT's checkpoint exactly"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
@@ -180,17 +228,43 @@ def train(
 
     if config is not None:
         read_yaml_mapping(config)  # a missing or broken file is one line (TrainConfig.load reads it again)
-    overrides = {k: v for k, v in dict(strategy=strategy, steps=steps, max_minutes=max_minutes, batch_size=batch_size,
-                                       grad_accum=grad_accum, seq_len=seq_len, lr=lr, lora=lora or None, lora_r=lora_r,
-                                       lora_alpha=lora_alpha, untie_lm_head=untie_lm_head or None,
-                                       gradient_checkpointing=gradient_checkpointing or None, seed=seed,
-                                       checkpoint_every=checkpoint_every, distill=distill, teacher=teacher,
-                                       distill_alpha=distill_alpha, distill_topk=distill_topk,
-                                       distill_temperature=distill_temperature).items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in dict(
+            strategy=strategy,
+            steps=steps,
+            max_minutes=max_minutes,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            seq_len=seq_len,
+            lr=lr,
+            lora=lora or None,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            untie_lm_head=untie_lm_head or None,
+            gradient_checkpointing=gradient_checkpointing or None,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            distill=distill,
+            teacher=teacher,
+            distill_alpha=distill_alpha,
+            distill_topk=distill_topk,
+            distill_temperature=distill_temperature,
+        ).items()
+        if v is not None
+    }
     cfg = TrainConfig.load(config, overrides)
-    path = run_training(model, data, out, cfg, resume=resume, online=STATE["online"], calib_data=calib_data,
-                        overwrite=overwrite, teacher_cache_dir=teacher_cache)
+    path = run_training(
+        model,
+        data,
+        out,
+        cfg,
+        resume=resume,
+        online=STATE["online"],
+        calib_data=calib_data,
+        overwrite=overwrite,
+        teacher_cache_dir=teacher_cache,
+    )
     console.print(f"wrote {path}")
 
 
@@ -198,8 +272,12 @@ def evaluate(
     model: str = typer.Argument(..., help="dir, .gguf, hub id (--online) or 'default'"),
     arch: Optional[str] = typer.Option(None, "--arch", help="sub-network JSON or file (default: the largest)"),
     data: Optional[str] = typer.Option(None, "--data", help="held-out text for perplexity"),
-    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated lm-eval task names (standard ones need --online)"),
-    task_file: Optional[List[Path]] = typer.Option(None, "--task-file", help="local multiple-choice .jsonl task (repeatable)"),
+    tasks: Optional[str] = typer.Option(
+        None, "--tasks", help="comma-separated lm-eval task names (standard ones need --online)"
+    ),
+    task_file: Optional[List[Path]] = typer.Option(
+        None, "--task-file", help="local multiple-choice .jsonl task (repeatable)"
+    ),
     include_path: Optional[Path] = typer.Option(None, help="directory of lm-eval YAML task files"),
     limit: Optional[int] = typer.Option(None, help="examples per lm-eval task"),
     seq_len: int = typer.Option(512),
@@ -213,8 +291,19 @@ def evaluate(
 
     loaded = load_for_cli(model)
     sub = SubNetwork.parse(arch) if arch else None
-    result = evaluate_subnetwork(loaded, sub, data=data, tasks=tasks, task_files=task_file, include_path=include_path,
-                                 limit=limit, seq_len=seq_len, max_tokens=max_tokens, via=via, online=STATE["online"])
+    result = evaluate_subnetwork(
+        loaded,
+        sub,
+        data=data,
+        tasks=tasks,
+        task_files=task_file,
+        include_path=include_path,
+        limit=limit,
+        seq_len=seq_len,
+        max_tokens=max_tokens,
+        via=via,
+        online=STATE["online"],
+    )
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -229,13 +318,23 @@ def evaluate(
 def refine(
     model: str = typer.Argument(..., help="the parent: an importance-permuted or trained super-network (model dir)"),
     arch: str = typer.Option(..., "--arch", help="the sub-network to refine: JSON object or a file"),
-    data: str = typer.Option(..., "--data", help="distillation data (.txt or Alpaca .jsonl); also the repair calibration"),
+    data: str = typer.Option(
+        ..., "--data", help="distillation data (.txt or Alpaca .jsonl); also the repair calibration"
+    ),
     out: Path = typer.Option(..., "--out", help="output nasprune model dir (plain HF checkpoint of the refined model)"),
     minutes: float = typer.Option(5.0, "--minutes", help="training-time budget"),
     steps: int = typer.Option(100_000, "--steps", help="step budget (the run stops at the first of minutes / steps)"),
-    validation: Optional[str] = typer.Option(None, "--validation", help="plain text for quality before/after (never "
-                                             "the --data text)"),
+    validation: Optional[str] = typer.Option(
+        None, "--validation", help="plain text for quality before/after (never the --data text)"
+    ),
     no_repair: bool = typer.Option(False, "--no-repair", help="skip the closed-form repair before training"),
+    teacher: Optional[str] = typer.Option(
+        None,
+        "--teacher",
+        help="the model to distil from (default: MODEL's largest "
+        "sub-network); e.g. the importance-permuted original when MODEL is a trained "
+        "super-network",
+    ),
     batch_size: int = typer.Option(4, help="windows per step"),
     seq_len: int = typer.Option(256, help="tokens per window"),
     lr: float = typer.Option(1e-4),
@@ -243,16 +342,34 @@ def refine(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
     """Distil one sub-network on its own from the unpruned original (repair first), for a short budget."""
-    from compressor.refine import RefineConfig, refine as run_refine
+    from compressor.refine import RefineConfig
+    from compressor.refine import refine as run_refine
     from compressor.search_space import SubNetwork
 
     sub = SubNetwork.parse(arch)
-    cfg = RefineConfig(minutes=minutes, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, repair=not no_repair)
+    cfg = RefineConfig(
+        minutes=minutes, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, repair=not no_repair
+    )
     claim_output(out, "model", overwrite=overwrite or resume)
-    record = run_refine(model, sub, data, out, cfg, validation=validation, online=STATE["online"], resume=resume,
-                        overwrite=overwrite, log=console.print)
-    shown = ", ".join(f"{k.removeprefix('ppl_')} {record[k]:.2f}" for k in ("ppl_one_shot", "ppl_repaired", "ppl_refined")
-                      if record.get(k) is not None)
-    console.print(f"wrote {out}: {sub}, {record['training']['steps']} steps in {record['training']['seconds']:.0f}s"
-                  + (f"; validation perplexity {shown}" if shown else ""))
-
+    record = run_refine(
+        model,
+        sub,
+        data,
+        out,
+        cfg,
+        validation=validation,
+        online=STATE["online"],
+        resume=resume,
+        overwrite=overwrite,
+        log=console.print,
+        teacher=teacher,
+    )
+    shown = ", ".join(
+        f"{k.removeprefix('ppl_')} {record[k]:.2f}"
+        for k in ("ppl_one_shot", "ppl_repaired", "ppl_refined")
+        if record.get(k) is not None
+    )
+    console.print(
+        f"wrote {out}: {sub}, {record['training']['steps']} steps in {record['training']['seconds']:.0f}s"
+        + (f"; validation perplexity {shown}" if shown else "")
+    )

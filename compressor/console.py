@@ -51,8 +51,11 @@ def handles_errors(fn):
             err_console.print(f"[bold red]error:[/] {escape(one_line(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as e:
-            err_console.print(f"[bold red]error:[/] {escape(one_line(e.strerror or e))}: {escape(str(e.filename))}", highlight=False,
-                              soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(one_line(e.strerror or e))}: {escape(str(e.filename))}",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; run the same command again to resume where it stopped")

@@ -18,8 +18,10 @@ from compressor.errors import NaspruneError
 
 IGNORE = -100
 PACKAGE_DATA = Path(__file__).parent / "data"  # public-domain texts shipped with the package (builtin:NAME)
-ALPACA_PROMPT = ("Below is an instruction that describes a task{inp_note}. Write a response that appropriately "
-                 "completes the request.\n\n### Instruction:\n{instruction}\n\n{inp}### Response:\n")
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{inp_note}. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n{inp}### Response:\n"
+)
 
 
 @dataclass
@@ -39,8 +41,10 @@ class TokenizedData:
     def supervised_tokens(self) -> int:
         return int((self.labels[:, 1:] != IGNORE).sum())
 
-    def subset(self, index) -> "TokenizedData":
-        return TokenizedData(self.input_ids[index], self.labels[index], self.attention_mask[index], self.kind, self.source)
+    def subset(self, index) -> TokenizedData:
+        return TokenizedData(
+            self.input_ids[index], self.labels[index], self.attention_mask[index], self.kind, self.source
+        )
 
 
 def read_source(data: str, online: bool = False) -> tuple[str, object]:
@@ -54,14 +58,20 @@ def read_source(data: str, online: bool = False) -> tuple[str, object]:
         except UnicodeDecodeError:
             raise NaspruneError(f"{path} is not UTF-8 text; give a .txt file or an Alpaca .jsonl") from None
     if not online:
-        raise NaspruneError(f"data '{data}' is not a file; give a .txt or Alpaca .jsonl, or a hub dataset name with --online")
+        raise NaspruneError(
+            f"data '{data}' is not a file; give a .txt or Alpaca .jsonl, or a hub dataset name with --online"
+        )
     return _read_hub_dataset(data)
 
 
 def _read_instructions(path: Path) -> list[dict]:
     text = path.read_text(encoding="utf-8")
     try:
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = (
+            json.loads(text)
+            if path.suffix == ".json"
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
     except json.JSONDecodeError as e:
         raise NaspruneError(f"{path} is not valid JSON lines (line {e.lineno}: {e.msg})") from None
     if not rows or not all(isinstance(r, dict) and "instruction" in r and "output" in r for r in rows):
@@ -75,7 +85,9 @@ def _read_hub_dataset(name: str) -> tuple[str, object]:
 
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # noqa: BLE001
-        raise NaspruneError(f"cannot load dataset '{name}' from the hub ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        raise NaspruneError(
+            f"cannot load dataset '{name}' from the hub ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        ) from None
     if "instruction" in ds.column_names and "output" in ds.column_names:
         return "instruct", [dict(r) for r in ds]
     if "text" in ds.column_names:
@@ -86,7 +98,7 @@ def _read_hub_dataset(name: str) -> tuple[str, object]:
 def pack_text(tokenizer, text: str, seq_len: int, max_tokens: int | None = None, source: str = "") -> TokenizedData:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
     if max_tokens:
-        ids = ids[: max_tokens]
+        ids = ids[:max_tokens]
     n = len(ids) // seq_len
     if n == 0:
         raise NaspruneError(f"{source or 'text'} has {len(ids)} tokens, fewer than one window of {seq_len}")
@@ -99,22 +111,32 @@ def render_instruction(tokenizer, row: dict, prompt_format: str) -> tuple[str, s
     instruction, inp, output = row["instruction"], row.get("input") or "", row["output"]
     if prompt_format == "chat":
         content = instruction + (f"\n\n{inp}" if inp else "")
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
         return prompt, output + (tokenizer.eos_token or "")
-    prompt = ALPACA_PROMPT.format(inp_note=", paired with an input that provides further context" if inp else "",
-                                  instruction=instruction, inp=f"### Input:\n{inp}\n\n" if inp else "")
+    prompt = ALPACA_PROMPT.format(
+        inp_note=", paired with an input that provides further context" if inp else "",
+        instruction=instruction,
+        inp=f"### Input:\n{inp}\n\n" if inp else "",
+    )
     return prompt, output + (tokenizer.eos_token or "")
 
 
-def tokenize_instructions(tokenizer, rows: list[dict], seq_len: int, prompt_format: str = "auto",
-                          max_examples: int | None = None, source: str = "") -> TokenizedData:
+def tokenize_instructions(
+    tokenizer,
+    rows: list[dict],
+    seq_len: int,
+    prompt_format: str = "auto",
+    max_examples: int | None = None,
+    source: str = "",
+) -> TokenizedData:
     """Right-padded examples; loss only on the response (prompt and padding labels are -100)."""
     if prompt_format == "auto":
         prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ids_out, labels_out, mask_out = [], [], []
-    for row in rows[: max_examples] if max_examples else rows:
+    for row in rows[:max_examples] if max_examples else rows:
         prompt, response = render_instruction(tokenizer, row, prompt_format)
         p = tokenizer(prompt, add_special_tokens=False).input_ids
         r = tokenizer(response, add_special_tokens=False).input_ids
@@ -131,8 +153,9 @@ def tokenize_instructions(tokenizer, rows: list[dict], seq_len: int, prompt_form
     return TokenizedData(torch.tensor(ids_out), torch.tensor(labels_out), torch.tensor(mask_out), "instruct", source)
 
 
-def load_data(tokenizer, data: str, seq_len: int, max_tokens: int | None = None, online: bool = False,
-              prompt_format: str = "auto") -> TokenizedData:
+def load_data(
+    tokenizer, data: str, seq_len: int, max_tokens: int | None = None, online: bool = False, prompt_format: str = "auto"
+) -> TokenizedData:
     if tokenizer is None:
         raise NaspruneError("this model has no tokenizer; save one next to the checkpoint (tokenizer.json)")
     kind, content = read_source(data, online)
@@ -182,7 +205,7 @@ def _shares_text(a: str, b: str, probes: int = 8, length: int = 200) -> bool:
     if len(a) < length or len(b) < length:
         return a == b and bool(a)
     step = max(1, (len(a) - length) // probes)
-    return any(a[i:i + length] in b for i in range(0, len(a) - length + 1, step)[:probes])
+    return any(a[i : i + length] in b for i in range(0, len(a) - length + 1, step)[:probes])
 
 
 def check_data_roles(calibration: str, train: str, validation: str, test: str) -> None:
@@ -192,8 +215,13 @@ def check_data_roles(calibration: str, train: str, validation: str, test: str) -
     them, and test must overlap nothing. Local files are compared by content (passages), so a test
     excerpt of a training novel is caught too; hub datasets are compared by name."""
     roles = {"calibration": calibration, "train": train, "validation": validation, "test": test}
-    pairs = [("validation", "calibration"), ("validation", "train"), ("test", "calibration"), ("test", "train"),
-             ("test", "validation")]
+    pairs = [
+        ("validation", "calibration"),
+        ("validation", "train"),
+        ("test", "calibration"),
+        ("test", "train"),
+        ("test", "validation"),
+    ]
     texts: dict[str, str | None] = {}
     for role, ref in roles.items():
         texts[role] = _role_text(ref)
@@ -202,6 +230,7 @@ def check_data_roles(calibration: str, train: str, validation: str, test: str) -
         same_ref = resolve_data(a) == resolve_data(b)
         ta, tb = texts[held], texts[other]
         if same_ref or (ta and tb and (_shares_text(ta, tb) or _shares_text(tb, ta))):
-            raise NaspruneError(f"data roles overlap: {held} ({a}) shares text with {other} ({b}); {held} data must be "
-                                "text no other stage reads — choose a separate file")
-
+            raise NaspruneError(
+                f"data roles overlap: {held} ({a}) shares text with {other} ({b}); {held} data must be "
+                "text no other stage reads — choose a separate file"
+            )

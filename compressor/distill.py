@@ -73,8 +73,14 @@ def _no_tokens(student_logits: torch.Tensor) -> torch.Tensor:
     return student_logits.sum() * 0.0  # keeps the graph so backward() still works
 
 
-def kd_loss(student_logits: torch.Tensor, topk_idx: torch.Tensor, topk_logprob: torch.Tensor,
-            tail_logprob: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_logprob: torch.Tensor,
+    tail_logprob: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Forward KL(teacher || student) over the teacher's top-k tokens plus one tail bucket.
 
     ``student_logits`` ``[..., V]``; ``topk_idx`` / ``topk_logprob`` ``[..., k]`` and
@@ -103,11 +109,15 @@ def kd_loss(student_logits: torch.Tensor, topk_idx: torch.Tensor, topk_logprob: 
     t = t - t.logsumexp(-1, keepdim=True)
     p = t.exp()
     kl = torch.where(p > 0, p * (t - q), torch.zeros_like(p)).sum(-1)
-    return kl.mean() * temperature ** 2
+    return kl.mean() * temperature**2
 
 
-def kd_loss_full(student_logits: torch.Tensor, teacher_logprob: torch.Tensor, mask: torch.Tensor | None = None,
-                 temperature: float = 1.0) -> torch.Tensor:
+def kd_loss_full(
+    student_logits: torch.Tensor,
+    teacher_logprob: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Full-vocabulary forward KL(teacher || student), ``teacher_logprob`` already at the
     temperature (see :func:`inplace_targets`); averaged over masked tokens, times T^2."""
     if mask is None:
@@ -116,7 +126,7 @@ def kd_loss_full(student_logits: torch.Tensor, teacher_logprob: torch.Tensor, ma
         return _no_tokens(student_logits)
     logq = (student_logits[mask].float() / temperature).log_softmax(-1)
     kl = F.kl_div(logq, teacher_logprob[mask].float(), log_target=True, reduction="none").sum(-1)
-    return kl.mean() * temperature ** 2
+    return kl.mean() * temperature**2
 
 
 def inplace_targets(teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -159,14 +169,33 @@ def state_dict_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(input_ids: torch.Tensor, attention_mask: torch.Tensor, teacher_hash: str, k: int,
-              temperature: float, value_dtype: str, precision: str) -> str:
+def cache_key(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    teacher_hash: str,
+    k: int,
+    temperature: float,
+    value_dtype: str,
+    precision: str,
+) -> str:
     h = hashlib.sha256()
     ids = np.ascontiguousarray(input_ids.cpu().numpy().astype(np.int64))
     mask = np.ascontiguousarray(attention_mask.cpu().numpy().astype(np.int8))
-    h.update(json.dumps({"format": CACHE_FORMAT, "shape": list(ids.shape), "teacher": teacher_hash, "k": int(k),
-                         "seq_len": int(ids.shape[1]), "temperature": float(temperature), "dtype": value_dtype,
-                         "precision": precision}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {
+                "format": CACHE_FORMAT,
+                "shape": list(ids.shape),
+                "teacher": teacher_hash,
+                "k": int(k),
+                "seq_len": int(ids.shape[1]),
+                "temperature": float(temperature),
+                "dtype": value_dtype,
+                "precision": precision,
+            },
+            sort_keys=True,
+        ).encode()
+    )
     h.update(ids.data)
     h.update(mask.data)
     return h.hexdigest()
@@ -192,9 +221,21 @@ class TeacherCache:
     object ran the teacher on (0 when everything was cached).
     """
 
-    def __init__(self, root: Path, input_ids: torch.Tensor, attention_mask: torch.Tensor, teacher_hash: str,
-                 k: int = 64, temperature: float = 1.0, value_dtype: str = "float16", chunk_windows: int | None = None,
-                 precision: str = "no", rank: int = 0, world: int = 1, barrier: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        teacher_hash: str,
+        k: int = 64,
+        temperature: float = 1.0,
+        value_dtype: str = "float16",
+        chunk_windows: int | None = None,
+        precision: str = "no",
+        rank: int = 0,
+        world: int = 1,
+        barrier: Callable[[], None] | None = None,
+    ):
         chunk_windows = DEFAULT_CHUNK_WINDOWS if chunk_windows is None else chunk_windows
         if value_dtype not in VALUE_DTYPES:
             raise NaspruneError(f"teacher cache value dtype must be float16 or float32 (got {value_dtype})")
@@ -218,14 +259,22 @@ class TeacherCache:
 
     # -- layout
     def _shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return {"topk_idx": ((self.n, self.seq_len, self.k), "int32"),
-                "topk_logprob": ((self.n, self.seq_len, self.k), self.value_dtype),
-                "tail_logprob": ((self.n, self.seq_len), "float32")}
+        return {
+            "topk_idx": ((self.n, self.seq_len, self.k), "int32"),
+            "topk_logprob": ((self.n, self.seq_len, self.k), self.value_dtype),
+            "tail_logprob": ((self.n, self.seq_len), "float32"),
+        }
 
     def _meta(self) -> dict:
-        return {"format": CACHE_FORMAT, "windows": self.n, "seq_len": self.seq_len, "k": self.k,
-                "temperature": self.temperature, "chunk_windows": self.chunk,
-                "arrays": {name: {"shape": list(s), "dtype": d} for name, (s, d) in self._shapes().items()}}
+        return {
+            "format": CACHE_FORMAT,
+            "windows": self.n,
+            "seq_len": self.seq_len,
+            "k": self.k,
+            "temperature": self.temperature,
+            "chunk_windows": self.chunk,
+            "arrays": {name: {"shape": list(s), "dtype": d} for name, (s, d) in self._shapes().items()},
+        }
 
     def _create(self) -> None:
         """Create the (sparse) arrays in a temporary dir, then rename it into place atomically."""
@@ -244,7 +293,9 @@ class TeacherCache:
                 os.rename(tmp, self.dir)
             except OSError:  # another process created it first
                 if not (self.dir / "meta.json").exists():
-                    raise NaspruneError(f"teacher cache {self.dir} exists without meta.json; delete it to rebuild") from None
+                    raise NaspruneError(
+                        f"teacher cache {self.dir} exists without meta.json; delete it to rebuild"
+                    ) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -252,7 +303,9 @@ class TeacherCache:
         try:
             meta = json.loads((self.dir / "meta.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise NaspruneError(f"teacher cache {self.dir} is unreadable ({type(e).__name__}); delete it to rebuild") from None
+            raise NaspruneError(
+                f"teacher cache {self.dir} is unreadable ({type(e).__name__}); delete it to rebuild"
+            ) from None
         if meta.get("format") != CACHE_FORMAT or meta.get("chunk_windows") != self.chunk:
             raise NaspruneError(f"teacher cache {self.dir} has another format or chunking; delete it to rebuild")
         arrays = {}
@@ -260,10 +313,14 @@ class TeacherCache:
             try:
                 arr = np.load(self.dir / f"{name}.npy", mmap_mode=mode, allow_pickle=False)
             except (OSError, ValueError) as e:
-                raise NaspruneError(f"teacher cache array {self.dir / name}.npy is corrupt ({e}); delete {self.dir}") from None
+                raise NaspruneError(
+                    f"teacher cache array {self.dir / name}.npy is corrupt ({e}); delete {self.dir}"
+                ) from None
             if arr.shape != shape or arr.dtype != np.dtype(dtype):
-                raise NaspruneError(f"teacher cache array {self.dir / name}.npy has shape {arr.shape} {arr.dtype}, "
-                                    f"expected {shape} {dtype}; delete {self.dir}")
+                raise NaspruneError(
+                    f"teacher cache array {self.dir / name}.npy has shape {arr.shape} {arr.dtype}, "
+                    f"expected {shape} {dtype}; delete {self.dir}"
+                )
             arrays[name] = arr
         self._arrays = arrays
 
@@ -288,8 +345,14 @@ class TeacherCache:
         return np.unique(np.asarray(windows, dtype=np.int64) // self.chunk)
 
     # -- filling
-    def ensure(self, windows, teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int = 8,
-               device: torch.device | str = "cpu", log: Callable[[str], None] | None = None) -> dict:
+    def ensure(
+        self,
+        windows,
+        teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        batch_size: int = 8,
+        device: torch.device | str = "cpu",
+        log: Callable[[str], None] | None = None,
+    ) -> dict:
         """Make sure the chunks covering ``windows`` (all when None) are cached; compute this
         rank's share of the missing ones with ``teacher``. Collective under DDP (every rank calls it)."""
         t0 = time.perf_counter()
@@ -307,7 +370,10 @@ class TeacherCache:
                 with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
                     recorded = {c for c in json.loads(own.read_text()).get("done_chunks", []) if isinstance(c, int)}
             if log:
-                log(f"teacher cache: computing {len(mine)} of {len(needed)} chunks ({self.chunk} windows each) in {self.dir}")
+                log(
+                    f"teacher cache: computing {len(mine)} of {len(needed)} chunks ({self.chunk} windows each) "
+                    f"in {self.dir}"
+                )
             for c in mine:
                 self._fill_chunk(c, teacher, batch_size, device)
                 recorded.add(c)
@@ -318,11 +384,18 @@ class TeacherCache:
         self._done = self._read_done()
         missing = [int(c) for c in needed if not self._done[c]]
         if missing:
-            raise NaspruneError(f"teacher cache {self.dir} is missing chunks {missing[:5]} after filling; "
-                                "check that every rank sees the same cache directory")
+            raise NaspruneError(
+                f"teacher cache {self.dir} is missing chunks {missing[:5]} after filling; "
+                "check that every rank sees the same cache directory"
+            )
         self.fill_seconds += time.perf_counter() - t0
-        return {"cache_dir": str(self.dir), "chunks": len(needed), "chunks_computed": len(mine),
-                "teacher_windows": self.teacher_windows, "seconds": round(time.perf_counter() - t0, 3)}
+        return {
+            "cache_dir": str(self.dir),
+            "chunks": len(needed),
+            "chunks_computed": len(mine),
+            "teacher_windows": self.teacher_windows,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
 
     def _fill_chunk(self, c: int, teacher, batch_size: int, device) -> None:
         a = self._arrays
@@ -349,15 +422,19 @@ class TeacherCache:
             raise NaspruneError("teacher cache used before ensure(); call ensure() first")
         idx = np.asarray(idx, dtype=np.int64)
         if not self._done[idx // self.chunk].all():
-            raise NaspruneError(f"teacher cache {self.dir} has no targets for windows {idx.tolist()}; "
-                                "call ensure() with every window the run reads")
+            raise NaspruneError(
+                f"teacher cache {self.dir} has no targets for windows {idx.tolist()}; "
+                "call ensure() with every window the run reads"
+            )
         order = np.argsort(idx, kind="stable")  # sequential reads; undone below
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         sorted_idx = idx[order]
         a = self._arrays
-        out = tuple(torch.from_numpy(np.ascontiguousarray(a[name][sorted_idx][inverse]))
-                    for name in ("topk_idx", "topk_logprob", "tail_logprob"))
+        out = tuple(
+            torch.from_numpy(np.ascontiguousarray(a[name][sorted_idx][inverse]))
+            for name in ("topk_idx", "topk_logprob", "tail_logprob")
+        )
         top_idx = out[0].to(device).long()
         top_lp = out[1].to(device).float()
         tail = out[2].to(device)

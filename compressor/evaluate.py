@@ -10,9 +10,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from compressor.errors import NaspruneError
-
 from compressor.data import PACKAGE_DATA  # noqa: F401  (re-exported for callers of evaluate)
+from compressor.errors import NaspruneError
 
 
 def token_windows(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
@@ -27,7 +26,7 @@ def mean_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.
     """Mean next-token cross-entropy over all windows (token-weighted)."""
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
-        ids = windows[i: i + batch_size]
+        ids = windows[i : i + batch_size]
         logits = logits_fn(ids)[:, :-1].float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
         total += loss.item()
@@ -56,18 +55,28 @@ def write_local_tasks(task_files: list[Path], directory: Path) -> list[str]:
         if not {"context", "choices", "label"} <= set(first):
             raise NaspruneError(f"{f}: rows need 'context', 'choices' and 'label' (multiple-choice task format)")
         name = f.stem
-        spec = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(f)}},
-                "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{context}}",
-                "doc_to_choice": "{{choices}}", "doc_to_target": "label",
-                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}
+        spec = {
+            "task": name,
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(f)}},
+            "test_split": "test",
+            "output_type": "multiple_choice",
+            "doc_to_text": "{{context}}",
+            "doc_to_choice": "{{choices}}",
+            "doc_to_target": "label",
+            "metric_list": [
+                {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
+            ],
+        }
         (directory / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         names.append(name)
     return names
 
 
-def lm_eval_tasks(model, tokenizer, tasks: list[str], include_path: Path | None = None, limit: int | None = None,
-                  batch_size: int = 8) -> dict[str, dict[str, float]]:
+def lm_eval_tasks(
+    model, tokenizer, tasks: list[str], include_path: Path | None = None, limit: int | None = None, batch_size: int = 8
+) -> dict[str, dict[str, float]]:
     """lm-eval ``simple_evaluate`` on an in-memory model; returns {task: {metric: value}}."""
     import logging
 
@@ -80,22 +89,39 @@ def lm_eval_tasks(model, tokenizer, tasks: list[str], include_path: Path | None 
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise NaspruneError(f"unknown lm-eval task(s) {unknown}; give --task-file for local jsonl tasks or --include-path")
+        raise NaspruneError(
+            f"unknown lm-eval task(s) {unknown}; give --task-file for local jsonl tasks or --include-path"
+        )
     try:
         out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False)
     except Exception as e:  # noqa: BLE001 - dataset download failures etc.
-        raise NaspruneError(f"lm-eval failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                            "standard tasks need --online and a reachable hub") from None
+        raise NaspruneError(
+            f"lm-eval failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "standard tasks need --online and a reachable hub"
+        ) from None
     results = {}
     for task, metrics in out["results"].items():
-        results[task] = {k.split(",")[0]: float(v) for k, v in metrics.items()
-                         if isinstance(v, (int, float)) and "stderr" not in k and k not in ("alias", "sample_len")}
+        results[task] = {
+            k.split(",")[0]: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and "stderr" not in k and k not in ("alias", "sample_len")
+        }
     return results
 
 
-def evaluate_subnetwork(loaded, sub=None, data: str | None = None, tasks: str | None = None, task_files=None,
-                        include_path: Path | None = None, limit: int | None = None, seq_len: int = 512,
-                        max_tokens: int = 32768, via: str = "both", online: bool = False) -> dict:
+def evaluate_subnetwork(
+    loaded,
+    sub=None,
+    data: str | None = None,
+    tasks: str | None = None,
+    task_files=None,
+    include_path: Path | None = None,
+    limit: int | None = None,
+    seq_len: int = 512,
+    max_tokens: int = 32768,
+    via: str = "both",
+    online: bool = False,
+) -> dict:
     """Perplexity through the super-network and/or the extracted model, plus lm-eval tasks."""
     import tempfile
 

@@ -53,8 +53,10 @@ def extract(supernet: SuperNetwork, sub: SubNetwork, dtype: torch.dtype | None =
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight", "embed_out.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
-        raise NaspruneError(f"extraction produced mismatched weights (missing {missing}, unexpected {unexpected}); "
-                            "please report this model")
+        raise NaspruneError(
+            f"extraction produced mismatched weights (missing {missing}, unexpected {unexpected}); "
+            "please report this model"
+        )
     if tied:
         model.tie_weights()
     if dtype is not None:
@@ -62,8 +64,15 @@ def extract(supernet: SuperNetwork, sub: SubNetwork, dtype: torch.dtype | None =
     return model.eval()
 
 
-def save_extracted(loaded, supernet: SuperNetwork, sub: SubNetwork, out, overwrite: bool = False, model=None,
-                   repair: dict | None = None) -> tuple:
+def save_extracted(
+    loaded,
+    supernet: SuperNetwork,
+    sub: SubNetwork,
+    out,
+    overwrite: bool = False,
+    model=None,
+    repair: dict | None = None,
+) -> tuple:
     """Extract and write a nasprune model dir; returns (path, exact parameter count).
 
     ``model``: an already extracted (e.g. repaired) model of ``sub`` to write instead; ``repair``: its
@@ -74,11 +83,21 @@ def save_extracted(loaded, supernet: SuperNetwork, sub: SubNetwork, out, overwri
     n = sum(p.numel() for p in model.parameters())
     parent = loaded.meta.provenance
     meta = ModelMeta(
-        subnetwork={"arch": sub.to_dict(), "num_kv_heads": supernet.space.num_kv_heads(sub), "num_params": n,
-                    "kept_layers": supernet.space.kept_layers(sub), "parent": loaded.source,
-                    "parent_provenance": parent, **({"repair": repair} if repair else {})},
-        provenance={"source": parent.get("source", loaded.source), "source_sha256": parent.get("source_sha256"),
-                    "extracted_from": str(loaded.path or loaded.source), "versions": versions()},
+        subnetwork={
+            "arch": sub.to_dict(),
+            "num_kv_heads": supernet.space.num_kv_heads(sub),
+            "num_params": n,
+            "kept_layers": supernet.space.kept_layers(sub),
+            "parent": loaded.source,
+            "parent_provenance": parent,
+            **({"repair": repair} if repair else {}),
+        },
+        provenance={
+            "source": parent.get("source", loaded.source),
+            "source_sha256": parent.get("source_sha256"),
+            "extracted_from": str(loaded.path or loaded.source),
+            "versions": versions(),
+        },
     )
     if getattr(loaded.model, "generation_config", None) is not None:
         model.generation_config = loaded.model.generation_config

@@ -26,7 +26,7 @@ def sha256_json(obj, length: int | None = None) -> str:
     return digest[:length] if length else digest
 
 
-def sha256_parts(parts) -> "hashlib._Hash":
+def sha256_parts(parts) -> hashlib._Hash:
     """A running sha256 over byte/str parts (for identities built from many pieces)."""
     h = hashlib.sha256()
     for part in parts:

@@ -71,8 +71,9 @@ def _batches(data: TokenizedData, batch_size: int):
 
 
 @torch.no_grad()
-def activation_importance(sn: SuperNetwork, data: TokenizedData, batch_size: int = 8,
-                          progress: Progress | None = None) -> tuple[torch.Tensor, list, list]:
+def activation_importance(
+    sn: SuperNetwork, data: TokenizedData, batch_size: int = 8, progress: Progress | None = None
+) -> tuple[torch.Tensor, list, list]:
     dims = sn.family.dims
     attn_out, ffn_out, norms = _module_names(sn)
     modules = dict(sn.model.named_modules())
@@ -88,11 +89,13 @@ def activation_importance(sn: SuperNetwork, data: TokenizedData, batch_size: int
         def hook(_module, args):
             x = masked(args[0]).view(-1, dims.num_heads, dims.head_dim)
             heads[layer].add_(x.norm(dim=-1).sum(0))
+
         return hook
 
     def on_ffn(layer):
         def hook(_module, args):
             ffn[layer].add_(masked(args[0]).abs().sum(0))
+
         return hook
 
     def on_norm(_module, _args, output):
@@ -122,15 +125,21 @@ def _loss(sn: SuperNetwork, data: TokenizedData, batch_size: int, layers=None) -
     for batch in _batches(data, batch_size):
         logits = sn(batch.input_ids, batch.attention_mask, layers=layers)[:, :-1]
         labels = batch.labels[:, 1:]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                 ignore_index=IGNORE, reduction="sum").item()
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        ).item()
         count += int((labels != IGNORE).sum())
     return total / max(count, 1)
 
 
 @torch.no_grad()
-def layer_importance(sn: SuperNetwork, data: TokenizedData, metric: str = "drop-loss", batch_size: int = 8,
-                     progress: Progress | None = None) -> tuple[torch.Tensor, dict]:
+def layer_importance(
+    sn: SuperNetwork,
+    data: TokenizedData,
+    metric: str = "drop-loss",
+    batch_size: int = 8,
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, dict]:
     n = sn.family.dims.num_layers
     if metric not in LAYER_METRICS:
         raise NaspruneError(f"unknown layer metric '{metric}'; choose {' or '.join(LAYER_METRICS)}")
@@ -160,15 +169,20 @@ def selections(scores: ImportanceScores, dims) -> tuple[Selection, list[Selectio
     per_layer = []
     for h, f in zip(scores.heads, scores.ffn):
         groups_score = h.view(-1, dims.q_per_group).sum(1)
-        per_layer.append(Selection(
-            embed=embed,
-            groups=torch.argsort(groups_score, descending=True, stable=True),
-            q_in_group=torch.argsort(h.view(-1, dims.q_per_group), dim=1, descending=True, stable=True),
-            ffn=torch.argsort(f, descending=True, stable=True),
-        ))
-    base = Selection(embed=embed, groups=torch.arange(dims.num_kv_heads),
-                     q_in_group=torch.arange(dims.q_per_group).repeat(dims.num_kv_heads, 1),
-                     ffn=torch.arange(dims.intermediate_size))
+        per_layer.append(
+            Selection(
+                embed=embed,
+                groups=torch.argsort(groups_score, descending=True, stable=True),
+                q_in_group=torch.argsort(h.view(-1, dims.q_per_group), dim=1, descending=True, stable=True),
+                ffn=torch.argsort(f, descending=True, stable=True),
+            )
+        )
+    base = Selection(
+        embed=embed,
+        groups=torch.arange(dims.num_kv_heads),
+        q_in_group=torch.arange(dims.q_per_group).repeat(dims.num_kv_heads, 1),
+        ffn=torch.arange(dims.intermediate_size),
+    )
     return base, per_layer
 
 
@@ -177,29 +191,44 @@ def permute(sn: SuperNetwork, scores: ImportanceScores) -> ImportanceScores:
     """Reorder the weights in place; returns the scores in the new (descending) order."""
     dims = sn.family.dims
     base, per_layer = selections(scores, dims)
-    for info, (name, param) in zip(sn.space.params, sn.model.named_parameters()):
+    for info, (_name, param) in zip(sn.space.params, sn.model.named_parameters()):
         sel = base if info.layer is None else per_layer[info.layer]
         param.data = select_tensor(param.data, info.roles, sel, dims).contiguous()
     heads = []
     for h, sel in zip(scores.heads, per_layer):
         order = (sel.groups[:, None] * dims.q_per_group + sel.q_in_group[sel.groups]).reshape(-1)
         heads.append(h[order])
-    return ImportanceScores(scores.embed[base.embed], heads, [f[s.ffn] for f, s in zip(scores.ffn, per_layer)],
-                            scores.layers, scores.info)
+    return ImportanceScores(
+        scores.embed[base.embed], heads, [f[s.ffn] for f, s in zip(scores.ffn, per_layer)], scores.layers, scores.info
+    )
 
 
-def compute_importance(sn: SuperNetwork, data: TokenizedData, layer_data: TokenizedData | None = None,
-                       layer_metric: str = "drop-loss", batch_size: int = 8, progress: bool = True) -> ImportanceScores:
+def compute_importance(
+    sn: SuperNetwork,
+    data: TokenizedData,
+    layer_data: TokenizedData | None = None,
+    layer_metric: str = "drop-loss",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> ImportanceScores:
     """Score everything on ``data`` (layers on ``layer_data``, default the same)."""
     start = time.perf_counter()
     with Progress(disable=not progress, transient=True) as bar:
         embed, heads, ffn = activation_importance(sn, data, batch_size, bar)
         t_act = time.perf_counter() - start
-        layers, extra = layer_importance(sn, layer_data if layer_data is not None else data, layer_metric, batch_size, bar)
-    info = {"method": "minitron-activation", "layer_metric": layer_metric, "calibration": data.source,
-            "calibration_tokens": int(data.attention_mask.sum()),
-            "layer_tokens": int((layer_data if layer_data is not None else data).attention_mask.sum()),
-            "seconds_activation": round(t_act, 2), "seconds_total": round(time.perf_counter() - start, 2), **extra}
+        layers, extra = layer_importance(
+            sn, layer_data if layer_data is not None else data, layer_metric, batch_size, bar
+        )
+    info = {
+        "method": "minitron-activation",
+        "layer_metric": layer_metric,
+        "calibration": data.source,
+        "calibration_tokens": int(data.attention_mask.sum()),
+        "layer_tokens": int((layer_data if layer_data is not None else data).attention_mask.sum()),
+        "seconds_activation": round(t_act, 2),
+        "seconds_total": round(time.perf_counter() - start, 2),
+        **extra,
+    }
     return ImportanceScores(embed, heads, ffn, layers, info)
 
 

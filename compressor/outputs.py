@@ -69,8 +69,10 @@ def claim_output(out: Path, kind: str, *, overwrite: bool = False, resume: bool 
             raise NaspruneError(f"cannot create {out}: {parent} is a file, not a directory; choose another --out")
         return "new"
     if not out.is_dir():
-        raise NaspruneError(f"--out {out} is an existing file, not written by nasprune; nasprune never replaces it, "
-                            "choose another --out")
+        raise NaspruneError(
+            f"--out {out} is an existing file, not written by nasprune; nasprune never replaces it, "
+            "choose another --out"
+        )
     entries = [p for p in out.iterdir()]
     if not entries:
         return "empty"
@@ -83,8 +85,10 @@ def claim_output(out: Path, kind: str, *, overwrite: bool = False, resume: bool 
         raise NaspruneError(f"--out {out} already holds a nasprune {kind} output; pass {how}, or choose another --out")
     found = output_kind(out)
     what = f"a nasprune {found} output, not a {kind}" if found else "files nasprune did not write"
-    raise NaspruneError(f"--out {out} is a non-empty directory holding {what}; nasprune never replaces it, "
-                        "choose a new or empty directory")
+    raise NaspruneError(
+        f"--out {out} is a non-empty directory holding {what}; nasprune never replaces it, "
+        "choose a new or empty directory"
+    )
 
 
 def mark_output(directory: Path, kind: str) -> None:

@@ -47,7 +47,7 @@ class RefineConfig:
                 raise NaspruneError(f"refine {name} must be >= 1 (got {getattr(self, name)})")
 
     @staticmethod
-    def from_dict(d: dict | None) -> "RefineConfig":
+    def from_dict(d: dict | None) -> RefineConfig:
         from dataclasses import fields
 
         d = dict(d or {})
@@ -61,11 +61,22 @@ class RefineConfig:
         from compressor.train import TrainConfig
 
         # steps bound the cosine schedule; the time budget usually stops the run first
-        return TrainConfig(strategy="standard", steps=self.steps, max_minutes=self.minutes, batch_size=self.batch_size,
-                           seq_len=self.seq_len, lr=self.lr, warmup_steps=self.warmup_steps, distill="logits",
-                           teacher="original", distill_alpha=self.distill_alpha, distill_topk=self.distill_topk,
-                           distill_temperature=self.distill_temperature, seed=self.seed,
-                           checkpoint_every=max(1, min(50, self.steps)))
+        return TrainConfig(
+            strategy="standard",
+            steps=self.steps,
+            max_minutes=self.minutes,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            lr=self.lr,
+            warmup_steps=self.warmup_steps,
+            distill="logits",
+            teacher="original",
+            distill_alpha=self.distill_alpha,
+            distill_topk=self.distill_topk,
+            distill_temperature=self.distill_temperature,
+            seed=self.seed,
+            checkpoint_every=max(1, min(50, self.steps)),
+        )
 
 
 def _validation_ppl(model, tokenizer, text: str | None, cfg: RefineConfig) -> float | None:
@@ -76,11 +87,23 @@ def _validation_ppl(model, tokenizer, text: str | None, cfg: RefineConfig) -> fl
     return perplexity(hf_logits(model.eval()), token_windows(tokenizer, text, cfg.seq_len, cfg.eval_tokens))
 
 
-def refine(parent: str, sub: SubNetwork, data: str, out: Path, cfg: RefineConfig | None = None,
-           validation: str | None = None, online: bool = False, resume: bool = False, overwrite: bool = False,
-           log=print, teacher_cache_dir: Path | None = None) -> dict:
-    """Extract ``sub`` from the model dir ``parent``, repair it, distil it from ``parent``'s original
-    for ``cfg.minutes`` on ``data``, write ``out``; returns the refine record (quality before/after)."""
+def refine(
+    parent: str,
+    sub: SubNetwork,
+    data: str,
+    out: Path,
+    cfg: RefineConfig | None = None,
+    validation: str | None = None,
+    online: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    log=print,
+    teacher_cache_dir: Path | None = None,
+    teacher: str | None = None,
+) -> dict:
+    """Extract ``sub`` from the model dir ``parent``, repair it, distil it for ``cfg.minutes`` on ``data``
+    from ``teacher`` (default: ``parent``'s largest sub-network; the pipeline passes the permuted
+    original when ``parent`` is the trained super-network), write ``out``; returns the refine record."""
     from compressor.data import read_source, resolve_data
     from compressor.extract import extract, save_extracted
     from compressor.modeldir import ModelMeta, load_model, write_json_atomic
@@ -92,6 +115,8 @@ def refine(parent: str, sub: SubNetwork, data: str, out: Path, cfg: RefineConfig
     student_dir = out.parent / f"{out.name}.student"
     claim_output(out, "model", overwrite=overwrite or resume)
     parent_loaded = load_model(parent, online=online)
+    teacher = teacher or parent
+    teacher_loaded = parent_loaded if teacher == parent else load_model(teacher, online=online)
     sn = parent_loaded.supernet()
     sn.space.validate(sub)
     val_text = None
@@ -99,8 +124,14 @@ def refine(parent: str, sub: SubNetwork, data: str, out: Path, cfg: RefineConfig
         kind, val_text = read_source(resolve_data(validation), online)
         if kind != "text":
             raise NaspruneError(f"refine validation data {validation} must be plain text (.txt)")
-    record: dict = {"arch": sub.to_dict(), "parent": str(parent), "data": str(data), "validation": validation,
-                    "config": asdict(cfg)}
+    record: dict = {
+        "arch": sub.to_dict(),
+        "parent": str(parent),
+        "teacher": str(teacher),
+        "data": str(data),
+        "validation": validation,
+        "config": asdict(cfg),
+    }
     if not (resume and (student_dir / "nasprune.json").exists()):
         plain = extract(sn, sub)
         record["ppl_one_shot"] = _validation_ppl(plain, parent_loaded.tokenizer, val_text, cfg)
@@ -110,7 +141,14 @@ def refine(parent: str, sub: SubNetwork, data: str, out: Path, cfg: RefineConfig
 
             rcfg = RepairConfig(tokens=cfg.repair_tokens, seq_len=cfg.seq_len)
             windows = calibration_windows(parent_loaded.tokenizer, data, rcfg, online)
-            model, report = repair_model(parent_loaded, sub, windows, rcfg, log=log)
+            model, report = repair_model(
+                parent_loaded,
+                sub,
+                windows,
+                rcfg,
+                log=log,
+                teacher_loaded=None if teacher_loaded is parent_loaded else teacher_loaded,
+            )
             repair = {"data": str(data), **report.summary()}
             record["ppl_repaired"] = _validation_ppl(model, parent_loaded.tokenizer, val_text, cfg)
         save_extracted(parent_loaded, sn, sub, student_dir, overwrite=True, model=model, repair=repair)
@@ -120,8 +158,18 @@ def refine(parent: str, sub: SubNetwork, data: str, out: Path, cfg: RefineConfig
 
         record = json.loads((student_dir / "refine_start.json").read_text())
         log(f"resuming the refine of {sub} from {student_dir}")
-    run_training(str(student_dir), data, out, cfg.train_config(), resume=resume, online=online, log=log,
-                 overwrite=overwrite, teacher=str(parent), teacher_cache_dir=teacher_cache_dir)
+    run_training(
+        str(student_dir),
+        data,
+        out,
+        cfg.train_config(),
+        resume=resume,
+        online=online,
+        log=log,
+        overwrite=overwrite,
+        teacher=str(teacher),
+        teacher_cache_dir=teacher_cache_dir,
+    )
     refined = load_model(str(out))
     record["ppl_refined"] = _validation_ppl(refined.model, refined.tokenizer, val_text, cfg)
     record["training"] = {k: refined.meta.provenance.get("training", {}).get(k) for k in ("steps", "seconds", "tokens")}

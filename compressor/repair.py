@@ -39,8 +39,10 @@ from compressor.search_space import SubNetwork
 
 #: family name -> (attention output projection, FFN output projection, the norm that reads the
 #: post-attention residual), relative to a decoder layer
-TARGETS = {"llama": ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm"),
-           "phi3": ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm")}
+TARGETS = {
+    "llama": ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm"),
+    "phi3": ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm"),
+}
 
 
 @dataclass
@@ -58,8 +60,10 @@ class RepairConfig:
 
     def __post_init__(self):
         if self.tokens < 2 * self.seq_len:
-            raise NaspruneError(f"repair needs at least two windows of calibration text (tokens {self.tokens} < "
-                                f"2 x seq_len {self.seq_len})")
+            raise NaspruneError(
+                f"repair needs at least two windows of calibration text (tokens {self.tokens} < "
+                f"2 x seq_len {self.seq_len})"
+            )
         if not 0 < self.holdout < 0.9:
             raise NaspruneError(f"repair holdout must be in (0, 0.9) (got {self.holdout})")
         if self.target not in ("local", "residual"):
@@ -90,11 +94,16 @@ class RepairReport:
     def summary(self) -> dict:
         p = self.projections
         mean = (lambda xs: sum(xs) / len(xs)) if p else (lambda xs: float("nan"))
-        return {"tokens": self.tokens, "seconds": round(self.seconds, 1), "bias": self.bias, "config": self.config,
-                "projections": len(p),
-                "mean_rel_error_before": mean([x.rel_error_before for x in p]),
-                "mean_rel_error_after": mean([x.rel_error_after for x in p]),
-                "choices": {c: sum(x.choice == c for x in p) for c in sorted({x.choice for x in p})}}
+        return {
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 1),
+            "bias": self.bias,
+            "config": self.config,
+            "projections": len(p),
+            "mean_rel_error_before": mean([x.rel_error_before for x in p]),
+            "mean_rel_error_after": mean([x.rel_error_after for x in p]),
+            "choices": {c: sum(x.choice == c for x in p) for c in sorted({x.choice for x in p})},
+        }
 
 
 def _with_biases(model, family: str):
@@ -111,8 +120,10 @@ def _with_biases(model, family: str):
     new = AutoModelForCausalLM.from_config(type(config).from_dict(d))
     missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not name.endswith(".bias") for name in missing if name != "lm_head.weight"):
-        raise NaspruneError(f"cannot add biases to this {family} checkpoint (missing {missing[:3]}, unexpected "
-                            f"{unexpected[:3]}); run repair with bias disabled")
+        raise NaspruneError(
+            f"cannot add biases to this {family} checkpoint (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); run repair with bias disabled"
+        )
     with torch.no_grad():
         for name in missing:
             if name.endswith(".bias"):
@@ -152,8 +163,9 @@ def _predict(x, w, b):
     return x @ w.T + (b if b is not None else 0)
 
 
-def _choose(x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None, cfg: RepairConfig,
-            with_bias: bool):
+def _choose(
+    x: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor | None, cfg: RepairConfig, with_bias: bool
+):
     """Pick keep / bias-only / ridge(lam) on held-out tokens; refit the choice on all tokens."""
     n = x.shape[0]
     cut = int(n * (1 - cfg.holdout))
@@ -180,17 +192,27 @@ def calibration_windows(tokenizer, data: str, cfg: RepairConfig, online: bool = 
 
     kind, content = read_source(resolve_data(data), online)
     if kind != "text":
-        content = "\n\n".join("\n".join(str(r.get(k, "")) for k in ("instruction", "input", "output") if r.get(k))
-                                for r in content)
+        content = "\n\n".join(
+            "\n".join(str(r.get(k, "")) for k in ("instruction", "input", "output") if r.get(k)) for r in content
+        )
     windows = token_windows(tokenizer, content, cfg.seq_len, cfg.tokens)
     if len(windows) < 2:
         raise NaspruneError(f"repair data {data} has fewer than two windows of {cfg.seq_len} tokens; give more text")
     return windows
 
 
-def repair_model(parent_loaded, sub: SubNetwork, windows: torch.Tensor, cfg: RepairConfig | None = None,
-                 log=None):
+def repair_model(
+    parent_loaded,
+    sub: SubNetwork,
+    windows: torch.Tensor,
+    cfg: RepairConfig | None = None,
+    log=None,
+    teacher_loaded=None,
+):
     """Extract ``sub`` from ``parent_loaded`` and repair it on calibration ``windows`` ([N, T] token ids).
+
+    ``teacher_loaded``: the model whose outputs are the targets (default: the parent itself; the
+    pipeline passes the original when the parent is a trained super-network with the same permutation).
 
     Returns (model, :class:`RepairReport`). The model is a plain HF model (biases declared in its
     config where added) that :func:`compressor.modeldir.save_model_dir` writes like any other."""
@@ -201,15 +223,19 @@ def repair_model(parent_loaded, sub: SubNetwork, windows: torch.Tensor, cfg: Rep
     sn = parent_loaded.supernet()
     family = sn.family.name
     if family not in TARGETS:
-        raise NaspruneError(f"repair is not available for the {family} family yet (supported: {', '.join(TARGETS)}); "
-                            "extract without repair")
+        raise NaspruneError(
+            f"repair is not available for the {family} family yet (supported: {', '.join(TARGETS)}); "
+            "extract without repair"
+        )
     sn.space.validate(sub)
     kept = sn.space.kept_layers(sub)
     student = extract(sn, sub)
     with_bias = False
     if cfg.bias:
         student, with_bias = _with_biases(student, family)
-    teacher = parent_loaded.model.eval()
+    teacher = (teacher_loaded or parent_loaded).model.eval()
+    if teacher_loaded is not None and teacher_loaded.model.config.hidden_size != parent_loaded.model.config.hidden_size:
+        raise NaspruneError("the repair teacher must have the parent's shape (the original of the same super-network)")
     k_e = sub.embed_dim
     attn_out, ffn_out, mid_norm = TARGETS[family]
     names = (attn_out, ffn_out)
@@ -227,16 +253,25 @@ def repair_model(parent_loaded, sub: SubNetwork, windows: torch.Tensor, cfg: Rep
     for new, old in enumerate(kept):
         for name in names:
             module = t_layers[old].get_submodule(name)
-            hooks.append(module.register_forward_hook(
-                lambda m, inp, out, key=(new, name): targets.__setitem__(key, keep(out))))
+            hooks.append(
+                module.register_forward_hook(lambda m, inp, out, key=(new, name): targets.__setitem__(key, keep(out)))
+            )
     if cfg.target == "residual":
         for j, layer in enumerate(t_layers):
-            hooks.append(layer.register_forward_pre_hook(
-                lambda m, args, kwargs, j=j: residual.__setitem__(j, keep(args[0] if args else kwargs["hidden_states"])),
-                with_kwargs=True))
+            hooks.append(
+                layer.register_forward_pre_hook(
+                    lambda m, args, kwargs, j=j: residual.__setitem__(
+                        j, keep(args[0] if args else kwargs["hidden_states"])
+                    ),
+                    with_kwargs=True,
+                )
+            )
         last = len(t_layers)
-        hooks.append(t_layers[-1].register_forward_hook(
-            lambda m, inp, out: residual.__setitem__(last, keep(out[0] if isinstance(out, tuple) else out))))
+        hooks.append(
+            t_layers[-1].register_forward_hook(
+                lambda m, inp, out: residual.__setitem__(last, keep(out[0] if isinstance(out, tuple) else out))
+            )
+        )
         next_kept = {new: (kept[new + 1] if new + 1 < len(kept) else last) for new in range(len(kept))}
     try:
         with torch.no_grad():
@@ -268,12 +303,22 @@ def repair_model(parent_loaded, sub: SubNetwork, windows: torch.Tensor, cfg: Rep
                 module.bias.copy_(b.to(module.bias.dtype))
         report.projections.append(ProjectionReport(kept[key[0]], key[1], choice, before, after, fit_before, fit_after))
 
-    hooks = [s_layers[new].get_submodule(name).register_forward_pre_hook(
-        lambda m, args, key=(new, name): refit(m, args, key)) for new in range(len(kept)) for name in names]
+    hooks = [
+        s_layers[new]
+        .get_submodule(name)
+        .register_forward_pre_hook(lambda m, args, key=(new, name): refit(m, args, key))
+        for new in range(len(kept))
+        for name in names
+    ]
     if cfg.target == "residual":  # the student's residual after attention, before the FFN adds to it
-        hooks += [s_layers[new].get_submodule(mid_norm).register_forward_pre_hook(
-            lambda m, args, new=new: mid.__setitem__(new, args[0].reshape(-1, args[0].shape[-1]).double()))
-            for new in range(len(kept))]
+        hooks += [
+            s_layers[new]
+            .get_submodule(mid_norm)
+            .register_forward_pre_hook(
+                lambda m, args, new=new: mid.__setitem__(new, args[0].reshape(-1, args[0].shape[-1]).double())
+            )
+            for new in range(len(kept))
+        ]
     try:
         with torch.no_grad():
             _base(student)(input_ids=windows, use_cache=False)
@@ -283,6 +328,8 @@ def repair_model(parent_loaded, sub: SubNetwork, windows: torch.Tensor, cfg: Rep
     report.seconds = time.perf_counter() - start
     if log:
         s = report.summary()
-        log(f"repaired {sub}: {s['projections']} projections on {s['tokens']:,} tokens in {s['seconds']}s, held-out "
-            f"reconstruction error {s['mean_rel_error_before']:.4f} -> {s['mean_rel_error_after']:.4f} ({s['choices']})")
+        log(
+            f"repaired {sub}: {s['projections']} projections on {s['tokens']:,} tokens in {s['seconds']}s, held-out "
+            f"reconstruction error {s['mean_rel_error_before']:.4f} -> {s['mean_rel_error_after']:.4f} ({s['choices']})"
+        )
     return student.eval(), report

@@ -25,7 +25,7 @@ class ParamBins:
     members: list[list[SubNetwork]]
 
     @staticmethod
-    def build(space: SearchSpace, num_bins: int) -> "ParamBins":
+    def build(space: SearchSpace, num_bins: int) -> ParamBins:
         if num_bins < 1:
             raise NaspruneError("the number of parameter bins must be >= 1")
         subs = list(space.enumerate())
@@ -102,8 +102,6 @@ class GridParamsSampler(Sampler):
 SAMPLERS: dict[str, type[Sampler]] = {"random": RandomSampler, "grid-params": GridParamsSampler}
 
 
-
-
 def first_k_blocks(role: str | None, dims, size: int, sub: SubNetwork) -> list[tuple[int, int]]:
     """Contiguous index ranges that a first-k sub-network keeps along an axis of this role."""
     from compressor.architectures import EMBED, FFN, GATE_UP, KV, NEOX_QKV, QKV, Q
@@ -154,8 +152,9 @@ class CalibrateMagSampler(GridParamsSampler):
 
     name = "calibrate-mag"
 
-    def __init__(self, space: SearchSpace, seed: int = 0, num_bins: int = 10, candidates: int = 32, keep: int = 1,
-                 supernet=None):
+    def __init__(
+        self, space: SearchSpace, seed: int = 0, num_bins: int = 10, candidates: int = 32, keep: int = 1, supernet=None
+    ):
         if supernet is None:
             raise NaspruneError("the calibrate-mag sampler needs the super-network's weights")
         full = ParamBins.build(space, num_bins)
@@ -169,7 +168,7 @@ class CalibrateMagSampler(GridParamsSampler):
         kept, pos = [], 0
         self.candidate_scores: list[list[tuple[SubNetwork, float]]] = []
         for group in picked:
-            ranked = sorted(zip(group, scores[pos: pos + len(group)]), key=lambda t: -t[1])
+            ranked = sorted(zip(group, scores[pos : pos + len(group)]), key=lambda t: -t[1])
             pos += len(group)
             self.candidate_scores.append([(s, float(v)) for s, v in ranked])
             kept.append([s for s, _ in ranked[:keep]])
@@ -179,8 +178,9 @@ class CalibrateMagSampler(GridParamsSampler):
 SAMPLERS["calibrate-mag"] = CalibrateMagSampler
 
 
-def make_sampler(name: str, space: SearchSpace, seed: int = 0, num_bins: int = 10, candidates: int = 32,
-                 supernet=None) -> Sampler:
+def make_sampler(
+    name: str, space: SearchSpace, seed: int = 0, num_bins: int = 10, candidates: int = 32, supernet=None
+) -> Sampler:
     if name == "random":
         return RandomSampler(space, seed)
     if name == "grid-params":

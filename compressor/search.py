@@ -60,8 +60,14 @@ class Evaluated:
     generation: int
 
     def row(self) -> dict:
-        return {"arch": self.arch.to_dict(), "params": self.params, "loss": self.loss, "ppl": math.exp(self.loss),
-                "predicted_ms": self.predicted_ms, "generation": self.generation}
+        return {
+            "arch": self.arch.to_dict(),
+            "params": self.params,
+            "loss": self.loss,
+            "ppl": math.exp(self.loss),
+            "predicted_ms": self.predicted_ms,
+            "generation": self.generation,
+        }
 
 
 @dataclass
@@ -78,12 +84,23 @@ class SearchResult:
 class SubnetworkProblem(Problem):
     """pymoo Problem over integer genes; every evaluation is recorded in ``self.evaluated``."""
 
-    def __init__(self, space: SearchSpace, quality: Callable[[SubNetwork], float],
-                 latency: Callable[[list[SubNetwork]], np.ndarray], cfg: SearchConfig):
+    def __init__(
+        self,
+        space: SearchSpace,
+        quality: Callable[[SubNetwork], float],
+        latency: Callable[[list[SubNetwork]], np.ndarray],
+        cfg: SearchConfig,
+    ):
         self.space, self.quality, self.latency, self.cfg = space, quality, latency, cfg
         n_constr = int(cfg.max_latency_ms is not None) + int(cfg.max_params is not None)
-        super().__init__(n_var=len(space.free_dimensions), n_obj=3 if cfg.params_objective else 2, n_ieq_constr=n_constr,
-                         xl=np.zeros(len(space.free_dimensions)), xu=np.array(space.gene_upper_bounds()), vtype=int)
+        super().__init__(
+            n_var=len(space.free_dimensions),
+            n_obj=3 if cfg.params_objective else 2,
+            n_ieq_constr=n_constr,
+            xl=np.zeros(len(space.free_dimensions)),
+            xu=np.array(space.gene_upper_bounds()),
+            vtype=int,
+        )
         self.evaluated: dict[SubNetwork, Evaluated] = {}
         self.generation = 0
 
@@ -110,8 +127,9 @@ class SubnetworkProblem(Problem):
 
 
 def feasible(e: Evaluated, cfg: SearchConfig) -> bool:
-    return ((cfg.max_latency_ms is None or e.predicted_ms <= cfg.max_latency_ms)
-            and (cfg.max_params is None or e.params <= cfg.max_params))
+    return (cfg.max_latency_ms is None or e.predicted_ms <= cfg.max_latency_ms) and (
+        cfg.max_params is None or e.params <= cfg.max_params
+    )
 
 
 def pareto_front(points: list[Evaluated], cfg: SearchConfig) -> list[Evaluated]:
@@ -169,17 +187,29 @@ def run_nsga2(space: SearchSpace, quality, latency, cfg: SearchConfig, progress:
     start = time.perf_counter()
     problem = SubnetworkProblem(space, quality, latency, cfg)
     ref = reference_point(space, quality, latency, cfg)
-    algorithm = NSGA2(pop_size=cfg.population, sampling=IntegerRandomSampling(),
-                      crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
-                      mutation=PM(eta=20, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
-    columns = [TextColumn("NSGA-II"), BarColumn(), TextColumn("gen {task.completed}/{task.total}"),
-               TextColumn("HV {task.fields[hv]:.4g}"), TextColumn("{task.fields[n]} evaluated"), TimeElapsedColumn()]
+    algorithm = NSGA2(
+        pop_size=cfg.population,
+        sampling=IntegerRandomSampling(),
+        crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+        mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
+        eliminate_duplicates=True,
+    )
+    columns = [
+        TextColumn("NSGA-II"),
+        BarColumn(),
+        TextColumn("gen {task.completed}/{task.total}"),
+        TextColumn("HV {task.fields[hv]:.4g}"),
+        TextColumn("{task.fields[n]} evaluated"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("search", total=cfg.generations, hv=0.0, n=0)
         callback = _Progress(problem, ref, cfg, bar, task)
         minimize(problem, algorithm, ("n_gen", cfg.generations), seed=cfg.seed, callback=callback, verbose=False)
     evaluated = list(problem.evaluated.values())
-    return SearchResult(pareto_front(evaluated, cfg), evaluated, callback.hv, ref.tolist(), time.perf_counter() - start, cfg)
+    return SearchResult(
+        pareto_front(evaluated, cfg), evaluated, callback.hv, ref.tolist(), time.perf_counter() - start, cfg
+    )
 
 
 def run_random(space: SearchSpace, quality, latency, cfg: SearchConfig, evaluations: int) -> SearchResult:
@@ -198,26 +228,35 @@ def run_random(space: SearchSpace, quality, latency, cfg: SearchConfig, evaluati
     hv = []
     for gen in range(0, len(seen), cfg.population):
         problem.generation = gen // cfg.population
-        problem.objectives(seen[gen: gen + cfg.population])
+        problem.objectives(seen[gen : gen + cfg.population])
         hv.append(hypervolume(list(problem.evaluated.values()), ref, cfg))
     evaluated = list(problem.evaluated.values())
     return SearchResult(pareto_front(evaluated, cfg), evaluated, hv, ref.tolist(), time.perf_counter() - start, cfg)
 
 
-def write_results(result: SearchResult, out, space: SearchSpace, workload: Workload, original: Evaluated | None,
-                  extra: dict | None = None, overwrite: bool = False) -> None:
+def write_results(
+    result: SearchResult,
+    out,
+    space: SearchSpace,
+    workload: Workload,
+    original: Evaluated | None,
+    extra: dict | None = None,
+    overwrite: bool = False,
+) -> None:
     """pareto.json + pareto.csv + history.json + pareto.png in ``out``, written atomically under the
     ownership rule (an existing search output is replaced only with ``overwrite``)."""
     from pathlib import Path
 
     from compressor.modeldir import atomic_dir_write
 
-    atomic_dir_write(Path(out), lambda tmp: _write_search_files(result, tmp, space, workload, original, extra), "search",
-                     overwrite)
+    atomic_dir_write(
+        Path(out), lambda tmp: _write_search_files(result, tmp, space, workload, original, extra), "search", overwrite
+    )
 
 
-def _write_search_files(result: SearchResult, out, space: SearchSpace, workload: Workload, original: Evaluated | None,
-                        extra: dict | None) -> None:
+def _write_search_files(
+    result: SearchResult, out, space: SearchSpace, workload: Workload, original: Evaluated | None, extra: dict | None
+) -> None:
     import csv
 
     from compressor.modeldir import write_json_atomic
@@ -225,19 +264,57 @@ def _write_search_files(result: SearchResult, out, space: SearchSpace, workload:
     rows = [p.row() for p in result.pareto]
     for r in rows:
         r["num_kv_heads"] = space.num_kv_heads(SubNetwork.from_dict(r["arch"]))
-    write_json_atomic(out / "pareto.json", {"workload": str(workload), "config": asdict(result.config), "pareto": rows,
-                                            "original": original.row() if original else None, **(extra or {})})
+    write_json_atomic(
+        out / "pareto.json",
+        {
+            "workload": str(workload),
+            "config": asdict(result.config),
+            "pareto": rows,
+            "original": original.row() if original else None,
+            **(extra or {}),
+        },
+    )
     with open(out / "pareto.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["index", "embed_dim", "num_heads", "num_kv_heads", "ffn_dim", "num_layers", "params", "loss", "ppl",
-                    "predicted_ms"])
+        w.writerow(
+            [
+                "index",
+                "embed_dim",
+                "num_heads",
+                "num_kv_heads",
+                "ffn_dim",
+                "num_layers",
+                "params",
+                "loss",
+                "ppl",
+                "predicted_ms",
+            ]
+        )
         for i, r in enumerate(rows):
             a = r["arch"]
-            w.writerow([i, a["embed_dim"], a["num_heads"], r["num_kv_heads"], a["ffn_dim"], a["num_layers"], r["params"],
-                        f"{r['loss']:.5f}", f"{r['ppl']:.3f}", f"{r['predicted_ms']:.3f}"])
-    write_json_atomic(out / "history.json", {"hypervolume": result.hypervolume, "reference_point": result.reference_point,
-                                             "seconds": result.seconds,
-                                             "evaluated": [e.row() for e in result.evaluated]})
+            w.writerow(
+                [
+                    i,
+                    a["embed_dim"],
+                    a["num_heads"],
+                    r["num_kv_heads"],
+                    a["ffn_dim"],
+                    a["num_layers"],
+                    r["params"],
+                    f"{r['loss']:.5f}",
+                    f"{r['ppl']:.3f}",
+                    f"{r['predicted_ms']:.3f}",
+                ]
+            )
+    write_json_atomic(
+        out / "history.json",
+        {
+            "hypervolume": result.hypervolume,
+            "reference_point": result.reference_point,
+            "seconds": result.seconds,
+            "evaluated": [e.row() for e in result.evaluated],
+        },
+    )
     plot_front(result, original, out / "pareto.png", workload)
 
 
@@ -251,11 +328,20 @@ def plot_front(result: SearchResult, original: Evaluated | None, path, workload:
     ev = result.evaluated
     ax.scatter([e.predicted_ms for e in ev], [math.exp(e.loss) for e in ev], s=10, c="lightgray", label="evaluated")
     front = result.pareto
-    ax.plot([e.predicted_ms for e in front], [math.exp(e.loss) for e in front], "o-", c="tab:blue", label="Pareto front")
+    ax.plot(
+        [e.predicted_ms for e in front], [math.exp(e.loss) for e in front], "o-", c="tab:blue", label="Pareto front"
+    )
     for i, e in enumerate(front):
         ax.annotate(str(i), (e.predicted_ms, math.exp(e.loss)), fontsize=7, xytext=(3, 3), textcoords="offset points")
     if original is not None:
-        ax.scatter([original.predicted_ms], [math.exp(original.loss)], marker="*", s=150, c="tab:red", label="full model (largest sub-network)")
+        ax.scatter(
+            [original.predicted_ms],
+            [math.exp(original.loss)],
+            marker="*",
+            s=150,
+            c="tab:red",
+            label="full model (largest sub-network)",
+        )
     ax.set_yscale("log")
     ax.set_xlabel(f"predicted latency, {workload} (ms)")
     ax.set_ylabel("perplexity (super-network, held out)")

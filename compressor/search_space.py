@@ -43,21 +43,25 @@ class SubNetwork:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "SubNetwork":
+    def from_dict(d: dict) -> SubNetwork:
         missing = [k for k in DIMENSIONS if k not in d]
         extra = [k for k in d if k not in DIMENSIONS and k != "num_kv_heads"]
         if missing or extra:
             raise NaspruneError(
                 f"bad sub-network {json.dumps(d)}: needs exactly the keys {', '.join(DIMENSIONS)}"
-                + " (" + "; ".join(f"{what} {', '.join(keys)}" for what, keys in (("missing", missing), ("unknown", extra))
-                                   if keys) + ")")
+                + " ("
+                + "; ".join(
+                    f"{what} {', '.join(keys)}" for what, keys in (("missing", missing), ("unknown", extra)) if keys
+                )
+                + ")"
+            )
         try:
             return SubNetwork(*(int(d[k]) for k in DIMENSIONS))
         except (TypeError, ValueError):
             raise NaspruneError(f"bad sub-network {json.dumps(d)}: every dimension must be an integer") from None
 
     @staticmethod
-    def parse(text: str) -> "SubNetwork":
+    def parse(text: str) -> SubNetwork:
         """A JSON object, or a path to a file holding one (``arch`` key accepted, as in pareto.json)."""
         text = str(text).strip()
         if not text.startswith("{"):
@@ -68,8 +72,10 @@ class SubNetwork:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise NaspruneError(f"--arch is not valid JSON ({e.msg} at char {e.pos}); "
-                                'use e.g. {"embed_dim":576,"num_heads":9,"ffn_dim":1536,"num_layers":30}') from None
+            raise NaspruneError(
+                f"--arch is not valid JSON ({e.msg} at char {e.pos}); "
+                'use e.g. {"embed_dim":576,"num_heads":9,"ffn_dim":1536,"num_layers":30}'
+            ) from None
         if isinstance(d, dict) and "arch" in d and isinstance(d["arch"], dict):
             d = d["arch"]
         if not isinstance(d, dict):
@@ -92,7 +98,7 @@ class SearchSpaceConfig:
     embed_step: int | None = None  # default: lcm(head choices, 8)
 
     @staticmethod
-    def from_dict(d: dict | None) -> "SearchSpaceConfig":
+    def from_dict(d: dict | None) -> SearchSpaceConfig:
         d = dict(d or {})
         known = {f for f in SearchSpaceConfig.__dataclass_fields__}
         unknown = set(d) - known
@@ -124,20 +130,25 @@ class SearchSpace:
         if self.layer_ranking is None:
             self.layer_ranking = list(range(d.num_layers))
         if sorted(self.layer_ranking) != list(range(d.num_layers)):
-            raise NaspruneError(f"layer ranking must be a permutation of 0..{d.num_layers - 1}; the nasprune.json is corrupt")
+            raise NaspruneError(
+                f"layer ranking must be a permutation of 0..{d.num_layers - 1}; the nasprune.json is corrupt"
+            )
         self.choices = self._make_choices()
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def from_model(cls, family: Family, model, config: SearchSpaceConfig | None = None,
-                   layer_ranking: list[int] | None = None) -> "SearchSpace":
-        params = [ParamInfo(n, tuple(p.shape), family.param_roles(n), family.layer_of(n))
-                  for n, p in model.named_parameters()]
+    def from_model(
+        cls, family: Family, model, config: SearchSpaceConfig | None = None, layer_ranking: list[int] | None = None
+    ) -> SearchSpace:
+        params = [
+            ParamInfo(n, tuple(p.shape), family.param_roles(n), family.layer_of(n)) for n, p in model.named_parameters()
+        ]
         return cls(family, params, config or SearchSpaceConfig(), layer_ranking)
 
     @classmethod
-    def from_config(cls, config, space_config: SearchSpaceConfig | None = None,
-                    layer_ranking: list[int] | None = None) -> "SearchSpace":
+    def from_config(
+        cls, config, space_config: SearchSpaceConfig | None = None, layer_ranking: list[int] | None = None
+    ) -> SearchSpace:
         """The space of a model from its HF config alone (meta device: no weights are read)."""
         import torch
         from transformers import AutoModelForCausalLM
@@ -152,24 +163,42 @@ class SearchSpace:
     def _make_choices(self) -> dict[str, tuple[int, ...]]:
         d, c = self.family.dims, self.config
         qpg = d.q_per_group
-        heads = [g * qpg for g in range(1, d.num_kv_heads + 1)
-                 if g == d.num_kv_heads or (g * qpg >= c.min_heads_fraction * d.num_heads and (
-                     self.family.couples_embed_to_heads or d.hidden_size % (g * qpg) == 0))]
+        heads = [
+            g * qpg
+            for g in range(1, d.num_kv_heads + 1)
+            if g == d.num_kv_heads
+            or (
+                g * qpg >= c.min_heads_fraction * d.num_heads
+                and (self.family.couples_embed_to_heads or d.hidden_size % (g * qpg) == 0)
+            )
+        ]
         min_embed = c.min_embed_fraction * d.hidden_size
         if self.family.couples_embed_to_heads:
             heads = [h for h in heads if h * d.head_dim >= min_embed] or [d.num_heads]
             embeds = [h * d.head_dim for h in heads]
-            self.notes.append(f"{self.family.name}: head size is fixed by the config (hidden/heads), "
-                              f"so embed_dim = num_heads x {d.head_dim} (coupled)")
+            self.notes.append(
+                f"{self.family.name}: head size is fixed by the config (hidden/heads), "
+                f"so embed_dim = num_heads x {d.head_dim} (coupled)"
+            )
         else:
             heads, step = self._embed_step(heads, min_embed)
             embeds = sorted({d.hidden_size} | {e for e in range(step, d.hidden_size, step) if e >= min_embed})
         ffn_step = min(c.ffn_step, d.intermediate_size)
-        ffns = sorted({d.intermediate_size} | {f for f in range(ffn_step, d.intermediate_size, ffn_step)
-                                               if f >= c.min_ffn_fraction * d.intermediate_size})
+        ffns = sorted(
+            {d.intermediate_size}
+            | {
+                f
+                for f in range(ffn_step, d.intermediate_size, ffn_step)
+                if f >= c.min_ffn_fraction * d.intermediate_size
+            }
+        )
         layers = list(range(max(1, math.ceil(c.min_layers_fraction * d.num_layers)), d.num_layers + 1))
-        return {"embed_dim": tuple(embeds), "num_heads": tuple(sorted(heads)), "ffn_dim": tuple(ffns),
-                "num_layers": tuple(layers)}
+        return {
+            "embed_dim": tuple(embeds),
+            "num_heads": tuple(sorted(heads)),
+            "ffn_dim": tuple(ffns),
+            "num_layers": tuple(layers),
+        }
 
     def _embed_step(self, heads: list[int], min_embed: float) -> tuple[list[int], int]:
         """Step for embed_dim; drops head choices whose lcm would leave fewer than 3 widths."""
@@ -178,8 +207,9 @@ class SearchSpace:
             step = self.config.embed_step
             bad = [h for h in heads if step % h]
             if bad:
-                raise NaspruneError(f"embed_step {step} is not divisible by head choices {bad}; use a multiple of "
-                                    f"{_lcm(heads + [8])}")
+                raise NaspruneError(
+                    f"embed_step {step} is not divisible by head choices {bad}; use a multiple of {_lcm(heads + [8])}"
+                )
             return heads, step
         heads = list(heads)
         dropped = []
@@ -198,8 +228,10 @@ class SearchSpace:
             dropped.append(best)
             step, ws = widths(heads)
         if dropped:
-            self.notes.append(f"head choices {sorted(dropped)} dropped so embed_dim can vary "
-                              f"(transformers needs hidden_size % heads == 0)")
+            self.notes.append(
+                f"head choices {sorted(dropped)} dropped so embed_dim can vary "
+                f"(transformers needs hidden_size % heads == 0)"
+            )
         if d.hidden_size % step:
             step = _lcm(heads)  # full width only; keep it loadable
         return heads, step
@@ -211,8 +243,10 @@ class SearchSpace:
             if value not in allowed:
                 raise NaspruneError(f"invalid sub-network {sub.to_dict()}: {dim}={value} is not one of {list(allowed)}")
         if self.family.couples_embed_to_heads and sub.embed_dim != sub.num_heads * self.family.dims.head_dim:
-            raise NaspruneError(f"invalid sub-network {sub.to_dict()}: for {self.family.name} embed_dim must equal "
-                                f"num_heads x {self.family.dims.head_dim}")
+            raise NaspruneError(
+                f"invalid sub-network {sub.to_dict()}: for {self.family.name} embed_dim must equal "
+                f"num_heads x {self.family.dims.head_dim}"
+            )
         return sub
 
     def num_kv_heads(self, sub: SubNetwork) -> int:
@@ -246,8 +280,7 @@ class SearchSpace:
     def _matrix_params_per_token(self, sub: SubNetwork) -> tuple[int, int]:
         """(block matmul params over kept layers, lm_head matmul params)."""
         kept = set(self.kept_layers(sub))
-        block = sum(self._param_numel(p, sub) for p in self.params
-                    if p.layer in kept and len(p.shape) == 2)
+        block = sum(self._param_numel(p, sub) for p in self.params if p.layer in kept and len(p.shape) == 2)
         head = self.family.dims.vocab_size * sub.embed_dim
         return block, head
 
@@ -279,8 +312,15 @@ class SearchSpace:
 
     def kv_cache_bytes(self, sub: SubNetwork, workload: Workload, precision: str = "fp32") -> int:
         ctx = workload.seq + (workload.new_tokens if workload.kind == "generate" else 1)
-        return (2 * sub.num_layers * self.num_kv_heads(sub) * self.family.dims.head_dim * ctx * workload.batch
-                * BYTES_PER_PARAM[precision])
+        return (
+            2
+            * sub.num_layers
+            * self.num_kv_heads(sub)
+            * self.family.dims.head_dim
+            * ctx
+            * workload.batch
+            * BYTES_PER_PARAM[precision]
+        )
 
     # ---- encoding, enumeration, sampling --------------------------------------------------
     @property
@@ -341,8 +381,13 @@ class SearchSpace:
         return min(near, key=evenness)[0]
 
     def to_dict(self) -> dict:
-        return {"config": asdict(self.config), "choices": {k: list(v) for k, v in self.choices.items()},
-                "size": self.size, "coupled_embed_to_heads": self.family.couples_embed_to_heads, "notes": self.notes}
+        return {
+            "config": asdict(self.config),
+            "choices": {k: list(v) for k, v in self.choices.items()},
+            "size": self.size,
+            "coupled_embed_to_heads": self.family.couples_embed_to_heads,
+            "notes": self.notes,
+        }
 
 
 def _lcm(values: list[int]) -> int:

@@ -60,8 +60,9 @@ class SuperNetwork(torch.nn.Module):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None].expand(input_ids.shape[0], -1)
         return x, self.family.rotary(self.model)(x, positions)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                layers: list[int] | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: list[int] | None = None
+    ) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` of the active sub-network.
 
         ``layers`` overrides which blocks run (e.g. to measure the loss with one block dropped).
@@ -71,8 +72,9 @@ class SuperNetwork(torch.nn.Module):
         blocks = fam.layers(self.model)
         for i in self._layers if layers is None else layers:
             if self.training and self.gradient_checkpointing:
-                x = torch.utils.checkpoint.checkpoint(fam.block, blocks[i], x, cos_sin, attention_mask, s,
-                                                      use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    fam.block, blocks[i], x, cos_sin, attention_mask, s, use_reentrant=False
+                )
             else:
                 x = fam.block(blocks[i], x, cos_sin, attention_mask, s)
         return fam.head(self.model, x, s)

@@ -113,15 +113,20 @@ class TrainConfig:
             raise NaspruneError(f"distill_alpha must be in [0, 1] (got {self.distill_alpha})")
         if isinstance(self.distill_topk, bool) or not isinstance(self.distill_topk, int) or self.distill_topk < 1:
             raise NaspruneError(f"distill_topk must be an integer >= 1 (got {self.distill_topk})")
-        if not (isinstance(self.distill_temperature, (int, float)) and math.isfinite(self.distill_temperature)
-                and self.distill_temperature > 0):
+        if not (
+            isinstance(self.distill_temperature, (int, float))
+            and math.isfinite(self.distill_temperature)
+            and self.distill_temperature > 0
+        ):
             raise NaspruneError(f"distill_temperature must be > 0 (got {self.distill_temperature})")
         if self.distill == "logits" and self.teacher == "largest" and self.strategy == "standard":
-            raise NaspruneError("teacher 'largest' needs a sandwich strategy (standard trains only the largest "
-                                "sub-network, which has no teacher); use teacher 'original' or another strategy")
+            raise NaspruneError(
+                "teacher 'largest' needs a sandwich strategy (standard trains only the largest "
+                "sub-network, which has no teacher); use teacher 'original' or another strategy"
+            )
 
     @staticmethod
-    def load(path: Path | None = None, overrides: dict | None = None) -> "TrainConfig":
+    def load(path: Path | None = None, overrides: dict | None = None) -> TrainConfig:
         d = {}
         if path is not None:
             import yaml
@@ -160,8 +165,9 @@ def windows_needed(cfg: TrainConfig, n: int, world: int = 1) -> np.ndarray:
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE
+    )
 
 
 def untie_lm_head(model) -> None:
@@ -182,8 +188,12 @@ def add_lora(model, cfg: TrainConfig) -> list[str]:
     if getattr(model.config, "tie_word_embeddings", False):
         names -= {"lm_head", "embed_out"}
     targets = sorted(names)
-    get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                     target_modules=targets, bias="none"))
+    get_peft_model(
+        model,
+        LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, bias="none"
+        ),
+    )
     return targets
 
 
@@ -231,8 +241,16 @@ class Trainer:
     teacher reuses them.
     """
 
-    def __init__(self, loaded: LoadedModel, data: TokenizedData, cfg: TrainConfig, work_dir: Path,
-                 teacher_cache_dir: Path | None = None, log=None, teacher: LoadedModel | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        data: TokenizedData,
+        cfg: TrainConfig,
+        work_dir: Path,
+        teacher_cache_dir: Path | None = None,
+        log=None,
+        teacher: LoadedModel | None = None,
+    ):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -258,8 +276,11 @@ class Trainer:
         precision = cfg.mixed_precision
         if precision == "auto":
             precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=not cuda,
-                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.accelerator = Accelerator(
+            mixed_precision=precision,
+            cpu=not cuda,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
         params = [p for p in self.supernet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         warm, total, floor = cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
@@ -271,10 +292,17 @@ class Trainer:
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.supernet, self.optimizer, self.scheduler)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(
+            self.supernet, self.optimizer, self.scheduler
+        )
         _, sampler_name = STRATEGIES[cfg.strategy]
-        self.sampler = (make_sampler(sampler_name, self.supernet.space, cfg.seed, cfg.num_bins, cfg.calib_candidates,
-                                     supernet=self.supernet) if sampler_name else None)
+        self.sampler = (
+            make_sampler(
+                sampler_name, self.supernet.space, cfg.seed, cfg.num_bins, cfg.calib_candidates, supernet=self.supernet
+            )
+            if sampler_name
+            else None
+        )
         self.step = 0
         self.log_path = self.work_dir / "train_log.jsonl"
         self.ckpt_path = self.work_dir / "checkpoint.pt"
@@ -283,13 +311,21 @@ class Trainer:
         if cached_teacher:
             acc = self.accelerator
             self.teacher_cache = TeacherCache(
-                Path(teacher_cache_dir) if teacher_cache_dir else cache_dir() / "teacher", data.input_ids,
-                data.attention_mask, teacher_hash, k=cfg.distill_topk, temperature=cfg.distill_temperature,
-                precision=acc.mixed_precision, rank=acc.process_index, world=acc.num_processes,
-                barrier=acc.wait_for_everyone)
+                Path(teacher_cache_dir) if teacher_cache_dir else cache_dir() / "teacher",
+                data.input_ids,
+                data.attention_mask,
+                teacher_hash,
+                k=cfg.distill_topk,
+                temperature=cfg.distill_temperature,
+                precision=acc.mixed_precision,
+                rank=acc.process_index,
+                world=acc.num_processes,
+                barrier=acc.wait_for_everyone,
+            )
             needed = windows_needed(cfg, len(data), acc.num_processes)
-            self.teacher_fill = self.teacher_cache.ensure(needed, self._teacher_logits, batch_size=cfg.batch_size,
-                                                          device=acc.device, log=log)
+            self.teacher_fill = self.teacher_cache.ensure(
+                needed, self._teacher_logits, batch_size=cfg.batch_size, device=acc.device, log=log
+            )
         self._external_teacher = None  # its targets are on disk now: free it
 
     def _teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -323,9 +359,15 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {"step": self.step, "model": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict() if self.sampler else None,
-                 "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg)}
+        state = {
+            "step": self.step,
+            "model": self._trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict() if self.sampler else None,
+            "torch_rng": torch.get_rng_state(),
+            "config": asdict(self.cfg),
+        }
         tmp = self.ckpt_path.with_name(f".checkpoint.pt.tmp-{os.getpid()}")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)
@@ -344,8 +386,14 @@ class Trainer:
             # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle
             state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise NaspruneError(f"checkpoint {self.ckpt_path} is corrupt ({type(e).__name__}); delete it and restart") from None
-        saved = {k: v for k, v in state["config"].items() if k not in ("steps", "max_minutes", "checkpoint_every", "log_every")}
+            raise NaspruneError(
+                f"checkpoint {self.ckpt_path} is corrupt ({type(e).__name__}); delete it and restart"
+            ) from None
+        saved = {
+            k: v
+            for k, v in state["config"].items()
+            if k not in ("steps", "max_minutes", "checkpoint_every", "log_every")
+        }
         now = {k: v for k, v in asdict(self.cfg).items() if k in saved}
         if saved != now:
             diff = sorted(k for k in saved if saved[k] != now[k])
@@ -387,8 +435,9 @@ class Trainer:
             raise NaspruneError("in-place distillation needs the largest sub-network first in the sandwich")
         tokens = 0
         for micro in range(cfg.grad_accum):
-            idx = batch_indices(self.step, micro, cfg, len(self.data), self.accelerator.num_processes,
-                                self.accelerator.process_index)
+            idx = batch_indices(
+                self.step, micro, cfg, len(self.data), self.accelerator.num_processes, self.accelerator.process_index
+            )
             batch = self.data.subset(torch.as_tensor(idx))
             ids, labels = batch.input_ids.to(device), batch.labels.to(device)
             mask = batch.attention_mask.to(device) if batch.kind == "instruct" else None
@@ -408,7 +457,9 @@ class Trainer:
                 if kd is not None:
                     kd_losses[str(sub)] = kd_losses.get(str(sub), 0.0) + kd / cfg.grad_accum
         if cfg.max_grad_norm:
-            self.accelerator.clip_grad_norm_([p for p in self.supernet.parameters() if p.requires_grad], cfg.max_grad_norm)
+            self.accelerator.clip_grad_norm_(
+                [p for p in self.supernet.parameters() if p.requires_grad], cfg.max_grad_norm
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -427,9 +478,15 @@ class Trainer:
         start, tokens_seen = time.perf_counter(), 0
         step_seconds, teacher_seconds = 0.0, 0.0
         stopped_by_time = False
-        columns = [TextColumn("train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-                   TimeElapsedColumn(), TimeRemainingColumn()]
+        columns = [
+            TextColumn("train"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+            TextColumn("{task.fields[tps]:.0f} tok/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
         with Progress(*columns, disable=not progress or not self.accelerator.is_main_process) as bar:
             task = bar.add_task("train", total=cfg.steps, completed=self.step, loss=float("nan"), tps=0.0)
             while self.step < cfg.steps:
@@ -445,23 +502,41 @@ class Trainer:
                 step_seconds += dt
                 teacher_seconds += out.get("teacher_seconds", 0.0)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    record = {"step": self.step, "loss": mean_loss, "losses": out["losses"], "step_seconds": dt,
-                              "tokens_per_s": out["tokens"] / dt, "lr": self.scheduler.get_last_lr()[0]}
+                    record = {
+                        "step": self.step,
+                        "loss": mean_loss,
+                        "losses": out["losses"],
+                        "step_seconds": dt,
+                        "tokens_per_s": out["tokens"] / dt,
+                        "lr": self.scheduler.get_last_lr()[0],
+                    }
                     if cfg.distill != "none":
-                        record.update(kd_losses=out["kd_losses"], teacher_seconds=out["teacher_seconds"],
-                                      teacher_fraction=out["teacher_seconds"] / dt)
+                        record.update(
+                            kd_losses=out["kd_losses"],
+                            teacher_seconds=out["teacher_seconds"],
+                            teacher_fraction=out["teacher_seconds"] / dt,
+                        )
                     self._log(record)
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         self.save_checkpoint()
         elapsed = time.perf_counter() - start
-        stats = {"steps": self.step, "seconds": elapsed, "tokens": tokens_seen, "stopped_by_time_budget": stopped_by_time}
+        stats = {
+            "steps": self.step,
+            "seconds": elapsed,
+            "tokens": tokens_seen,
+            "stopped_by_time_budget": stopped_by_time,
+            "processes": self.accelerator.num_processes,
+        }
         if cfg.distill != "none":
             # teacher cost of the steps of this call: fetching cached targets (0 for in-place KD,
             # whose teacher forward is the largest sub-network's own); the one-off fill is separate
-            stats["distill"] = {"teacher_fetch_seconds": teacher_seconds, "step_seconds": step_seconds,
-                                "teacher_fraction": teacher_seconds / step_seconds if step_seconds else 0.0,
-                                "teacher_fill": self.teacher_fill}
+            stats["distill"] = {
+                "teacher_fetch_seconds": teacher_seconds,
+                "step_seconds": step_seconds,
+                "teacher_fraction": teacher_seconds / step_seconds if step_seconds else 0.0,
+                "teacher_fill": self.teacher_fill,
+            }
         return stats
 
     def _log(self, record: dict) -> None:
@@ -483,19 +558,35 @@ def prepare_model(loaded: LoadedModel, cfg: TrainConfig, calib: TokenizedData | 
     from compressor.importance import compute_importance, layer_ranking, permute
 
     sn = loaded.supernet()
-    log(f"{loaded.source} has no importance scores: computing them on {calib.source} ({int(calib.attention_mask.sum()):,} tokens)")
+    log(
+        f"{loaded.source} has no importance scores: computing them on {calib.source} "
+        f"({int(calib.attention_mask.sum()):,} tokens)"
+    )
     scores = compute_importance(sn, calib, calib.subset(slice(0, max(1, 8192 // calib.input_ids.shape[1]))))
     ranking = layer_ranking(scores)
     permute(sn, scores)
-    meta = ModelMeta(search_space=loaded.meta.search_space, layer_ranking=ranking,
-                     importance={**scores.info, "layer_scores": [float(x) for x in scores.layers]},
-                     provenance=dict(loaded.meta.provenance))
+    meta = ModelMeta(
+        search_space=loaded.meta.search_space,
+        layer_ranking=ranking,
+        importance={**scores.info, "layer_scores": [float(x) for x in scores.layers]},
+        provenance=dict(loaded.meta.provenance),
+    )
     return LoadedModel(loaded.model, loaded.tokenizer, meta, loaded.path, loaded.source)
 
 
-def run_training(model: str, data: str, out: Path, cfg: TrainConfig, resume: bool = False, online: bool = False,
-                 calib_data: str | None = None, log=print, overwrite: bool = False,
-                 teacher_cache_dir: Path | None = None, teacher: str | None = None) -> Path:
+def run_training(
+    model: str,
+    data: str,
+    out: Path,
+    cfg: TrainConfig,
+    resume: bool = False,
+    online: bool = False,
+    calib_data: str | None = None,
+    log=print,
+    overwrite: bool = False,
+    teacher_cache_dir: Path | None = None,
+    teacher: str | None = None,
+) -> Path:
     """Train, checkpointing to ``OUT.train/``, then write the model dir ``OUT`` atomically.
 
     ``teacher``: a MODEL whose logits distil into ``model`` instead of ``model``'s own start weights
@@ -520,17 +611,29 @@ def run_training(model: str, data: str, out: Path, cfg: TrainConfig, resume: boo
     work.mkdir(parents=True, exist_ok=True)
     mark_output(work, "training")
     try:
-        return _train_into(model, data, out, work, cfg, resume, online, calib_data, log, overwrite, teacher_cache_dir,
-                           teacher)
+        return _train_into(
+            model, data, out, work, cfg, resume, online, calib_data, log, overwrite, teacher_cache_dir, teacher
+        )
     except BaseException:
         if created and not (work / "checkpoint.pt").exists():
             shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave nothing half-made
         raise
 
 
-def _train_into(model: str, data: str, out: Path, work: Path, cfg: TrainConfig, resume: bool, online: bool,
-                calib_data: str | None, log, overwrite: bool, teacher_cache_dir: Path | None = None,
-                teacher: str | None = None) -> Path:
+def _train_into(
+    model: str,
+    data: str,
+    out: Path,
+    work: Path,
+    cfg: TrainConfig,
+    resume: bool,
+    online: bool,
+    calib_data: str | None,
+    log,
+    overwrite: bool,
+    teacher_cache_dir: Path | None = None,
+    teacher: str | None = None,
+) -> Path:
     torch.manual_seed(cfg.seed)
     loaded = load_model(model, online=online)
     train_data = load_data(loaded.tokenizer, data, cfg.seq_len, cfg.max_train_tokens, online, cfg.prompt_format)
@@ -540,20 +643,34 @@ def _train_into(model: str, data: str, out: Path, work: Path, cfg: TrainConfig, 
     loaded = prepare_model(loaded, cfg, calib, log)
     teacher_loaded = load_model(teacher, online=online) if teacher is not None else None
     if teacher_loaded is not None and teacher_loaded.model.config.vocab_size != loaded.model.config.vocab_size:
-        raise NaspruneError(f"teacher {teacher} has another vocabulary than {model}; distillation needs the same tokenizer")
-    trainer = Trainer(loaded, train_data, cfg, work, teacher_cache_dir=teacher_cache_dir, log=log, teacher=teacher_loaded)
+        raise NaspruneError(
+            f"teacher {teacher} has another vocabulary than {model}; distillation needs the same tokenizer"
+        )
+    trainer = Trainer(
+        loaded, train_data, cfg, work, teacher_cache_dir=teacher_cache_dir, log=log, teacher=teacher_loaded
+    )
     del teacher_loaded
     if resume:
         trainer.load_checkpoint()
         log(f"resumed at step {trainer.step}")
     stats = trainer.run()
     model_out = trainer.finished_model()
-    meta = ModelMeta(search_space=loaded.meta.search_space, layer_ranking=loaded.meta.layer_ranking,
-                     importance=loaded.meta.importance,
-                     provenance={**loaded.meta.provenance, "versions": versions(),
-                                 "training": {"config": asdict(cfg), "data": str(data), **stats,
-                                              "lora_targets": trainer.lora_targets,
-                                              "train_tokens_available": int(train_data.attention_mask.sum())}})
+    meta = ModelMeta(
+        search_space=loaded.meta.search_space,
+        layer_ranking=loaded.meta.layer_ranking,
+        importance=loaded.meta.importance,
+        provenance={
+            **loaded.meta.provenance,
+            "versions": versions(),
+            "training": {
+                "config": asdict(cfg),
+                "data": str(data),
+                **stats,
+                "lora_targets": trainer.lora_targets,
+                "train_tokens_available": int(train_data.attention_mask.sum()),
+            },
+        },
+    )
     meta.provenance.pop("created_at", None)
     log_src = trainer.log_path
 

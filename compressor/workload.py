@@ -25,11 +25,12 @@ class Workload:
     new_tokens: int = 0
 
     @staticmethod
-    def parse(text: str) -> "Workload":
+    def parse(text: str) -> Workload:
         m = _PATTERN.match(text.strip())
         if not m or (m.group(1) == "generate") != (m.group(4) is not None):
             raise NaspruneError(
-                f"bad workload '{text}': use prefill:BxS, decode:BxC or generate:BxP+N (e.g. prefill:1x128)")
+                f"bad workload '{text}': use prefill:BxS, decode:BxC or generate:BxP+N (e.g. prefill:1x128)"
+            )
         kind, b, s, n = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4) or 0)
         if b < 1 or s < 1 or (kind == "generate" and n < 1):
             raise NaspruneError(f"bad workload '{text}': batch, length and new tokens must be >= 1")

@@ -19,13 +19,12 @@ profiles predicts exactly what ships.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from compressor.errors import NaspruneError
 from compressor.hashing import sha256_file
-from compressor.outputs import MARKER
 from compressor.modeldir import atomic_dir_write, now, versions, write_json_atomic
+from compressor.outputs import MARKER
 from compressor.search_space import SubNetwork
 
 MANIFEST = "manifest.json"
@@ -39,8 +38,11 @@ def graph_paths(bundle: Path, variant: str = "fp32") -> dict[str, Path]:
 
 
 def file_hashes(bundle: Path) -> dict[str, str]:
-    return {str(p.relative_to(bundle)): sha256_file(p) for p in sorted(Path(bundle).rglob("*"))
-            if p.is_file() and p.name not in (MANIFEST, MARKER)}
+    return {
+        str(p.relative_to(bundle)): sha256_file(p)
+        for p in sorted(Path(bundle).rglob("*"))
+        if p.is_file() and p.name not in (MANIFEST, MARKER)
+    }
 
 
 def optimize_graph(src: Path, dst: Path, provider: str = "CPUExecutionProvider") -> None:
@@ -94,10 +96,14 @@ def _license_text(provenance: dict) -> str:
     source = str(provenance.get("source", "unknown"))
     known = next((lic for name, lic in KNOWN_LICENSES.items() if name in source), None)
     if known:
-        return (f"This model is derived (structured pruning by nasprune) from {source}.\n"
-                f"The source model is licensed under {known}; this derivative is distributed under the same terms.\n")
-    return (f"This model is derived (structured pruning by nasprune) from {source}.\n"
-            "Its licence is the source model's licence: check the source's model card before redistributing.\n")
+        return (
+            f"This model is derived (structured pruning by nasprune) from {source}.\n"
+            f"The source model is licensed under {known}; this derivative is distributed under the same terms.\n"
+        )
+    return (
+        f"This model is derived (structured pruning by nasprune) from {source}.\n"
+        "Its licence is the source model's licence: check the source's model card before redistributing.\n"
+    )
 
 
 def check_variants(variants) -> None:
@@ -106,16 +112,29 @@ def check_variants(variants) -> None:
         raise NaspruneError(f"unknown precision(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
 
 
-def build_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants=("fp32",), providers=("CPUExecutionProvider",),
-                 search_row: dict | None = None, log=print, overwrite: bool = False) -> Path:
+def build_bundle(
+    loaded,
+    supernet,
+    sub: SubNetwork,
+    out: Path,
+    variants=("fp32",),
+    providers=("CPUExecutionProvider",),
+    search_row: dict | None = None,
+    log=print,
+    overwrite: bool = False,
+) -> Path:
     """Extract ``sub``, write the checkpoint and every requested engine variant, and the manifest.
 
     Written atomically under the ownership rule: an existing bundle is replaced only with ``overwrite``.
     """
     check_variants(variants)
     supernet.space.validate(sub)
-    return atomic_dir_write(Path(out), lambda tmp: _write_bundle(loaded, supernet, sub, tmp, variants, providers,
-                                                                 search_row, log), "bundle", overwrite)
+    return atomic_dir_write(
+        Path(out),
+        lambda tmp: _write_bundle(loaded, supernet, sub, tmp, variants, providers, search_row, log),
+        "bundle",
+        overwrite,
+    )
 
 
 def _write_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants, providers, search_row, log) -> None:
@@ -133,12 +152,20 @@ def _write_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants, provid
         log(f"  exported {sub}: parity {raw.parity}")
         for g in GRAPHS:
             optimize_graph(raw.paths[g], graph_paths(out, "fp32")[g], providers[0])
-        engines["fp32"] = {"recipe": raw.recipe, "recipe_id": raw.recipe_id, "parity": raw.parity,
-                           "optimization": f"ORT_ENABLE_EXTENDED for {providers[0]}"}
+        engines["fp32"] = {
+            "recipe": raw.recipe,
+            "recipe_id": raw.recipe_id,
+            "parity": raw.parity,
+            "optimization": f"ORT_ENABLE_EXTENDED for {providers[0]}",
+        }
         if "int8" in variants:
             pre = {g: quantize_int8(raw.paths[g], graph_paths(out, "int8")[g]) for g in GRAPHS}
-            engines["int8"] = {"recipe": raw.recipe, "recipe_id": raw.recipe_id,
-                               "quantization": "onnxruntime quantize_dynamic QInt8 (MatMul, Gemm)", "preprocessing": pre}
+            engines["int8"] = {
+                "recipe": raw.recipe,
+                "recipe_id": raw.recipe_id,
+                "quantization": "onnxruntime quantize_dynamic QInt8 (MatMul, Gemm)",
+                "preprocessing": pre,
+            }
         if "fp16" in variants:
             for g in GRAPHS:
                 convert_fp16(raw.paths[g], graph_paths(out, "fp16")[g])
@@ -149,8 +176,10 @@ def _write_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants, provid
         "arch": sub.to_dict(),
         "num_kv_heads": supernet.space.num_kv_heads(sub),
         "params": n_params,
-        "source": {"model": str(loaded.path or loaded.source), **{k: loaded.meta.provenance.get(k) for k in
-                                                                  ("source", "source_sha256")}},
+        "source": {
+            "model": str(loaded.path or loaded.source),
+            **{k: loaded.meta.provenance.get(k) for k in ("source", "source_sha256")},
+        },
         "search": search_row,
         "engines": engines,
         "latency": {"predicted": {}, "measured": {}},
@@ -222,8 +251,10 @@ def engine_manifest(bundle: Path, variant: str) -> dict:
     manifest = read_manifest(bundle)
     engines = manifest.get("engines") or {}
     if variant not in engines:
-        raise NaspruneError(f"bundle {bundle} has no {variant} engine (has {', '.join(engines) or 'none'}); "
-                            f"re-export it with --precision {variant}")
+        raise NaspruneError(
+            f"bundle {bundle} has no {variant} engine (has {', '.join(engines) or 'none'}); "
+            f"re-export it with --precision {variant}"
+        )
     prefix = f"onnx/{variant}/"
     for rel, digest in (manifest.get("files") or {}).items():
         if not rel.startswith(prefix):
@@ -232,8 +263,10 @@ def engine_manifest(bundle: Path, variant: str) -> dict:
         if not path.is_file():
             raise NaspruneError(f"bundle file {path} is missing; re-create the bundle with nasprune export")
         if sha256_file(path) != digest:
-            raise NaspruneError(f"bundle file {path} was modified (sha256 differs from {MANIFEST}); "
-                                "re-create the bundle with nasprune export")
+            raise NaspruneError(
+                f"bundle file {path} was modified (sha256 differs from {MANIFEST}); "
+                "re-create the bundle with nasprune export"
+            )
     return manifest
 
 

@@ -27,7 +27,9 @@ def _console():
     return console
 
 
-def chosen_archs(arch: Optional[str], pareto: Optional[Path], pick: Optional[str]) -> list[tuple[str, object, dict | None]]:
+def chosen_archs(
+    arch: Optional[str], pareto: Optional[Path], pick: Optional[str]
+) -> list[tuple[str, object, dict | None]]:
     """(name, SubNetwork, pareto row) for --arch or --pareto/--pick."""
     from compressor.search_space import SubNetwork
 
@@ -42,8 +44,10 @@ def chosen_archs(arch: Optional[str], pareto: Optional[Path], pick: Optional[str
         if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("arch"), dict) for r in rows):
             raise TypeError
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-        raise NaspruneError(f"{pareto} is not a nasprune pareto.json (a 'pareto' list of rows with an 'arch'); pass the "
-                            "pareto.json written by nasprune search") from None
+        raise NaspruneError(
+            f"{pareto} is not a nasprune pareto.json (a 'pareto' list of rows with an 'arch'); pass the "
+            "pareto.json written by nasprune search"
+        ) from None
     try:
         indices = [int(i) for i in (pick or ",".join(str(i) for i in range(len(rows)))).split(",") if i.strip()]
     except ValueError:
@@ -80,8 +84,9 @@ def export(
 
     picks = chosen_archs(arch, pareto, pick)
     loaded = _load(model)
-    paths = export_bundles(loaded, picks, out, precision, predictor, workload, verify, threads, log=_console().print,
-                           overwrite=overwrite)
+    paths = export_bundles(
+        loaded, picks, out, precision, predictor, workload, verify, threads, log=_console().print, overwrite=overwrite
+    )
     for p in paths:
         _console().print(f"wrote bundle {p}")
 
@@ -117,8 +122,11 @@ def _threshold(text: str) -> float:
 def check(
     bundle: Path = typer.Argument(..., help="a bundle dir from nasprune export"),
     baseline_bundle: Optional[Path] = typer.Option(
-        None, "--baseline-bundle", help="the previous bundle: measured now, interleaved with BUNDLE (most reliable)"),
-    baseline: Optional[Path] = typer.Option(None, "--baseline", help="stored baseline JSON (created with --update-baseline)"),
+        None, "--baseline-bundle", help="the previous bundle: measured now, interleaved with BUNDLE (most reliable)"
+    ),
+    baseline: Optional[Path] = typer.Option(
+        None, "--baseline", help="stored baseline JSON (created with --update-baseline)"
+    ),
     threshold: str = typer.Option("10%", help="slowdown that fails the check"),
     min_effect: float = typer.Option(0.03, help="the CI's lower bound must exceed 1 + this"),
     quantile: float = typer.Option(0.10, help="statistic compared: this quantile of the samples (0.5 = median)"),
@@ -128,7 +136,9 @@ def check(
     threads: int = typer.Option(1),
     blocks: int = typer.Option(10, help="interleaved measurement blocks"),
     iters: int = typer.Option(20, help="iterations per block"),
-    report: Optional[Path] = typer.Option(None, "--report", help="dir for check.json + check.junit.xml (default: BUNDLE/check)"),
+    report: Optional[Path] = typer.Option(
+        None, "--report", help="dir for check.json + check.junit.xml (default: BUNDLE/check)"
+    ),
 ):
     """CI latency gate: exit 0 pass, 1 regression, 2 incomparable (another device or recipe)."""
     from compressor.modeldir import write_json_atomic
@@ -150,11 +160,15 @@ def check(
     report = report or Path(bundle) / "check"
     claim_output(report, "check", overwrite=True)  # a check report is refreshed by every check, never a foreign dir
     if update_baseline and baseline.exists() and not _is_baseline_file(baseline):
-        raise NaspruneError(f"--baseline {baseline} exists and is not a nasprune baseline; nasprune never replaces it, "
-                            "choose another path")
+        raise NaspruneError(
+            f"--baseline {baseline} exists and is not a nasprune baseline; nasprune never replaces it, "
+            "choose another path"
+        )
     start = time.perf_counter()
     if baseline_bundle is not None:
-        current, base = measure_paired(bundle, baseline_bundle, w, precision, threads, blocks=blocks, iters_per_block=iters)
+        current, base = measure_paired(
+            bundle, baseline_bundle, w, precision, threads, blocks=blocks, iters_per_block=iters
+        )
     else:
         if not update_baseline:  # read before minutes of measuring
             if not baseline.is_file():
@@ -162,7 +176,9 @@ def check(
             try:
                 base = Measurement.from_dict(json.loads(baseline.read_text()))
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
-                raise NaspruneError(f"{baseline} is not a nasprune baseline; re-create it with --update-baseline") from None
+                raise NaspruneError(
+                    f"{baseline} is not a nasprune baseline; re-create it with --update-baseline"
+                ) from None
         current = measure_blocks(bundle, w, precision, threads, blocks=blocks, iters_per_block=iters)
         if update_baseline:
             write_json_atomic(baseline, {"format": "nasprune-baseline/1", "bundle": str(bundle), **current.to_dict()})
@@ -170,9 +186,12 @@ def check(
             _console().print(f"baseline written to {baseline}: median {med:.2f} ms ({w}, {precision})")
             return
     verdict = compare(current, base, cfg)
-    write_report(report, Path(bundle).name, verdict, current, base, cfg,
-                 time.perf_counter() - start)
+    write_report(report, Path(bundle).name, verdict, current, base, cfg, time.perf_counter() - start)
     style = {"pass": "green", "regression": "red", "incomparable": "yellow"}[verdict.status]
-    ms = f" ({verdict.baseline_median_ms:.2f} -> {verdict.current_median_ms:.2f} ms)" if verdict.current_median_ms else ""
+    ms = (
+        f" ({verdict.baseline_median_ms:.2f} -> {verdict.current_median_ms:.2f} ms)"
+        if verdict.current_median_ms
+        else ""
+    )
     _console().print(f"[{style}]{verdict.status.upper()}[/]: {verdict.message}{ms}")
     raise typer.Exit(verdict.exit_code)

@@ -36,24 +36,29 @@ def engine_ppl(bundle: Path, variant: str, ids: np.ndarray) -> float:
 def evaluate_run(pipeline, cfg) -> dict:
     import tempfile
 
-    from compressor.data import read_source
+    from compressor.data import read_source, resolve_data
     from compressor.modeldir import load_model
-    from compressor.data import resolve_data
 
     original = load_model(pipeline.model, online=pipeline.online)
     tok = original.tokenizer
     _, text = read_source(resolve_data(pipeline.cfg.data.test))
     windows = token_windows(tok, text, cfg.seq_len, cfg.ppl_tokens)
     onnx_ids = tok(text, return_tensors="np", add_special_tokens=False).input_ids[:, : cfg.onnx_ppl_tokens]
-    results = {"test": pipeline.cfg.data.test, "ppl_tokens": int(windows.numel()),
-               "onnx_ppl_tokens": int(onnx_ids.shape[1]), "models": {}}
+    results = {
+        "test": pipeline.cfg.data.test,
+        "ppl_tokens": int(windows.numel()),
+        "onnx_ppl_tokens": int(onnx_ids.shape[1]),
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         local = write_local_tasks([Path(resolve_data(f)) for f in cfg.task_files], Path(tmp)) if cfg.task_files else []
         names = list(cfg.tasks) + local
         task_dir = Path(tmp) if local else None
         pipeline.log("  evaluating the original model")
-        results["models"]["original"] = {"params": sum(p.numel() for p in original.model.parameters()),
-                                         **evaluate_model(original.model, tok, windows, cfg, task_dir, names)}
+        results["models"]["original"] = {
+            "params": sum(p.numel() for p in original.model.parameters()),
+            **evaluate_model(original.model, tok, windows, cfg, task_dir, names),
+        }
         del original
         for bundle in sorted(Path(pipeline.bundles_dir).iterdir()):
             if not (bundle / "manifest.json").exists():
@@ -62,11 +67,19 @@ def evaluate_run(pipeline, cfg) -> dict:
             manifest = read_manifest(bundle)
             loaded = load_model(str(bundle / "model"))
             acc = evaluate_model(loaded.model, loaded.tokenizer, windows, cfg, task_dir, names)
-            acc["engine_ppl"] = {v: engine_ppl(bundle, v, onnx_ids) for v in manifest["engines"] if v in ("fp32", "int8")}
+            acc["engine_ppl"] = {
+                v: engine_ppl(bundle, v, onnx_ids) for v in manifest["engines"] if v in ("fp32", "int8")
+            }
             acc["params"] = manifest["params"]
-            update_manifest(bundle, accuracy={**acc, "test": pipeline.cfg.data.test,
-                                              "ppl_tokens": int(windows.numel()),
-                                              "engine_ppl_tokens": int(onnx_ids.shape[1])})
+            update_manifest(
+                bundle,
+                accuracy={
+                    **acc,
+                    "test": pipeline.cfg.data.test,
+                    "ppl_tokens": int(windows.numel()),
+                    "engine_ppl_tokens": int(onnx_ids.shape[1]),
+                },
+            )
             results["models"][bundle.name] = acc
     if cfg.rank_points:
         pipeline.log(f"  validation vs test ranking of up to {cfg.rank_points} searched sub-networks")
@@ -103,8 +116,17 @@ def rank_agreement(pipeline, tokenizer, test_text: str, cfg) -> dict:
     points = []
     for row in rows:
         with sn.selected(SubNetwork.from_dict(row["arch"])):
-            points.append({"arch": row["arch"], "params": row["params"], "validation_loss": row["loss"],
-                           "test_loss": mean_loss(sn, windows)})
-    tau = kendalltau([p["validation_loss"] for p in points], [p["test_loss"] for p in points]).statistic \
-        if len(points) > 2 else float("nan")
+            points.append(
+                {
+                    "arch": row["arch"],
+                    "params": row["params"],
+                    "validation_loss": row["loss"],
+                    "test_loss": mean_loss(sn, windows),
+                }
+            )
+    tau = (
+        kendalltau([p["validation_loss"] for p in points], [p["test_loss"] for p in points]).statistic
+        if len(points) > 2
+        else float("nan")
+    )
     return {"kendall_tau": float(tau), "n": len(points), "test_tokens": int(windows.numel()), "points": points}

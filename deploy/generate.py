@@ -30,8 +30,10 @@ class OnnxGenerator:
             self.prefill = ort.InferenceSession(str(prefill_path), opts, providers=providers)
             self.decode = ort.InferenceSession(str(decode_path), opts, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for unreadable graphs
-            raise NaspruneError(f"ONNX Runtime cannot load {prefill_path} / {decode_path} ({type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]}); re-create the bundle with nasprune export") from None
+            raise NaspruneError(
+                f"ONNX Runtime cannot load {prefill_path} / {decode_path} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}); re-create the bundle with nasprune export"
+            ) from None
         self.present = [o.name for o in self.prefill.get_outputs() if o.name.startswith("present.")]
         self.past = [i.name for i in self.decode.get_inputs() if i.name.startswith("past_key_values.")]
         if len(self.present) != len(self.past):
@@ -70,11 +72,14 @@ def generate_text(bundle: Path, prompt: str, max_new_tokens: int = 32, variant: 
     try:
         tokenizer = AutoTokenizer.from_pretrained(bundle / "model")
     except Exception as e:  # noqa: BLE001
-        raise NaspruneError(f"the tokenizer in {bundle / 'model'} cannot be loaded ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]}); re-create the bundle with nasprune export") from None
+        raise NaspruneError(
+            f"the tokenizer in {bundle / 'model'} cannot be loaded ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); re-create the bundle with nasprune export"
+        ) from None
     if chat and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     ids = np.array([tokenizer(prompt, add_special_tokens=False).input_ids], dtype=np.int64)
     paths = graph_paths(bundle, variant)
     gen = OnnxGenerator(paths["prefill"], paths["decode"])
@@ -101,6 +106,8 @@ def onnx_mean_nll(gen: OnnxGenerator, ids: np.ndarray) -> float:
         if t == ids.shape[1] - 1:
             break
         mask = np.ones((1, t + 1), dtype=np.int64)
-        outs = gen.decode.run(None, {"input_ids": ids[:, t:t + 1], "attention_mask": mask, **dict(zip(gen.past, cache))})
+        outs = gen.decode.run(
+            None, {"input_ids": ids[:, t : t + 1], "attention_mask": mask, **dict(zip(gen.past, cache))}
+        )
         logits, cache = outs[dnames.index("logits")], [outs[dnames.index(n)] for n in gen.present]
     return total / (ids.shape[1] - 1)

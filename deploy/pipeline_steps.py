@@ -37,24 +37,40 @@ def verify(bundle: Path, workloads: list[Workload], variants, threads: int, pred
         measured[variant] = {}
         for w in workloads:
             r = measure_bundle(bundle, w, variant, threads)
-            entry = {"stats_ms": r["stats_ms"], "fingerprint_id": r["fingerprint_id"], "env": r["env"],
-                     "threads": threads}
+            entry = {
+                "stats_ms": r["stats_ms"],
+                "fingerprint_id": r["fingerprint_id"],
+                "env": r["env"],
+                "threads": threads,
+            }
             pred = predicted.get(variant, {}).get(str(w))
             if isinstance(pred, float):
                 entry["predicted_ms"] = pred
                 entry["error"] = r["stats_ms"]["median"] / pred - 1
                 same = predicted[variant]["predictor"]["fingerprint_id"] == r["fingerprint_id"]
                 entry["same_device_as_predictor"] = same
-                log(f"    {variant} {w}: measured {r['stats_ms']['median']:.1f} ms, predicted {pred:.1f} ms "
-                    f"({entry['error']:+.1%}){'' if same else ' [predictor is for another device fingerprint]'}")
+                log(
+                    f"    {variant} {w}: measured {r['stats_ms']['median']:.1f} ms, predicted {pred:.1f} ms "
+                    f"({entry['error']:+.1%}){'' if same else ' [predictor is for another device fingerprint]'}"
+                )
             else:
                 log(f"    {variant} {w}: measured {r['stats_ms']['median']:.1f} ms (no matching predictor)")
             measured[variant][str(w)] = entry
     return measured
 
 
-def export_bundles(loaded, picks, out: Path, variants, predictor_dir, workloads, do_verify: bool, threads: int = 1,
-                   log=print, overwrite: bool = False) -> list[Path]:
+def export_bundles(
+    loaded,
+    picks,
+    out: Path,
+    variants,
+    predictor_dir,
+    workloads,
+    do_verify: bool,
+    threads: int = 1,
+    log=print,
+    overwrite: bool = False,
+) -> list[Path]:
     """One bundle at ``out`` (a single --arch), or one per pick under the bundles dir ``out``.
 
     Every input is checked and every target claimed before the first (minutes-long) export, so a
@@ -82,10 +98,11 @@ def export_bundles(loaded, picks, out: Path, variants, predictor_dir, workloads,
         out.mkdir(parents=True, exist_ok=True)
         mark_output(out, "bundles")
     paths = []
-    for (name, sub, row), target in zip(picks, targets):
+    for (_name, sub, row), target in zip(picks, targets):
         log(f"bundle {target}: {sub}")
-        bundle = build_bundle(loaded, sn, sub, target, variants=tuple(variants), search_row=row, log=log,
-                              overwrite=overwrite)
+        bundle = build_bundle(
+            loaded, sn, sub, target, variants=tuple(variants), search_row=row, log=log, overwrite=overwrite
+        )
         manifest = read_manifest(bundle)
         recipe_ids = {v: e.get("recipe_id") for v, e in manifest["engines"].items()}
         predicted = predictions(predictor, predictor_dir, sub, ws, variants, recipe_ids)

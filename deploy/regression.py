@@ -60,9 +60,12 @@ class Measurement:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "Measurement":
-        return Measurement([list(map(float, b)) for b in d["blocks"]], [float(r) for r in d["reference_ms"]],
-                           dict(d.get("identity", {})))
+    def from_dict(d: dict) -> Measurement:
+        return Measurement(
+            [list(map(float, b)) for b in d["blocks"]],
+            [float(r) for r in d["reference_ms"]],
+            dict(d.get("identity", {})),
+        )
 
 
 @dataclass
@@ -95,7 +98,9 @@ def _bootstrap_statistics(m: Measurement, picks: np.ndarray, inner: np.ndarray, 
     return np.quantile(arr[picks[:, :, None], inner].reshape(n, -1), q, axis=1) / min(m.reference_ms)
 
 
-def ratio_ci(current: Measurement, baseline: Measurement, cfg: GateConfig, paired: bool = False) -> tuple[float, float, float]:
+def ratio_ci(
+    current: Measurement, baseline: Measurement, cfg: GateConfig, paired: bool = False
+) -> tuple[float, float, float]:
     """Point ratio current / baseline of ``statistic`` and its bootstrap CI.
 
     Paired: sample j of block i was measured right next to the other side's sample j of block i
@@ -111,8 +116,9 @@ def ratio_ci(current: Measurement, baseline: Measurement, cfg: GateConfig, paire
 
     cur_idx = draw(current)
     base_idx = cur_idx if paired else draw(baseline)
-    ratios = (_bootstrap_statistics(current, *cur_idx, cfg.quantile)
-              / _bootstrap_statistics(baseline, *base_idx, cfg.quantile))
+    ratios = _bootstrap_statistics(current, *cur_idx, cfg.quantile) / _bootstrap_statistics(
+        baseline, *base_idx, cfg.quantile
+    )
     alpha = (1 - cfg.confidence) / 2
     return point, float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1 - alpha))
 
@@ -122,8 +128,14 @@ def _mismatch(current: Measurement, baseline: Measurement, fields: tuple[str, ..
     if not mismatched:
         return None
     detail = ", ".join(f"{f}: {baseline.identity.get(f)!r} -> {current.identity.get(f)!r}" for f in mismatched)
-    return Verdict("incomparable", 2, None, None, None,
-                   f"baseline was measured differently ({detail}); re-create it here with --update-baseline")
+    return Verdict(
+        "incomparable",
+        2,
+        None,
+        None,
+        None,
+        f"baseline was measured differently ({detail}); re-create it here with --update-baseline",
+    )
 
 
 def compare(current: Measurement, baseline: Measurement, cfg: GateConfig) -> Verdict:
@@ -140,8 +152,9 @@ def compare(current: Measurement, baseline: Measurement, cfg: GateConfig) -> Ver
     cur_ms, base_ms = (float(np.median(np.concatenate([np.asarray(b) for b in m.blocks]))) for m in (current, baseline))
     pct = f"{(point - 1) * 100:+.1f}% (CI {(lo - 1) * 100:+.1f}% .. {(hi - 1) * 100:+.1f}%, p{cfg.quantile * 100:g})"
     if lo > 1 + cfg.min_effect and point > 1 + cfg.threshold:
-        return Verdict("regression", 1, point, lo, hi, f"slower by {pct}, above the {cfg.threshold:.0%} threshold",
-                       cur_ms, base_ms)
+        return Verdict(
+            "regression", 1, point, lo, hi, f"slower by {pct}, above the {cfg.threshold:.0%} threshold", cur_ms, base_ms
+        )
     note = "faster" if hi < 1 - cfg.min_effect else "no significant change"
     return Verdict("pass", 0, point, lo, hi, f"{note}: {pct}", cur_ms, base_ms)
 
@@ -155,13 +168,16 @@ def junit_xml(name: str, verdict: Verdict, seconds: float) -> str:
         failure = f'<error message="{escape(verdict.message)}" type="IncomparableBaseline"/>'
     failures = int(verdict.status == "regression")
     errors = int(verdict.status == "incomparable")
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="nasprune-latency" tests="1" failures="{failures}" '
-            f'errors="{errors}" time="{seconds:.3f}">\n  <testcase classname="nasprune.check" name="{escape(name)}" '
-            f'time="{seconds:.3f}">{failure}<system-out>{escape(verdict.message)}</system-out></testcase>\n</testsuite>\n')
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="nasprune-latency" tests="1" failures="{failures}" '
+        f'errors="{errors}" time="{seconds:.3f}">\n  <testcase classname="nasprune.check" name="{escape(name)}" '
+        f'time="{seconds:.3f}">{failure}<system-out>{escape(verdict.message)}</system-out></testcase>\n</testsuite>\n'
+    )
 
 
-def write_report(out: Path, name: str, verdict: Verdict, current: Measurement, baseline: Measurement, cfg: GateConfig,
-                 seconds: float) -> None:
+def write_report(
+    out: Path, name: str, verdict: Verdict, current: Measurement, baseline: Measurement, cfg: GateConfig, seconds: float
+) -> None:
     """check.json keeps both sides' raw samples, so a verdict can be re-examined later."""
     from compressor.modeldir import write_json_atomic
     from compressor.outputs import claim_output, mark_output
@@ -169,6 +185,14 @@ def write_report(out: Path, name: str, verdict: Verdict, current: Measurement, b
     claim_output(out, "check", overwrite=True)
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "check")
-    write_json_atomic(out / "check.json", {"name": name, "verdict": asdict(verdict), "config": asdict(cfg),
-                                           "current": current.to_dict(), "baseline": baseline.to_dict()})
+    write_json_atomic(
+        out / "check.json",
+        {
+            "name": name,
+            "verdict": asdict(verdict),
+            "config": asdict(cfg),
+            "current": current.to_dict(),
+            "baseline": baseline.to_dict(),
+        },
+    )
     (out / "check.junit.xml").write_text(junit_xml(name, verdict, seconds))

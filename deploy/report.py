@@ -19,28 +19,47 @@ def write_report(pipeline) -> Path:
     pareto = json.loads((run / "search" / "pareto.json").read_text())
     evals = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {"models": {}}
     shutil.copy(run / "search" / "pareto.png", run / "pareto.png")
-    lines = [f"# nasprune run: {pipeline.model}", "",
-             f"Workload for search: `{pareto['workload']}`; predictor: `{pareto.get('predictor')}` "
-             f"({pareto.get('predictor_group', {}).get('engine')}, {pareto.get('predictor_group', {}).get('precision')}).", "",
-             "![Pareto front](pareto.png)", "", "## Pareto front (super-network quality vs predicted latency)", "",
-             "| # | arch (e-h-f-l) | params | ppl (super-net) | predicted ms |", "|---|---|---|---|---|"]
+    lines = [
+        f"# nasprune run: {pipeline.model}",
+        "",
+        f"Workload for search: `{pareto['workload']}`; predictor: `{pareto.get('predictor')}` "
+        f"({pareto.get('predictor_group', {}).get('engine')}, {pareto.get('predictor_group', {}).get('precision')}).",
+        "",
+        "![Pareto front](pareto.png)",
+        "",
+        "## Pareto front (super-network quality vs predicted latency)",
+        "",
+        "| # | arch (e-h-f-l) | params | ppl (super-net) | predicted ms |",
+        "|---|---|---|---|---|",
+    ]
     orig = pareto.get("original")
     if orig:
         a = orig["arch"]
-        lines.append(f"| original | {a['embed_dim']}-{a['num_heads']}-{a['ffn_dim']}-{a['num_layers']} | {orig['params'] / 1e6:.1f}M "
-                     f"| {orig['ppl']:.2f} | {orig['predicted_ms']:.1f} |")
+        lines.append(
+            f"| original | {a['embed_dim']}-{a['num_heads']}-{a['ffn_dim']}-{a['num_layers']} "
+            f"| {orig['params'] / 1e6:.1f}M "
+            f"| {orig['ppl']:.2f} | {orig['predicted_ms']:.1f} |"
+        )
     for i, r in enumerate(pareto["pareto"]):
         a = r["arch"]
-        lines.append(f"| {i} | {a['embed_dim']}-{a['num_heads']}-{a['ffn_dim']}-{a['num_layers']} | {r['params'] / 1e6:.1f}M "
-                     f"| {r['ppl']:.2f} | {r['predicted_ms']:.1f} |")
-    lines += ["", "## Exported bundles", "",
-              "| bundle | params | ppl (torch) | ppl fp32 engine | ppl int8 engine | predicted ms | measured fp32 ms | error | measured int8 ms |"
-              + "".join(f" {t} |" for t in _task_names(evals)),
-              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(_task_names(evals))]
+        lines.append(
+            f"| {i} | {a['embed_dim']}-{a['num_heads']}-{a['ffn_dim']}-{a['num_layers']} | {r['params'] / 1e6:.1f}M "
+            f"| {r['ppl']:.2f} | {r['predicted_ms']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Exported bundles",
+        "",
+        "| bundle | params | ppl (torch) | ppl fp32 engine | ppl int8 engine | predicted ms | measured fp32 ms "
+        "| error | measured int8 ms |" + "".join(f" {t} |" for t in _task_names(evals)),
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(_task_names(evals)),
+    ]
     o = evals["models"].get("original")
     if o:
-        lines.append(f"| original | {o['params'] / 1e6:.1f}M | {o['ppl']:.2f} | – | – | – | – | – | – |"
-                     + "".join(f" {_acc(o, t)} |" for t in _task_names(evals)))
+        lines.append(
+            f"| original | {o['params'] / 1e6:.1f}M | {o['ppl']:.2f} | – | – | – | – | – | – |"
+            + "".join(f" {_acc(o, t)} |" for t in _task_names(evals))
+        )
     bundles = run / "bundles"
     for b in sorted(bundles.iterdir()) if bundles.exists() else []:
         if not (b / "manifest.json").exists():
@@ -52,19 +71,31 @@ def write_report(pipeline) -> Path:
         int8 = meas.get("int8", {}).get(w, {})
         acc = m.get("accuracy", {})
         eng = acc.get("engine_ppl", {})
-        lines.append(f"| {b.name} | {m['params'] / 1e6:.1f}M | {_fmt(acc.get('ppl'), '.2f')} | {_fmt(eng.get('fp32'), '.2f')} "
-                     f"| {_fmt(eng.get('int8'), '.2f')} | {_fmt(fp32.get('predicted_ms'))} "
-                     f"| {_fmt(fp32.get('stats_ms', {}).get('median'))} | {_fmt(fp32.get('error'), '+.1%')} "
-                     f"| {_fmt(int8.get('stats_ms', {}).get('median'))} |"
-                     + "".join(f" {_acc(acc, t)} |" for t in _task_names(evals)))
+        lines.append(
+            f"| {b.name} | {m['params'] / 1e6:.1f}M | {_fmt(acc.get('ppl'), '.2f')} | {_fmt(eng.get('fp32'), '.2f')} "
+            f"| {_fmt(eng.get('int8'), '.2f')} | {_fmt(fp32.get('predicted_ms'))} "
+            f"| {_fmt(fp32.get('stats_ms', {}).get('median'))} | {_fmt(fp32.get('error'), '+.1%')} "
+            f"| {_fmt(int8.get('stats_ms', {}).get('median'))} |"
+            + "".join(f" {_acc(acc, t)} |" for t in _task_names(evals))
+        )
     agree = evals.get("validation_vs_test")
     if agree:
-        lines += ["", f"Validation objective vs test loss over {agree['n']} searched sub-networks: Kendall tau "
-                  f"{agree['kendall_tau']:.3f} (1 = the search ranks exactly as the test text would)."]
-    lines += ["", f"Perplexity on `{evals.get('test')}` ({evals.get('ppl_tokens')} tokens; engines token by token on "
-              f"the first {evals.get('onnx_ppl_tokens')}). Latency: median, `{pipeline.cfg.export.workloads[0]}`, "
-              f"{pipeline.cfg.export.threads} thread(s), this machine.", "", "## Stage times", "",
-              "| stage | seconds |", "|---|---|"]
+        lines += [
+            "",
+            f"Validation objective vs test loss over {agree['n']} searched sub-networks: Kendall tau "
+            f"{agree['kendall_tau']:.3f} (1 = the search ranks exactly as the test text would).",
+        ]
+    lines += [
+        "",
+        f"Perplexity on `{evals.get('test')}` ({evals.get('ppl_tokens')} tokens; engines token by token on "
+        f"the first {evals.get('onnx_ppl_tokens')}). Latency: median, `{pipeline.cfg.export.workloads[0]}`, "
+        f"{pipeline.cfg.export.threads} thread(s), this machine.",
+        "",
+        "## Stage times",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
     lines += [f"| {s} | {v['seconds']} |" for s, v in state["stages"].items()]
     path = run / "report.md"
     path.write_text("\n".join(lines) + "\n")

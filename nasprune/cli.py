@@ -23,12 +23,20 @@ from deploy import cli as deploy_cli  # noqa: E402
 from predictors import cli as predictors_cli  # noqa: E402
 from profilers import cli as profilers_cli  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compress a decoder LLM into a Pareto front of faster sub-networks and ship them as engines.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compress a decoder LLM into a Pareto front of faster sub-networks and ship them as engines.",
+)
 
 
 @app.callback()
-def _global(online: bool = typer.Option(False, "--online", help="Allow Hugging Face hub downloads (models, datasets, lm-eval tasks).")):
+def _global(
+    online: bool = typer.Option(
+        False, "--online", help="Allow Hugging Face hub downloads (models, datasets, lm-eval tasks)."
+    ),
+):
     STATE["online"] = online
 
 
@@ -53,17 +61,38 @@ def search(
     from compressor.search import SearchConfig
     from nasprune.search_driver import run_search_cli
 
-    cfg = SearchConfig(population=population, generations=generations, seed=seed, max_latency_ms=max_latency_ms,
-                       max_params=max_params, params_objective=params_objective)
-    result = run_search_cli(load_for_cli(model), predictor, workload, data, out, cfg, eval_tokens, seq_len, STATE["online"], strict,
-                            overwrite)
-    console.print(f"{len(result.evaluated)} sub-networks evaluated in {result.seconds:.0f}s; "
-                  f"hypervolume {result.hypervolume[0]:.4g} -> {result.hypervolume[-1]:.4g}")
+    cfg = SearchConfig(
+        population=population,
+        generations=generations,
+        seed=seed,
+        max_latency_ms=max_latency_ms,
+        max_params=max_params,
+        params_objective=params_objective,
+    )
+    result = run_search_cli(
+        load_for_cli(model),
+        predictor,
+        workload,
+        data,
+        out,
+        cfg,
+        eval_tokens,
+        seq_len,
+        STATE["online"],
+        strict,
+        overwrite,
+    )
+    console.print(
+        f"{len(result.evaluated)} sub-networks evaluated in {result.seconds:.0f}s; "
+        f"hypervolume {result.hypervolume[0]:.4g} -> {result.hypervolume[-1]:.4g}"
+    )
     table_rows = [p.row() for p in result.pareto]
     for i, r in enumerate(table_rows):
         a = r["arch"]
-        console.print(f"  [{i}] e{a['embed_dim']}-h{a['num_heads']}-f{a['ffn_dim']}-l{a['num_layers']}: "
-                      f"{r['params'] / 1e6:.1f}M params, ppl {r['ppl']:.2f}, predicted {r['predicted_ms']:.1f} ms")
+        console.print(
+            f"  [{i}] e{a['embed_dim']}-h{a['num_heads']}-f{a['ffn_dim']}-l{a['num_layers']}: "
+            f"{r['params'] / 1e6:.1f}M params, ppl {r['ppl']:.2f}, predicted {r['predicted_ms']:.1f} ms"
+        )
     console.print(f"wrote {out}/pareto.json, pareto.csv, history.json, pareto.png")
 
 
@@ -79,8 +108,9 @@ def compress(
 
     quiet_transformers()
     cfg = PipelineConfig.load(config)
-    Pipeline(model, out, cfg, STATE["online"], log=lambda text: console.print(text, markup=False, highlight=False)).execute(
-        stop_after, tuple(force or ()))
+    Pipeline(
+        model, out, cfg, STATE["online"], log=lambda text: console.print(text, markup=False, highlight=False)
+    ).execute(stop_after, tuple(force or ()))
     console.print(f"report: {out}/report.md")
 
 

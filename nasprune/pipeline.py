@@ -14,12 +14,12 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from compressor.errors import NaspruneError
 from compressor.data import check_data_roles, resolve_data
+from compressor.errors import NaspruneError
 from compressor.modeldir import write_json_atomic
 from compressor.outputs import claim_output, mark_output
 
-STAGES = ("importance", "train", "profile", "predictor", "search", "export", "evaluate", "report")
+STAGES = ("importance", "train", "profile", "predictor", "search", "refine", "export", "evaluate", "report")
 
 
 @dataclass
@@ -75,6 +75,21 @@ class SearchStageConfig:
 
 
 @dataclass
+class RefineStageConfig:
+    """Each exported Pareto point is distilled on its own from the original before export
+    (:mod:`compressor.refine`); ``enabled: false`` ships the super-network's weights as they are."""
+
+    enabled: bool = True
+    minutes: float = 3.0  # per point
+    steps: int = 100_000
+    batch_size: int = 2
+    seq_len: int = 256
+    lr: float = 2e-4
+    repair: bool = True  # closed-form repair before training
+    repair_tokens: int = 4096
+
+
+@dataclass
 class ExportConfig:
     points: int = 3
     precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
@@ -103,11 +118,12 @@ class PipelineConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     search: SearchStageConfig = field(default_factory=SearchStageConfig)
+    refine: RefineStageConfig = field(default_factory=RefineStageConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
     @staticmethod
-    def load(path: Path | None) -> "PipelineConfig":
+    def load(path: Path | None) -> PipelineConfig:
         """The config in the YAML file ``path`` (defaults for None). Everything a stage will read is
         checked here, in one line per problem: unknown sections and settings (typos), wrong value
         types, bad workloads and names, overlapping data roles; not hours later in that stage."""
@@ -140,6 +156,20 @@ class PipelineConfig:
         cfg.validate(path)
         return cfg
 
+    def refine_config(self):
+        from compressor.refine import RefineConfig
+
+        r = self.refine
+        return RefineConfig(
+            minutes=r.minutes,
+            steps=r.steps,
+            batch_size=r.batch_size,
+            seq_len=r.seq_len,
+            lr=r.lr,
+            repair=r.repair,
+            repair_tokens=r.repair_tokens,
+        )
+
     def validate(self, path: Path | str = "config") -> None:
         """Refuse (one line naming the file and section) values a stage would otherwise fail on
         only after the stages before it have run."""
@@ -168,19 +198,31 @@ class PipelineConfig:
         p, x = self.profile, self.export
         checks = [
             ("train", lambda: TrainConfig.load(None, self.train)),
-            ("data", lambda: check_data_roles(calibration=self.data.calibration, train=self.data.train,
-                                              validation=self.data.validation, test=self.data.test)),
+            (
+                "data",
+                lambda: check_data_roles(
+                    calibration=self.data.calibration,
+                    train=self.data.train,
+                    validation=self.data.validation,
+                    test=self.data.test,
+                ),
+            ),
             ("importance", lambda: layer_metric(self.importance.layer_metric)),
             ("profile", lambda: [Workload.parse(str(w)) for w in p.workloads]),
             ("profile", lambda: get_engine(p.engine).check(p.device, p.precision)),
             ("profile", lambda: protocol(p.protocol)),
             ("profile", lambda: (at_least_one("threads", p.threads), at_least_one("samples", p.samples))),
-            ("predictor", lambda: FitConfig(folds=self.predictor.folds, seed=self.predictor.seed,
-                                            candidates=tuple(self.predictor.models))),
+            (
+                "predictor",
+                lambda: FitConfig(
+                    folds=self.predictor.folds, seed=self.predictor.seed, candidates=tuple(self.predictor.models)
+                ),
+            ),
             ("search", lambda: Workload.parse(str(self.search.workload))),
             ("export", lambda: check_variants(x.precisions)),
             ("export", lambda: [Workload.parse(str(w)) for w in x.workloads]),
             ("export", lambda: (at_least_one("threads", x.threads), at_least_one("points", x.points))),
+            ("refine", lambda: self.refine_config()),
         ]
         for section, check in checks:
             try:
@@ -209,8 +251,10 @@ class Pipeline:
         for role in ("calibration", "train", "validation", "test"):
             ref = getattr(cfg.data, role)
             if not online and not Path(resolve_data(ref)).expanduser().is_file():
-                raise NaspruneError(f"data.{role} '{ref}' is not a file; give a .txt or Alpaca .jsonl (or builtin:NAME), "
-                                    "or a hub dataset name with --online")
+                raise NaspruneError(
+                    f"data.{role} '{ref}' is not a file; give a .txt or Alpaca .jsonl (or builtin:NAME), "
+                    "or a hub dataset name with --online"
+                )
         # a run dir is nasprune's own: re-running continues it; a foreign non-empty dir is refused.
         # Nothing is written before execute() has checked its arguments too.
         claim_output(self.run, "run", resume=True)
@@ -285,8 +329,9 @@ class Pipeline:
         loaded = load_model(self.model, online=self.online)
         calib = load_data(loaded.tokenizer, resolve_data(self.cfg.data.calibration), c.seq_len, c.tokens, self.online)
         sn = loaded.supernet()
-        scores = compute_importance(sn, calib, calib.subset(slice(0, max(1, c.layer_tokens // c.seq_len))), c.layer_metric,
-                                    c.batch_size)
+        scores = compute_importance(
+            sn, calib, calib.subset(slice(0, max(1, c.layer_tokens // c.seq_len))), c.layer_metric, c.batch_size
+        )
         ranking = layer_ranking(scores)
         save_importance(loaded, permute(sn, scores), ranking, self.importance_dir, overwrite=True)
         return {"layer_ranking": ranking, "importance_seconds": scores.info["seconds_total"]}
@@ -296,8 +341,17 @@ class Pipeline:
 
         cfg = TrainConfig.load(None, self.cfg.train)
         resume = (self.run / "supernet.train" / "checkpoint.pt").exists()
-        run_training(str(self.importance_dir), resolve_data(self.cfg.data.train), self.supernet_dir, cfg, resume=resume,
-                     online=self.online, log=self.log, overwrite=True)
+        run_training(
+            str(self.importance_dir),
+            resolve_data(self.cfg.data.train),
+            self.supernet_dir,
+            cfg,
+            resume=resume,
+            teacher_cache_dir=self.run / "teacher",
+            online=self.online,
+            log=self.log,
+            overwrite=True,
+        )
         meta = json.loads((self.supernet_dir / "nasprune.json").read_text())
         return {"training": {k: meta["provenance"]["training"][k] for k in ("steps", "seconds", "tokens")}}
 
@@ -310,9 +364,18 @@ class Pipeline:
         c = self.cfg.profile
         loaded = load_model(str(self.supernet_dir))
         subs = choose_subnetworks(loaded.supernet().space, sampler=c.sampler, samples=c.samples)
-        records = profile_subnetworks(loaded, subs, c.workloads, engine=c.engine, device=c.device, precision=c.precision,
-                                      store=self.store, threads=c.threads, protocol=Protocol.from_dict(c.protocol),
-                                      workdir=self.run / "profile_work")
+        records = profile_subnetworks(
+            loaded,
+            subs,
+            c.workloads,
+            engine=c.engine,
+            device=c.device,
+            precision=c.precision,
+            store=self.store,
+            threads=c.threads,
+            protocol=Protocol.from_dict(c.protocol),
+            workdir=self.run / "profile_work",
+        )
         return {"records": len(records)}
 
     def stage_predictor(self) -> dict:
@@ -322,8 +385,11 @@ class Pipeline:
 
         c = self.cfg.predictor
         records = select_group(read_store(self.store))
-        result = fit_predictor(records, describe_model(str(self.supernet_dir)),
-                               FitConfig(folds=c.folds, seed=c.seed, candidates=tuple(c.models)))
+        result = fit_predictor(
+            records,
+            describe_model(str(self.supernet_dir)),
+            FitConfig(folds=c.folds, seed=c.seed, candidates=tuple(c.models)),
+        )
         result.predictor.save(self.predictor_dir, overwrite=True)
         cv = result.predictor.manifest["cv"]
         sel = cv["models"][cv["selected"]]
@@ -336,13 +402,29 @@ class Pipeline:
         from nasprune.search_driver import run_search_cli
 
         c = self.cfg.search
-        cfg = SearchConfig(population=c.population, generations=c.generations, seed=c.seed,
-                           max_latency_ms=c.max_latency_ms, max_params=c.max_params)
-        result = run_search_cli(load_model(str(self.supernet_dir)), self.predictor_dir, c.workload,
-                                resolve_data(self.cfg.data.validation), self.search_dir, cfg, c.eval_tokens, c.seq_len,
-                                overwrite=True)
-        return {"evaluated": len(result.evaluated), "pareto_points": len(result.pareto),
-                "hypervolume": [result.hypervolume[0], result.hypervolume[-1]]}
+        cfg = SearchConfig(
+            population=c.population,
+            generations=c.generations,
+            seed=c.seed,
+            max_latency_ms=c.max_latency_ms,
+            max_params=c.max_params,
+        )
+        result = run_search_cli(
+            load_model(str(self.supernet_dir)),
+            self.predictor_dir,
+            c.workload,
+            resolve_data(self.cfg.data.validation),
+            self.search_dir,
+            cfg,
+            c.eval_tokens,
+            c.seq_len,
+            overwrite=True,
+        )
+        return {
+            "evaluated": len(result.evaluated),
+            "pareto_points": len(result.pareto),
+            "hypervolume": [result.hypervolume[0], result.hypervolume[-1]],
+        }
 
     def picks(self) -> list:
         from compressor.search_space import SubNetwork
@@ -352,15 +434,83 @@ class Pipeline:
         idx = sorted({round(i * (len(rows) - 1) / max(1, n - 1)) for i in range(n)}) if n > 1 else [len(rows) // 2]
         return [(str(i), SubNetwork.from_dict(rows[i]["arch"]), rows[i]) for i in idx]
 
+    @property
+    def refined_dir(self):
+        return self.run / "refined"
+
+    def stage_refine(self) -> dict:
+        """Distil each point that will be exported on its own (repair first); quality before/after on
+        the validation text (the test text stays unread until the evaluate stage)."""
+        if not self.cfg.refine.enabled:
+            self.log("  refine disabled: exporting the super-network's weights")
+            return {"enabled": False}
+        from compressor.refine import refine
+
+        records = {}
+        for name, sub, _ in self.picks():
+            self.log(f"  refining {sub} for {self.cfg.refine.minutes:g} min")
+            resume = (self.refined_dir / f"{name}-{sub}.train" / "checkpoint.pt").exists()
+            rec = refine(
+                str(self.supernet_dir),
+                sub,
+                resolve_data(self.cfg.data.train),
+                self.refined_dir / f"{name}-{sub}",
+                self.cfg.refine_config(),
+                validation=resolve_data(self.cfg.data.validation),
+                online=self.online,
+                resume=resume,
+                overwrite=True,
+                log=lambda *_: None,
+                teacher=str(self.importance_dir),
+                teacher_cache_dir=self.run / "teacher",
+            )
+            shown = ", ".join(
+                f"{k.removeprefix('ppl_')} {rec[k]:.2f}"
+                for k in ("ppl_one_shot", "ppl_repaired", "ppl_refined")
+                if rec.get(k)
+            )
+            self.log(f"    validation perplexity {shown} ({rec['training']['steps']} steps)")
+            records[f"{name}-{sub}"] = {
+                k: rec.get(k) for k in ("ppl_one_shot", "ppl_repaired", "ppl_refined", "training")
+            }
+        return {"enabled": True, "points": records}
+
     def stage_export(self) -> dict:
         from compressor.modeldir import load_model
         from deploy.pipeline_steps import export_bundles
 
         c = self.cfg.export
-        paths = export_bundles(load_model(str(self.supernet_dir)), self.picks(), self.bundles_dir, c.precisions,
-                               self.predictor_dir, c.workloads, c.verify, c.threads, log=self.log,
-                               overwrite=True)
-        return {"bundles": [str(p) for p in paths]}
+        picks = self.picks()
+        refined = self.cfg.refine.enabled and self.state["stages"].get("refine", {}).get("enabled", False)
+        if not refined:
+            paths = export_bundles(
+                load_model(str(self.supernet_dir)),
+                picks,
+                self.bundles_dir,
+                c.precisions,
+                self.predictor_dir,
+                c.workloads,
+                c.verify,
+                c.threads,
+                log=self.log,
+                overwrite=True,
+            )
+            return {"bundles": [str(p) for p in paths], "refined": False}
+        paths = []
+        for name, sub, row in picks:  # each refined model is a standalone checkpoint whose largest is ``sub``
+            paths += export_bundles(
+                load_model(str(self.refined_dir / f"{name}-{sub}")),
+                [(name, sub, row)],
+                self.bundles_dir,
+                c.precisions,
+                self.predictor_dir,
+                c.workloads,
+                c.verify,
+                c.threads,
+                log=self.log,
+                overwrite=True,
+            )
+        return {"bundles": [str(p) for p in paths], "refined": True}
 
     def stage_evaluate(self) -> dict:
         from deploy.evaluate_bundle import evaluate_run
@@ -376,4 +526,3 @@ class Pipeline:
         path = write_report(self)
         self.log(f"  report: {path}")
         return {"report": str(path)}
-

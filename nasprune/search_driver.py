@@ -15,9 +15,19 @@ from compressor.workload import Workload
 from predictors import load_predictor
 
 
-def run_search_cli(loaded, predictor_dir, workload: str, data: str, out, cfg: SearchConfig, eval_tokens: int,
-                   seq_len: int, online: bool = False, strict: bool = False,
-                   overwrite: bool = False) -> SearchResult:
+def run_search_cli(
+    loaded,
+    predictor_dir,
+    workload: str,
+    data: str,
+    out,
+    cfg: SearchConfig,
+    eval_tokens: int,
+    seq_len: int,
+    online: bool = False,
+    strict: bool = False,
+    overwrite: bool = False,
+) -> SearchResult:
     """Load the predictor, build the quality oracle on held-out text, search, write the results."""
     claim_output(out, "search", overwrite=overwrite)  # before minutes of search, not after
     w = Workload.parse(workload)
@@ -38,8 +48,19 @@ def run_search_cli(loaded, predictor_dir, workload: str, data: str, out, cfg: Se
     big = sn.space.largest()
     original = Evaluated(big, quality(big), float(latency([big])[0]), sn.space.num_params(big), -1)
     outside = predictor.out_of_range([p.arch for p in result.pareto], w)
-    write_results(result, out, sn.space, w, original,
-                  {"predictor": str(predictor_dir), "predictor_group": predictor.group,
-                   "model": str(loaded.path or loaded.source), "eval_tokens": int(windows.numel()),
-                   "extrapolated": outside}, overwrite=overwrite)
+    write_results(
+        result,
+        out,
+        sn.space,
+        w,
+        original,
+        {
+            "predictor": str(predictor_dir),
+            "predictor_group": predictor.group,
+            "model": str(loaded.path or loaded.source),
+            "eval_tokens": int(windows.numel()),
+            "extrapolated": outside,
+        },
+        overwrite=overwrite,
+    )
     return result

@@ -92,8 +92,15 @@ def met(result: FitResult, cfg: AdaptiveConfig) -> bool:
     return m["acc10"] >= cfg.target_acc10 and m["mape"] <= cfg.target_mape
 
 
-def run_adaptive(description: dict, store, profile: ProfileFn, fit_config: FitConfig, cfg: AdaptiveConfig,
-                 wanted: dict, log: Callable[[str], None] = print) -> FitResult:
+def run_adaptive(
+    description: dict,
+    store,
+    profile: ProfileFn,
+    fit_config: FitConfig,
+    cfg: AdaptiveConfig,
+    wanted: dict,
+    log: Callable[[str], None] = print,
+) -> FitResult:
     """The loop, independent of how sub-networks are profiled (``profile`` writes to ``store``)."""
     space = space_from_description(description)
     rng = np.random.default_rng(cfg.seed)
@@ -101,8 +108,9 @@ def run_adaptive(description: dict, store, profile: ProfileFn, fit_config: FitCo
     records = _group_records(store, wanted)
     workloads = list(cfg.workloads) or sorted({r["workload"] for r in records})
     if not workloads:
-        raise NaspruneError("the store has no records to learn the workloads from; pass --workloads "
-                            "(e.g. prefill:1x128,decode:1x256)")
+        raise NaspruneError(
+            "the store has no records to learn the workloads from; pass --workloads (e.g. prefill:1x128,decode:1x256)"
+        )
     if not records:
         first = GridParamsSampler(space, seed=cfg.seed).sample_many(cfg.initial)
         log(f"adaptive: store empty for this setup; profiling {len(set(first))} sub-networks spread over params")
@@ -114,8 +122,10 @@ def run_adaptive(description: dict, store, profile: ProfileFn, fit_config: FitCo
         result = fit_predictor(records, description, fit_config)
         m = result.selected.metrics
         elapsed = time.monotonic() - start
-        log(f"adaptive: {result.predictor.manifest['training']['n_subnetworks']} sub-networks, {result.selected.name} "
-            f"CV MAPE {m['mape']:.2f}% ±10% {m['acc10']:.1%} after {elapsed / 60:.1f} min")
+        log(
+            f"adaptive: {result.predictor.manifest['training']['n_subnetworks']} sub-networks, {result.selected.name} "
+            f"CV MAPE {m['mape']:.2f}% ±10% {m['acc10']:.1%} after {elapsed / 60:.1f} min"
+        )
         if met(result, cfg):
             log("adaptive: target reached")
             return result
@@ -143,19 +153,32 @@ def _group_records(store, wanted: dict) -> list[dict]:
     return records
 
 
-def adaptive_fit(model: str, store_path: Path, fit_config: FitConfig, cfg: AdaptiveConfig, wanted: dict,
-                 online: bool = False, log: Callable[[str], None] = print) -> FitResult:
+def adaptive_fit(
+    model: str,
+    store_path: Path,
+    fit_config: FitConfig,
+    cfg: AdaptiveConfig,
+    wanted: dict,
+    online: bool = False,
+    log: Callable[[str], None] = print,
+) -> FitResult:
     """``nasprune predictor fit --adaptive MODEL``: profile MODEL's sub-networks with the profiler."""
-    from profilers.api import profile_subnetworks
     from compressor.modeldir import load_model
+    from profilers.api import profile_subnetworks
     from profilers.store import ProfileStore
 
     loaded = load_model(model, online=online)
-    description = {"hf_config": loaded.model.config.to_dict(), "space_config": dict(loaded.meta.search_space or {}),
-                   "layer_ranking": loaded.meta.layer_ranking}
+    description = {
+        "hf_config": loaded.model.config.to_dict(),
+        "space_config": dict(loaded.meta.search_space or {}),
+        "layer_ranking": loaded.meta.layer_ranking,
+    }
     store = ProfileStore(Path(store_path))
-    options = {k: v for k, v in (("engine", cfg.engine), ("precision", cfg.precision), ("threads", cfg.threads))
-               if v is not None}
+    options = {
+        k: v
+        for k, v in (("engine", cfg.engine), ("precision", cfg.precision), ("threads", cfg.threads))
+        if v is not None
+    }
 
     def profile(subs: list[SubNetwork], workloads: list[str]) -> list[dict]:
         return profile_subnetworks(loaded, subs, workloads, store=store, progress=True, **options)

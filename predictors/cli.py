@@ -13,9 +13,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from compressor.outputs import claim_output
 from compressor.console import STATE, console, err_console, handles_errors
 from compressor.console import quiet_transformers as quiet_transformers
+from compressor.outputs import claim_output
 
 _FP = typer.Option(None, "--fingerprint", help="Device fingerprint id to select from the store.")
 _ENGINE = typer.Option(None, "--engine", help="Engine to select (onnxruntime, tensorrt, torch).")
@@ -29,8 +29,16 @@ def metrics_table(title: str, rows: dict[str, dict], marked: str | None = None) 
         table.add_column(col, justify="left" if not col else "right")
     for name, m in rows.items():
         label = f"{name} *" if name == marked else name
-        table.add_row(label, str(m["n"]), f"{m['mape']:.2f}", f"{m['rmspe']:.2f}", f"{m['acc5']:.1%}",
-                      f"{m['acc10']:.1%}", f"{m['acc15']:.1%}", f"{m['kendall_tau']:.3f}")
+        table.add_row(
+            label,
+            str(m["n"]),
+            f"{m['mape']:.2f}",
+            f"{m['rmspe']:.2f}",
+            f"{m['acc5']:.1%}",
+            f"{m['acc10']:.1%}",
+            f"{m['acc15']:.1%}",
+            f"{m['kendall_tau']:.3f}",
+        )
     return table
 
 
@@ -43,24 +51,34 @@ def _online() -> bool:
     return bool(STATE["online"])
 
 
-def fit_cmd(store: Path = typer.Option(..., "--store", help="Profile store to fit on."),
-            out: Path = typer.Option(..., "--out", help="Predictor directory to write."),
-            model: Optional[str] = typer.Option(None, "--model", help="The profiled MODEL (default: the records' model.source)."),
-            fingerprint: Optional[str] = _FP, engine: Optional[str] = _ENGINE, precision: Optional[str] = _PRECISION,
-            recipe: Optional[str] = _RECIPE,
-            models: str = typer.Option(",".join(["linear", "gbrt", "random_forest"]), "--models",
-                                       help="Comma-separated candidate model types."),
-            folds: int = typer.Option(5, "--folds", help="Cross-validation folds (grouped by architecture)."),
-            seed: int = typer.Option(0, "--seed"),
-            adaptive: Optional[str] = typer.Option(None, "--adaptive", metavar="MODEL",
-                                                   help="Profile more sub-networks of MODEL where CV error is largest."),
-            target_acc10: float = typer.Option(0.97, "--target-acc10", help="Adaptive: stop at this ±10% CV accuracy."),
-            target_mape: float = typer.Option(4.0, "--target-mape", help="Adaptive: ... and this CV MAPE (%)."),
-            budget_min: float = typer.Option(30.0, "--budget-min", help="Adaptive: stop after this many minutes."),
-            batch: int = typer.Option(8, "--batch", help="Adaptive: sub-networks profiled per round."),
-            workload: List[str] = typer.Option([], "--workload", help="Adaptive: workload to profile, repeatable (default: those in the store)."),
-            overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing predictor at --out."),
-            threads: Optional[int] = typer.Option(None, "--threads", help="Adaptive: profiler threads.")):
+def fit_cmd(
+    store: Path = typer.Option(..., "--store", help="Profile store to fit on."),
+    out: Path = typer.Option(..., "--out", help="Predictor directory to write."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="The profiled MODEL (default: the records' model.source)."
+    ),
+    fingerprint: Optional[str] = _FP,
+    engine: Optional[str] = _ENGINE,
+    precision: Optional[str] = _PRECISION,
+    recipe: Optional[str] = _RECIPE,
+    models: str = typer.Option(
+        ",".join(["linear", "gbrt", "random_forest"]), "--models", help="Comma-separated candidate model types."
+    ),
+    folds: int = typer.Option(5, "--folds", help="Cross-validation folds (grouped by architecture)."),
+    seed: int = typer.Option(0, "--seed"),
+    adaptive: Optional[str] = typer.Option(
+        None, "--adaptive", metavar="MODEL", help="Profile more sub-networks of MODEL where CV error is largest."
+    ),
+    target_acc10: float = typer.Option(0.97, "--target-acc10", help="Adaptive: stop at this ±10% CV accuracy."),
+    target_mape: float = typer.Option(4.0, "--target-mape", help="Adaptive: ... and this CV MAPE (%)."),
+    budget_min: float = typer.Option(30.0, "--budget-min", help="Adaptive: stop after this many minutes."),
+    batch: int = typer.Option(8, "--batch", help="Adaptive: sub-networks profiled per round."),
+    workload: List[str] = typer.Option(
+        [], "--workload", help="Adaptive: workload to profile, repeatable (default: those in the store)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing predictor at --out."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Adaptive: profiler threads."),
+):
     """Fit a latency predictor on one (device, engine, precision, recipe) group of a profile store."""
     claim_output(out, "predictor", overwrite=overwrite)  # before profiling/fitting, not after
     from predictors.dataset import read_store, select_group
@@ -73,10 +91,24 @@ def fit_cmd(store: Path = typer.Option(..., "--store", help="Profile store to fi
     if adaptive:
         from predictors.adaptive import AdaptiveConfig, adaptive_fit
 
-        result = adaptive_fit(adaptive, store, config, AdaptiveConfig(
-            target_acc10=target_acc10, target_mape=target_mape, budget_s=budget_min * 60, batch=batch,
-            workloads=tuple(workload), threads=threads,
-            engine=engine, precision=precision), wanted, online=_online(), log=console.print)
+        result = adaptive_fit(
+            adaptive,
+            store,
+            config,
+            AdaptiveConfig(
+                target_acc10=target_acc10,
+                target_mape=target_mape,
+                budget_s=budget_min * 60,
+                batch=batch,
+                workloads=tuple(workload),
+                threads=threads,
+                engine=engine,
+                precision=precision,
+            ),
+            wanted,
+            online=_online(),
+            log=console.print,
+        )
     else:
         records = select_group(read_store(store), **wanted)
         source = model or resolve_source(records[0]["model"].get("source"))
@@ -86,17 +118,27 @@ def fit_cmd(store: Path = typer.Option(..., "--store", help="Profile store to fi
             result = fit_predictor(records, description, config)
     result.predictor.save(out, overwrite=overwrite)
     m = result.predictor.manifest
-    console.print(metrics_table(f"{config.folds}-fold CV (grouped by sub-network), {m['training']['n_records']} records, "
-                                f"{m['training']['n_subnetworks']} sub-networks", m["cv"]["models"], m["cv"]["selected"]))
-    console.print(f"wrote {out}: {m['cv']['selected']} predictor for {', '.join(f'{k}={v}' for k, v in m['group'].items())} "
-                  f"({', '.join(m['training']['workloads'])})")
+    console.print(
+        metrics_table(
+            f"{config.folds}-fold CV (grouped by sub-network), {m['training']['n_records']} records, "
+            f"{m['training']['n_subnetworks']} sub-networks",
+            m["cv"]["models"],
+            m["cv"]["selected"],
+        )
+    )
+    console.print(
+        f"wrote {out}: {m['cv']['selected']} predictor for {', '.join(f'{k}={v}' for k, v in m['group'].items())} "
+        f"({', '.join(m['training']['workloads'])})"
+    )
 
 
-def eval_cmd(directory: Path = typer.Argument(..., help="Predictor directory."),
-             store: Path = typer.Option(..., "--store", help="Profile store with records not used in fitting."),
-             plot: Optional[Path] = typer.Option(None, "--plot", help="Write a measured-vs-predicted PNG here."),
-             json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics and per-record values here."),
-             strict: bool = typer.Option(False, "--strict", help="Refuse records outside the training ranges.")):
+def eval_cmd(
+    directory: Path = typer.Argument(..., help="Predictor directory."),
+    store: Path = typer.Option(..., "--store", help="Profile store with records not used in fitting."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a measured-vs-predicted PNG here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics and per-record values here."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse records outside the training ranges."),
+):
     """Score a predictor on held-out records: MAPE, RMSPE, ±5/10/15% accuracy, Kendall τ."""
     from compressor.modeldir import write_json_atomic
     from predictors import load_predictor
@@ -111,28 +153,37 @@ def eval_cmd(directory: Path = typer.Argument(..., help="Predictor directory."),
     result = evaluate(predictor, read_store(store))
     for line in result.warnings:
         err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
-    console.print(metrics_table(f"held-out evaluation ({predictor.manifest['estimator']['selected']})",
-                                {**result.per_workload, "all": result.overall}))
+    console.print(
+        metrics_table(
+            f"held-out evaluation ({predictor.manifest['estimator']['selected']})",
+            {**result.per_workload, "all": result.overall},
+        )
+    )
     if plot:
         from predictors.plot import measured_vs_predicted_png
 
-        measured_vs_predicted_png(plot, result.measured_ms, result.predicted_ms, result.workloads,
-                                  title=f"{directory.name}: held-out")
+        measured_vs_predicted_png(
+            plot, result.measured_ms, result.predicted_ms, result.workloads, title=f"{directory.name}: held-out"
+        )
         console.print(f"wrote {plot}")
     if json_out:
         write_json_atomic(json_out, result.to_dict())
         console.print(f"wrote {json_out}")
 
 
-def predict_cmd(directory: Path = typer.Argument(..., help="Predictor directory."),
-                arch: str = typer.Option(..., "--arch", help='Sub-network JSON {"embed_dim":..,...} or a file.'),
-                workload: str = typer.Option(..., "--workload", help="e.g. prefill:1x128 or decode:1x256."),
-                quantile: str = typer.Option("median", "--quantile", help="median or p90."),
-                strict: bool = typer.Option(False, "--strict", help="Refuse queries outside the training ranges."),
-                fingerprint: Optional[str] = typer.Option(None, "--fingerprint", help="Refuse unless fitted for this device fingerprint."),
-                engine: Optional[str] = typer.Option(None, "--engine", help="Refuse unless fitted for this engine."),
-                precision: Optional[str] = typer.Option(None, "--precision", help="Refuse unless fitted for this precision."),
-                recipe: Optional[str] = typer.Option(None, "--recipe", help="Refuse unless fitted for this export recipe.")):
+def predict_cmd(
+    directory: Path = typer.Argument(..., help="Predictor directory."),
+    arch: str = typer.Option(..., "--arch", help='Sub-network JSON {"embed_dim":..,...} or a file.'),
+    workload: str = typer.Option(..., "--workload", help="e.g. prefill:1x128 or decode:1x256."),
+    quantile: str = typer.Option("median", "--quantile", help="median or p90."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse queries outside the training ranges."),
+    fingerprint: Optional[str] = typer.Option(
+        None, "--fingerprint", help="Refuse unless fitted for this device fingerprint."
+    ),
+    engine: Optional[str] = typer.Option(None, "--engine", help="Refuse unless fitted for this engine."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Refuse unless fitted for this precision."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Refuse unless fitted for this export recipe."),
+):
     """Predicted latency (ms) of one sub-network on one workload."""
     from compressor.search_space import SubNetwork
     from compressor.workload import Workload
@@ -147,9 +198,11 @@ def predict_cmd(directory: Path = typer.Argument(..., help="Predictor directory.
         ms = float(predictor.predict_ms([sub], wl, quantile=quantile)[0])
     _show_warnings(caught)
     print(f"{ms:.3f}")
-    err_console.print(f"{sub} {wl} {quantile}: {ms:.3f} ms ({predictor.manifest['estimator']['selected']}, "
-                      f"CV MAPE {predictor.manifest['cv']['models'][predictor.manifest['estimator']['selected']]['mape']:.2f}%)",
-                      highlight=False)
+    err_console.print(
+        f"{sub} {wl} {quantile}: {ms:.3f} ms ({predictor.manifest['estimator']['selected']}, "
+        f"CV MAPE {predictor.manifest['cv']['models'][predictor.manifest['estimator']['selected']]['mape']:.2f}%)",
+        highlight=False,
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -20,8 +20,12 @@ from compressor.workload import Workload
 
 GROUP_FIELDS = ("fingerprint_id", "engine", "precision", "recipe_id")
 # CLI flag for each group field, named in error messages
-GROUP_FLAGS = {"fingerprint_id": "--fingerprint", "engine": "--engine", "precision": "--precision",
-               "recipe_id": "--recipe"}
+GROUP_FLAGS = {
+    "fingerprint_id": "--fingerprint",
+    "engine": "--engine",
+    "precision": "--precision",
+    "recipe_id": "--recipe",
+}
 
 
 @dataclass(frozen=True)
@@ -34,14 +38,16 @@ class Group:
     recipe_id: str
 
     @staticmethod
-    def of(record: dict) -> "Group":
+    def of(record: dict) -> Group:
         return Group(*(str(record[f]) for f in GROUP_FIELDS))
 
     def to_dict(self) -> dict:
         return {f: getattr(self, f) for f in GROUP_FIELDS}
 
     def __str__(self) -> str:
-        return f"fingerprint={self.fingerprint_id} engine={self.engine} precision={self.precision} recipe={self.recipe_id}"
+        return (
+            f"fingerprint={self.fingerprint_id} engine={self.engine} precision={self.precision} recipe={self.recipe_id}"
+        )
 
 
 @dataclass
@@ -71,7 +77,9 @@ def read_store(path: Path, **filters) -> list[dict]:
     """All records of the profile store at ``path`` matching the top-level ``filters``."""
     path = Path(path)
     if not path.exists():
-        raise NaspruneError(f"profile store {path} does not exist; create it with 'nasprune profile ... --store {path}'")
+        raise NaspruneError(
+            f"profile store {path} does not exist; create it with 'nasprune profile ... --store {path}'"
+        )
     from profilers.store import ProfileStore
 
     return ProfileStore(path).records(**{k: v for k, v in filters.items() if v is not None})
@@ -108,8 +116,9 @@ def select_group(records: list[dict], **wanted: str | None) -> list[dict]:
     flags = " ".join(f"{flag} ..." for flag in GROUP_FLAGS.values())
     if not groups:
         raise NaspruneError(f"no profile records match {_describe(wanted)}; the store holds: {listing}")
-    raise NaspruneError(f"the profile store holds {len(groups)} predictor groups (one predictor each); pick one with "
-                        f"{flags}: {listing}")
+    raise NaspruneError(
+        f"the profile store holds {len(groups)} predictor groups (one predictor each); pick one with {flags}: {listing}"
+    )
 
 
 def _describe(wanted: dict) -> str:
@@ -125,8 +134,10 @@ def to_dataset(records: list[dict]) -> Dataset:
     models = {(r["model"].get("source"), r["model"].get("sha256")) for r in records}
     if len(models) > 1:
         shown = ", ".join(f"{src} ({str(sha)[:12]})" for src, sha in sorted(models, key=str))
-        raise NaspruneError(f"the selected records come from {len(models)} different models ({shown}); "
-                            "profile one model per store, or filter the store by model")
+        raise NaspruneError(
+            f"the selected records come from {len(models)} different models ({shown}); "
+            "profile one model per store, or filter the store by model"
+        )
     records = sorted(records, key=lambda r: r["key"])
     subs = [SubNetwork.from_dict(r["arch"]) for r in records]
     workloads = [Workload.parse(r["workload"]) for r in records]

@@ -28,9 +28,15 @@ class Evaluation:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"overall": self.overall, "per_workload": self.per_workload, "warnings": self.warnings,
-                "records": [{"key": k, "workload": w, "measured_ms": float(m), "predicted_ms": float(p)}
-                            for k, w, m, p in zip(self.keys, self.workloads, self.measured_ms, self.predicted_ms)]}
+        return {
+            "overall": self.overall,
+            "per_workload": self.per_workload,
+            "warnings": self.warnings,
+            "records": [
+                {"key": k, "workload": w, "measured_ms": float(m), "predicted_ms": float(p)}
+                for k, w, m, p in zip(self.keys, self.workloads, self.measured_ms, self.predicted_ms)
+            ],
+        }
 
 
 def held_out(predictor: LatencyPredictor, records: list[dict]) -> list[dict]:
@@ -39,18 +45,24 @@ def held_out(predictor: LatencyPredictor, records: list[dict]) -> list[dict]:
     mine = [r for r in records if all(str(r.get(f)) == str(group[f]) for f in GROUP_FIELDS)]
     if not mine:
         have = "; ".join(str(g) for g in groups_of(records)) or "nothing"
-        raise NaspruneError(f"the store has no records for this predictor's group ({', '.join(f'{k}={v}' for k, v in group.items())}); "
-                            f"it holds: {have}")
+        raise NaspruneError(
+            f"the store has no records for this predictor's group ({', '.join(f'{k}={v}' for k, v in group.items())}); "
+            f"it holds: {have}"
+        )
     sha = predictor.manifest["model"].get("sha256")
     other_model = [r for r in mine if r["model"].get("sha256") != sha]
     if other_model:
-        raise NaspruneError(f"{len(other_model)} records were profiled on another model than the predictor's "
-                            f"({str(sha)[:12]}); evaluate on a store of the same model")
+        raise NaspruneError(
+            f"{len(other_model)} records were profiled on another model than the predictor's "
+            f"({str(sha)[:12]}); evaluate on a store of the same model"
+        )
     used = set(predictor.manifest["training"]["keys"])
     fresh = [r for r in mine if r["key"] not in used]
     if not fresh:
-        raise NaspruneError(f"all {len(mine)} matching records were used to fit the predictor; profile other "
-                            "sub-networks (e.g. another --seed) into the store and evaluate again")
+        raise NaspruneError(
+            f"all {len(mine)} matching records were used to fit the predictor; profile other "
+            "sub-networks (e.g. another --seed) into the store and evaluate again"
+        )
     return fresh
 
 

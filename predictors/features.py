@@ -27,8 +27,16 @@ FEATURE_SCHEMA = "nasprune-latency-features/1"
 RAW = ("embed_dim", "num_heads", "num_kv_heads", "ffn_dim", "num_layers")
 WORKLOAD = ("batch", "seq", "new_tokens", "is_prefill", "is_decode", "is_generate", "graph_runs", "tokens")
 # Additive cost terms: the linear model uses only these (plus an intercept).
-ANALYTIC = ("flops", "attention_flops", "weight_traffic_bytes", "kv_cache_bytes", "kv_traffic_bytes",
-            "activation_elements", "layer_runs", "graph_runs")
+ANALYTIC = (
+    "flops",
+    "attention_flops",
+    "weight_traffic_bytes",
+    "kv_cache_bytes",
+    "kv_traffic_bytes",
+    "activation_elements",
+    "layer_runs",
+    "graph_runs",
+)
 OTHER = ("params", "weight_bytes")
 FEATURE_NAMES: tuple[str, ...] = RAW + WORKLOAD + tuple(a for a in ANALYTIC if a not in WORKLOAD) + OTHER
 
@@ -37,8 +45,9 @@ def bytes_per_param(precision: str) -> int:
     try:
         return BYTES_PER_PARAM[precision]
     except KeyError:
-        raise NaspruneError(f"precision '{precision}' has no known byte width; use one of "
-                            f"{', '.join(BYTES_PER_PARAM)}") from None
+        raise NaspruneError(
+            f"precision '{precision}' has no known byte width; use one of {', '.join(BYTES_PER_PARAM)}"
+        ) from None
 
 
 def _decode_steps(w: Workload) -> list[int]:
@@ -68,30 +77,43 @@ def features_of(space: SearchSpace, sub: SubNetwork, w: Workload, precision: str
     kv_traffic = kv_per_token * sum(c + 1 for c in steps)
     per_token_width = 2 * sub.embed_dim + sub.ffn_dim + 2 * sub.num_heads * hd
     return {
-        "embed_dim": sub.embed_dim, "num_heads": sub.num_heads, "num_kv_heads": kv_heads,
-        "ffn_dim": sub.ffn_dim, "num_layers": sub.num_layers,
-        "batch": w.batch, "seq": w.seq, "new_tokens": w.new_tokens,
-        "is_prefill": float(w.kind == "prefill"), "is_decode": float(w.kind == "decode"),
-        "is_generate": float(w.kind == "generate"), "graph_runs": graph_runs, "tokens": tokens,
-        "flops": space.flops(sub, w), "attention_flops": attention,
+        "embed_dim": sub.embed_dim,
+        "num_heads": sub.num_heads,
+        "num_kv_heads": kv_heads,
+        "ffn_dim": sub.ffn_dim,
+        "num_layers": sub.num_layers,
+        "batch": w.batch,
+        "seq": w.seq,
+        "new_tokens": w.new_tokens,
+        "is_prefill": float(w.kind == "prefill"),
+        "is_decode": float(w.kind == "decode"),
+        "is_generate": float(w.kind == "generate"),
+        "graph_runs": graph_runs,
+        "tokens": tokens,
+        "flops": space.flops(sub, w),
+        "attention_flops": attention,
         "weight_traffic_bytes": graph_runs * params * bpp,
         "kv_cache_bytes": space.kv_cache_bytes(sub, w, precision),
         "kv_traffic_bytes": kv_traffic,
         "activation_elements": tokens * sub.num_layers * per_token_width,
         "layer_runs": graph_runs * sub.num_layers,
-        "params": params, "weight_bytes": params * bpp,
+        "params": params,
+        "weight_bytes": params * bpp,
     }
 
 
-def feature_matrix(space: SearchSpace, subs: Sequence[SubNetwork], workloads: Sequence[Workload] | Workload,
-                   precision: str) -> np.ndarray:
+def feature_matrix(
+    space: SearchSpace, subs: Sequence[SubNetwork], workloads: Sequence[Workload] | Workload, precision: str
+) -> np.ndarray:
     """``[len(subs), len(FEATURE_NAMES)]`` float64; one workload for all rows, or one per row."""
     if isinstance(workloads, Workload):
         workloads = [workloads] * len(subs)
     if len(workloads) != len(subs):
         raise ValueError(f"{len(subs)} sub-networks but {len(workloads)} workloads")
     rows = [features_of(space, s, w, precision) for s, w in zip(subs, workloads)]
-    return np.array([[r[n] for n in FEATURE_NAMES] for r in rows], dtype=np.float64).reshape(len(rows), len(FEATURE_NAMES))
+    return np.array([[r[n] for n in FEATURE_NAMES] for r in rows], dtype=np.float64).reshape(
+        len(rows), len(FEATURE_NAMES)
+    )
 
 
 def analytic_columns() -> list[int]:

@@ -12,8 +12,8 @@ from compressor.modeldir import now
 from compressor.search_space import DIMENSIONS
 from predictors.dataset import Dataset, to_dataset
 from predictors.features import ANALYTIC, FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix
-from predictors.modelspace import space_from_description
 from predictors.models import CANDIDATES
+from predictors.modelspace import space_from_description
 from predictors.predictor import SCHEMA, LatencyPredictor, library_versions
 from predictors.selection import SELECTION_METRIC, CVResult, arch_groups, cross_validate, select
 
@@ -71,8 +71,10 @@ def fit_predictor(records: list[dict], model_description: dict, config: FitConfi
         space.validate(s)
     X = feature_matrix(space, ds.subs, ds.workloads, ds.group.precision)
     groups = arch_groups(ds.subs)
-    cv = [cross_validate(CANDIDATES[name], X, ds.median_ms, groups, config.folds, config.seed)
-          for name in config.candidates]
+    cv = [
+        cross_validate(CANDIDATES[name], X, ds.median_ms, groups, config.folds, config.seed)
+        for name in config.candidates
+    ]
     best = select(cv)
     spec = CANDIDATES[best.name]
     estimators = {"median": spec.fit(X, ds.median_ms, config.seed)}
@@ -92,13 +94,20 @@ def fit_predictor(records: list[dict], model_description: dict, config: FitConfi
         "features": {"schema": FEATURE_SCHEMA, "names": list(FEATURE_NAMES), "analytic": list(ANALYTIC)},
         "estimator": {"format": "skops", "selected": best.name, "quantiles": list(estimators)},
         "training": {
-            "n_records": len(ds), "n_subnetworks": int(len(np.unique(groups))),
+            "n_records": len(ds),
+            "n_subnetworks": int(len(np.unique(groups))),
             "workloads": dict(sorted(Counter(r["workload"] for r in ds.records).items())),
             "ranges": training_ranges(ds),
             "noise_cv_median": _median_cv(ds.records),
             "keys": ds.keys,
         },
-        "cv": {"folds": config.folds, "grouped_by": "architecture", "metric": SELECTION_METRIC,
-               "selected": best.name, "models": {r.name: r.metrics for r in cv}, "config": asdict(config)},
+        "cv": {
+            "folds": config.folds,
+            "grouped_by": "architecture",
+            "metric": SELECTION_METRIC,
+            "selected": best.name,
+            "models": {r.name: r.metrics for r in cv},
+            "config": asdict(config),
+        },
     }
     return FitResult(LatencyPredictor(estimators, manifest, space), ds, cv)

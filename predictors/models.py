@@ -46,13 +46,15 @@ class ModelSpec:
 
 
 def _linear(seed: int) -> Pipeline:
-    return Pipeline([
-        ("analytic", ColumnTransformer([("terms", "passthrough", analytic_columns())])),
-        # no centring: NNLS coefficients must stay per-unit costs of each term
-        ("scale", MaxAbsScaler()),
-        # no intercept: the `graph_runs` term is the (non-negative) fixed cost per graph run
-        ("reg", LinearRegression(positive=True, fit_intercept=False)),
-    ])
+    return Pipeline(
+        [
+            ("analytic", ColumnTransformer([("terms", "passthrough", analytic_columns())])),
+            # no centring: NNLS coefficients must stay per-unit costs of each term
+            ("scale", MaxAbsScaler()),
+            # no intercept: the `graph_runs` term is the (non-negative) fixed cost per graph run
+            ("reg", LinearRegression(positive=True, fit_intercept=False)),
+        ]
+    )
 
 
 def _log_target(regressor) -> TransformedTargetRegressor:
@@ -60,13 +62,15 @@ def _log_target(regressor) -> TransformedTargetRegressor:
 
 
 def _gbrt(seed: int) -> TransformedTargetRegressor:
-    return _log_target(GradientBoostingRegressor(n_estimators=400, learning_rate=0.05, max_depth=3,
-                                                 subsample=0.8, random_state=seed))
+    return _log_target(
+        GradientBoostingRegressor(n_estimators=400, learning_rate=0.05, max_depth=3, subsample=0.8, random_state=seed)
+    )
 
 
 def _random_forest(seed: int) -> TransformedTargetRegressor:
-    return _log_target(RandomForestRegressor(n_estimators=300, min_samples_leaf=1, max_features=0.6,
-                                             n_jobs=1, random_state=seed))
+    return _log_target(
+        RandomForestRegressor(n_estimators=300, min_samples_leaf=1, max_features=0.6, n_jobs=1, random_state=seed)
+    )
 
 
 CANDIDATES: dict[str, ModelSpec] = {

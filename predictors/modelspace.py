@@ -31,13 +31,18 @@ def describe_model(spec: str, online: bool = False) -> dict:
         try:
             config = AutoConfig.from_pretrained(path)
         except Exception as e:  # noqa: BLE001 - any parse error is the same user problem
-            raise NaspruneError(f"{path}/config.json cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise NaspruneError(
+                f"{path}/config.json cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
         meta = ModelMeta.read(path)
     else:
         loaded = load_model(spec, online=online)
         config, meta = loaded.model.config, loaded.meta
-    return {"hf_config": config.to_dict(), "space_config": dict(meta.search_space or {}),
-            "layer_ranking": meta.layer_ranking}
+    return {
+        "hf_config": config.to_dict(),
+        "space_config": dict(meta.search_space or {}),
+        "layer_ranking": meta.layer_ranking,
+    }
 
 
 def resolve_source(source: str | None) -> str:
@@ -54,7 +59,9 @@ def resolve_source(source: str | None) -> str:
     default = cache_dir() / "models" / DEFAULT_NAME
     if source and source == ModelMeta.read(default).provenance.get("source"):
         return "default"
-    raise NaspruneError(f"the records' model '{source}' is not a path on this machine; pass the profiled model with --model")
+    raise NaspruneError(
+        f"the records' model '{source}' is not a path on this machine; pass the profiled model with --model"
+    )
 
 
 def space_from_description(desc: dict) -> SearchSpace:
@@ -66,5 +73,6 @@ def space_from_description(desc: dict) -> SearchSpace:
     if not model_type:
         raise NaspruneError("the predictor's manifest has no model_type in its HF config; re-fit the predictor")
     config = AutoConfig.for_model(model_type, **cfg)
-    return SearchSpace.from_config(config, SearchSpaceConfig.from_dict(desc.get("space_config")),
-                                   desc.get("layer_ranking"))
+    return SearchSpace.from_config(
+        config, SearchSpaceConfig.from_dict(desc.get("space_config")), desc.get("layer_ranking")
+    )

@@ -8,8 +8,9 @@ from typing import Sequence
 import numpy as np
 
 
-def measured_vs_predicted_png(path: Path, measured, predicted, labels: Sequence[str] | None = None,
-                              title: str = "") -> Path:
+def measured_vs_predicted_png(
+    path: Path, measured, predicted, labels: Sequence[str] | None = None, title: str = ""
+) -> Path:
     """Write the plot; ``labels`` (e.g. workload per sample) colours the points."""
     import matplotlib
 
@@ -41,9 +42,11 @@ def measured_vs_predicted_png(path: Path, measured, predicted, labels: Sequence[
     ax.set_xlabel("measured median latency (ms)")
     ax.set_ylabel("predicted latency (ms)")
     s = summarize(m, p)
-    ax.set_title((title + "\n" if title else "")
-                 + f"MAPE {s['mape']:.2f}%  ±10% acc {s['acc10']:.1%}  τ {s['kendall_tau']:.3f}  (n={s['n']})",
-                 fontsize=9)
+    ax.set_title(
+        (title + "\n" if title else "")
+        + f"MAPE {s['mape']:.2f}%  ±10% acc {s['acc10']:.1%}  τ {s['kendall_tau']:.3f}  (n={s['n']})",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     path = Path(path)

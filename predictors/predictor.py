@@ -41,13 +41,19 @@ class ExtrapolationWarning(UserWarning):
 
 def library_versions() -> dict[str, str]:
     import scipy
-    import skops
     import sklearn
+    import skops
 
     from compressor import __version__
 
-    return {"nasprune": __version__, "scikit-learn": sklearn.__version__, "skops": skops.__version__,
-            "numpy": np.__version__, "scipy": scipy.__version__, "python": platform.python_version()}
+    return {
+        "nasprune": __version__,
+        "scikit-learn": sklearn.__version__,
+        "skops": skops.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _minor(version: str) -> str:
@@ -67,8 +73,10 @@ class LatencyPredictor:
     def predict_ms(self, subs: Sequence[SubNetwork], workload: Workload, quantile: str = "median") -> np.ndarray:
         """Latency in ms, one per sub-network. Out-of-range queries warn (``strict``: raise)."""
         if quantile not in self.estimators:
-            raise NaspruneError(f"this predictor has no '{quantile}' model (has: {', '.join(self.estimators)}); "
-                                "p90 needs records with stats_ms.p90")
+            raise NaspruneError(
+                f"this predictor has no '{quantile}' model (has: {', '.join(self.estimators)}); "
+                "p90 needs records with stats_ms.p90"
+            )
         subs = list(subs)
         if not subs:
             return np.zeros(0)
@@ -82,8 +90,13 @@ class LatencyPredictor:
     def group(self) -> dict:
         return self.manifest["group"]
 
-    def check_compatible(self, fingerprint_id: str | None = None, engine: str | None = None,
-                         precision: str | None = None, recipe_id: str | None = None) -> None:
+    def check_compatible(
+        self,
+        fingerprint_id: str | None = None,
+        engine: str | None = None,
+        precision: str | None = None,
+        recipe_id: str | None = None,
+    ) -> None:
         """Raise when this predictor was fitted for another device/engine/precision/recipe.
 
         ``None`` skips that field (e.g. a caller that does not know the export recipe yet).
@@ -94,16 +107,20 @@ class LatencyPredictor:
             have = ", ".join(f"{f}={self.group[f]}" for f in wrong)
             want = ", ".join(f"{f}={asked[f]}" for f in wrong)
             flags = " ".join(f"{GROUP_FLAGS[f]} {asked[f]}" for f in wrong)
-            raise NaspruneError(f"predictor is for {have}, not {want}; fit one from records of this setup "
-                                f"(nasprune predictor fit --store PATH {flags} --out DIR)")
+            raise NaspruneError(
+                f"predictor is for {have}, not {want}; fit one from records of this setup "
+                f"(nasprune predictor fit --store PATH {flags} --out DIR)"
+            )
 
     def out_of_range(self, subs: Sequence[SubNetwork], workload: Workload) -> list[str]:
         """Human-readable reasons why queries fall outside the training ranges (empty: all inside)."""
         ranges = self.manifest["training"]["ranges"]
         kinds = ranges["workloads"]
         if workload.kind not in kinds:
-            raise NaspruneError(f"predictor was fitted on {', '.join(sorted(kinds))} workloads only, not "
-                                f"{workload.kind}; profile {workload} and re-fit")
+            raise NaspruneError(
+                f"predictor was fitted on {', '.join(sorted(kinds))} workloads only, not "
+                f"{workload.kind}; profile {workload} and re-fit"
+            )
         reasons = []
         for dim in DIMENSIONS:
             lo, hi = ranges["arch"][dim]
@@ -136,8 +153,7 @@ class LatencyPredictor:
         def write(tmp: Path):
             sio.dump(self.estimators, tmp / ESTIMATOR)
             manifest = dict(self.manifest)
-            manifest["estimator"] = {**manifest["estimator"], "file": ESTIMATOR,
-                                     "sha256": _sha256(tmp / ESTIMATOR)}
+            manifest["estimator"] = {**manifest["estimator"], "file": ESTIMATOR, "sha256": _sha256(tmp / ESTIMATOR)}
             write_json_atomic(tmp / MANIFEST, manifest)
             self.manifest = manifest
 
@@ -151,19 +167,26 @@ def _sha256(path: Path) -> str:
 def read_manifest(directory: Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
-        raise NaspruneError(f"{directory} is not a predictor directory (no {MANIFEST}); create one with "
-                            "'nasprune predictor fit --store PATH --out DIR'")
+        raise NaspruneError(
+            f"{directory} is not a predictor directory (no {MANIFEST}); create one with "
+            "'nasprune predictor fit --store PATH --out DIR'"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise NaspruneError(f"{path} is corrupt ({e.msg}); re-fit the predictor") from None
     if manifest.get("schema") != SCHEMA:
-        raise NaspruneError(f"{path} has schema {manifest.get('schema')!r}, expected {SCHEMA!r}; "
-                            "re-fit the predictor with this nasprune")
-    if manifest.get("features", {}).get("schema") != FEATURE_SCHEMA or \
-            manifest["features"].get("names") != list(FEATURE_NAMES):
-        raise NaspruneError(f"{directory} was fitted on feature schema {manifest.get('features', {}).get('schema')!r}, "
-                            f"this nasprune computes {FEATURE_SCHEMA!r}; re-fit the predictor")
+        raise NaspruneError(
+            f"{path} has schema {manifest.get('schema')!r}, expected {SCHEMA!r}; "
+            "re-fit the predictor with this nasprune"
+        )
+    if manifest.get("features", {}).get("schema") != FEATURE_SCHEMA or manifest["features"].get("names") != list(
+        FEATURE_NAMES
+    ):
+        raise NaspruneError(
+            f"{directory} was fitted on feature schema {manifest.get('features', {}).get('schema')!r}, "
+            f"this nasprune computes {FEATURE_SCHEMA!r}; re-fit the predictor"
+        )
     return manifest
 
 

@@ -35,8 +35,9 @@ def arch_groups(subs) -> np.ndarray:
     return np.array([labels.setdefault(s, len(labels)) for s in subs])
 
 
-def cross_validate(spec: ModelSpec, X: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int,
-                   seed: int) -> CVResult:
+def cross_validate(
+    spec: ModelSpec, X: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int, seed: int
+) -> CVResult:
     n_groups = len(np.unique(groups))
     if n_groups < 2:
         raise NaspruneError(f"cross-validation needs at least 2 profiled sub-networks, got {n_groups}; profile more")

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import importlib
 
-_EXPORTS = {"profile_subnetworks": "profilers.api", "choose_subnetworks": "profilers.api",
-            "ProfileStore": "profilers.store", "Protocol": "profilers.standalone", "list_engines": "profilers.base",
-            "get_engine": "profilers.base"}
+_EXPORTS = {
+    "profile_subnetworks": "profilers.api",
+    "choose_subnetworks": "profilers.api",
+    "ProfileStore": "profilers.store",
+    "Protocol": "profilers.standalone",
+    "list_engines": "profilers.base",
+    "get_engine": "profilers.base",
+}
 
 __all__ = list(_EXPORTS)
 

@@ -47,11 +47,23 @@ class Plan:
     def key(self, sub: SubNetwork, w: Workload) -> str:
         return record_key(self.model["sha256"], sub.to_dict(), str(w), self.fingerprint_id)
 
-    def job(self, space: SearchSpace, sub: SubNetwork, w: Workload, files: dict, graph_bytes: int, export: dict) -> dict:
-        return {"id": self.key(sub, w), "label": str(sub), "engine": self.engine.name, "device": self.device,
-                "provider": self.provider, "precision": self.precision, "threads": self.threads,
-                "recipe_id": self.recipe_id, "recipe": self.recipe, "workload": workload_dict(w), "files": files,
-                "meta": job_meta(self.model, space, sub, w, self.precision, graph_bytes, export)}
+    def job(
+        self, space: SearchSpace, sub: SubNetwork, w: Workload, files: dict, graph_bytes: int, export: dict
+    ) -> dict:
+        return {
+            "id": self.key(sub, w),
+            "label": str(sub),
+            "engine": self.engine.name,
+            "device": self.device,
+            "provider": self.provider,
+            "precision": self.precision,
+            "threads": self.threads,
+            "recipe_id": self.recipe_id,
+            "recipe": self.recipe,
+            "workload": workload_dict(w),
+            "files": files,
+            "meta": job_meta(self.model, space, sub, w, self.precision, graph_bytes, export),
+        }
 
 
 def parse_workloads(workloads) -> list[Workload]:
@@ -61,8 +73,16 @@ def parse_workloads(workloads) -> list[Workload]:
     return list(dict.fromkeys(out))
 
 
-def make_plan(loaded, workloads, engine: str = "onnxruntime", device: str = "cpu", precision: str = "fp32",
-              threads: int = 1, exporter: str = "torchscript", provider: str | None = None) -> Plan:
+def make_plan(
+    loaded,
+    workloads,
+    engine: str = "onnxruntime",
+    device: str = "cpu",
+    precision: str = "fp32",
+    threads: int = 1,
+    exporter: str = "torchscript",
+    provider: str | None = None,
+) -> Plan:
     from compressor.onnx_export import recipe_id
 
     eng = get_engine(engine)
@@ -72,14 +92,26 @@ def make_plan(loaded, workloads, engine: str = "onnxruntime", device: str = "cpu
     prov = eng.provider(device, provider)
     recipe = eng.recipe(precision, exporter)
     rid = recipe_id(recipe)
-    fp = make_fingerprint(host_fingerprint(device), eng.name, eng.version(device), prov, device, precision, threads,
-                          rid, None)
-    return Plan(eng, device, prov, precision, threads, recipe, rid, fingerprint_id(fp), model_identity(loaded),
-                parse_workloads(workloads))
+    fp = make_fingerprint(
+        host_fingerprint(device), eng.name, eng.version(device), prov, device, precision, threads, rid, None
+    )
+    return Plan(
+        eng,
+        device,
+        prov,
+        precision,
+        threads,
+        recipe,
+        rid,
+        fingerprint_id(fp),
+        model_identity(loaded),
+        parse_workloads(workloads),
+    )
 
 
-def choose_subnetworks(space: SearchSpace, archs=(), sampler: str = "grid-params", samples: int = 10,
-                       seed: int = 0) -> list[SubNetwork]:
+def choose_subnetworks(
+    space: SearchSpace, archs=(), sampler: str = "grid-params", samples: int = 10, seed: int = 0
+) -> list[SubNetwork]:
     """``archs`` if given; else the largest sub-network plus ``samples - 1`` from the sampler (distinct)."""
     from compressor.sampling import make_sampler
 
@@ -102,12 +134,25 @@ def choose_subnetworks(space: SearchSpace, archs=(), sampler: str = "grid-params
 def _progress(enabled: bool, total: int):
     if not enabled:
         return contextlib.nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    return Progress(TextColumn("[bold]{task.description:<40}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True))
+    return Progress(
+        TextColumn("[bold]{task.description:<40}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
 
 
 def run_worker(jobs: list[dict], protocol: Protocol, workdir: Path, on_line) -> None:
@@ -115,11 +160,21 @@ def run_worker(jobs: list[dict], protocol: Protocol, workdir: Path, on_line) -> 
     spec = workdir / "jobs.json"
     spec.write_text(json.dumps({"protocol": protocol.to_dict(), "jobs": jobs}))
     log = workdir / "worker.log"
-    env = {**os.environ, "OMP_NUM_THREADS": str(jobs[0]["threads"]), "TOKENIZERS_PARALLELISM": "false",
-           "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(jobs[0]["threads"]),
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "PYTHONWARNINGS": "ignore",
+    }
     with open(log, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "profilers.worker", str(spec)], stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "profilers.worker", str(spec)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=env,
+        )
         seen = 0
         try:
             for line in proc.stdout:
@@ -145,10 +200,21 @@ def with_fast_ref_score(protocol: Protocol, records) -> Protocol:
     return replace(protocol, fast_ref_score=max(scores + [protocol.fast_ref_score or 0.0]))
 
 
-def profile_subnetworks(loaded, subs, workloads, engine: str = "onnxruntime", device: str = "cpu",
-                        precision: str = "fp32", store: ProfileStore | str | Path | None = None, threads: int = 1,
-                        progress: bool = True, protocol: Protocol | None = None, exporter: str = "torchscript",
-                        provider: str | None = None, workdir: str | Path | None = None) -> list[dict]:
+def profile_subnetworks(
+    loaded,
+    subs,
+    workloads,
+    engine: str = "onnxruntime",
+    device: str = "cpu",
+    precision: str = "fp32",
+    store: ProfileStore | str | Path | None = None,
+    threads: int = 1,
+    progress: bool = True,
+    protocol: Protocol | None = None,
+    exporter: str = "torchscript",
+    provider: str | None = None,
+    workdir: str | Path | None = None,
+) -> list[dict]:
     """Measure every (sub-network, workload) pair; returns their records (stored ones included).
 
     With a ``store`` a rerun skips the pairs already measured; without one nothing persists.
@@ -191,21 +257,29 @@ def profile_subnetworks(loaded, subs, workloads, engine: str = "onnxruntime", de
             work = Path(tempfile.mkdtemp(prefix=f"nasprune-{sub}-", dir=base))
             try:
                 advance(f"{sub} export")
-                artifacts = plan.engine.prepare(extract(supernet, sub), work / "artifacts", plan.recipe,
-                                                graphs_for(todo), plan.provider)
-                jobs = {plan.key(sub, w): (w, plan.job(space, sub, w, artifacts.files,
-                                                       graph_bytes_for(artifacts.graph_bytes, w), artifacts.export))
-                        for w in todo}
+                artifacts = plan.engine.prepare(
+                    extract(supernet, sub), work / "artifacts", plan.recipe, graphs_for(todo), plan.provider
+                )
+                jobs = {
+                    plan.key(sub, w): (
+                        w,
+                        plan.job(
+                            space, sub, w, artifacts.files, graph_bytes_for(artifacts.graph_bytes, w), artifacts.export
+                        ),
+                    )
+                    for w in todo
+                }
                 advance(f"{sub} timing")
 
-                def on_line(line, sub=sub, jobs=jobs):
+                def on_line(line, sub=sub, jobs=jobs, protocol=protocol):
                     w, job = jobs[line["id"]]
                     if "error" in line:
                         raise NaspruneError(f"{plan.engine.name} failed on {sub} {w}: {line['error']}")
                     record = build_record(job, line["result"], protocol.to_dict())
                     if record["key"] != line["id"]:  # same machine, same code: only a bug gets here
-                        raise RuntimeError(f"worker fingerprint {line['result']['fingerprint_id']} != planned "
-                                           f"{plan.fingerprint_id}")
+                        raise RuntimeError(
+                            f"worker fingerprint {line['result']['fingerprint_id']} != planned {plan.fingerprint_id}"
+                        )
                     if store is not None:
                         store.add(record)
                     out[record["key"]] = record

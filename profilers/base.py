@@ -20,8 +20,11 @@ from pathlib import Path
 from compressor.errors import NaspruneError
 
 DEVICES = ("cpu", "cuda")
-ENGINE_MODULES = {"torch": "profilers.engine_torch", "onnxruntime": "profilers.engine_onnxruntime",
-                  "tensorrt": "profilers.engine_tensorrt"}
+ENGINE_MODULES = {
+    "torch": "profilers.engine_torch",
+    "onnxruntime": "profilers.engine_onnxruntime",
+    "tensorrt": "profilers.engine_tensorrt",
+}
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,9 @@ class Engine:
     def recipe(self, precision: str, exporter: str) -> dict:
         raise NotImplementedError
 
-    def prepare(self, model, directory: Path, recipe: dict, graphs: tuple[str, ...],
-                provider: str | None = None) -> Artifacts:
+    def prepare(
+        self, model, directory: Path, recipe: dict, graphs: tuple[str, ...], provider: str | None = None
+    ) -> Artifacts:
         raise NotImplementedError
 
     def run_job(self, job: dict, protocol) -> dict:
@@ -79,7 +83,9 @@ class Engine:
             raise NaspruneError(f"engine {self.name} is unavailable on {device}: {info.reason}")
         allowed = self.precisions.get(device, ())
         if precision not in allowed:
-            raise NaspruneError(f"engine {self.name} on {device} times precision {', '.join(allowed)}, not '{precision}'")
+            raise NaspruneError(
+                f"engine {self.name} on {device} times precision {', '.join(allowed)}, not '{precision}'"
+            )
 
 
 def get_engine(name: str) -> Engine:
@@ -96,5 +102,6 @@ def list_engines() -> list[tuple[str, str, Availability]]:
 def graphs_for(workloads) -> tuple[str, ...]:
     """Which graphs the workloads need: prefill for prefill/generate, decode for decode/generate."""
     kinds = {w.kind for w in workloads}
-    return tuple(g for g, need in (("prefill", {"prefill", "generate"}), ("decode", {"decode", "generate"}))
-                 if kinds & need)
+    return tuple(
+        g for g, need in (("prefill", {"prefill", "generate"}), ("decode", {"decode", "generate"})) if kinds & need
+    )

@@ -22,11 +22,15 @@ def register(app: typer.Typer) -> None:
     @app.command("profile")
     @handles_errors
     def profile(
-        model: Optional[str] = typer.Argument(None, help="MODEL (dir, .gguf, 'default'), or 'import' to import edge results"),
+        model: Optional[str] = typer.Argument(
+            None, help="MODEL (dir, .gguf, 'default'), or 'import' to import edge results"
+        ),
         results: Optional[Path] = typer.Argument(None, help="with 'import': the results.jsonl from run_profile.py"),
         engine: str = typer.Option("onnxruntime", "--engine", help="torch | onnxruntime | tensorrt"),
         device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
-        workload: List[str] = typer.Option(["prefill:1x128"], "--workload", help="prefill:BxS, decode:BxC, generate:BxP+N (repeatable)"),
+        workload: List[str] = typer.Option(
+            ["prefill:1x128"], "--workload", help="prefill:BxS, decode:BxC, generate:BxP+N (repeatable)"
+        ),
         arch: List[str] = typer.Option([], "--arch", help="sub-network JSON or file (repeatable); default: sampled"),
         sampler: str = typer.Option("grid-params", "--sampler", help="grid-params | random (largest always included)"),
         samples: int = typer.Option(10, "--samples", help="number of sub-networks to sample"),
@@ -41,16 +45,26 @@ def register(app: typer.Typer) -> None:
         warmup_seconds: float = typer.Option(0.5, "--warmup-seconds"),
         min_iters: int = typer.Option(10, "--min-iters"),
         min_seconds: float = typer.Option(2.0, "--min-seconds"),
-        max_remeasure: int = typer.Option(2, "--max-remeasure", help="re-measurements when the machine looks disturbed"),
-        workdir: Optional[Path] = typer.Option(None, "--workdir", help="where graphs are written while timed (default: temp dir)"),
-        export_only: Optional[Path] = typer.Option(None, "--export-only", help="write graphs + run_profile.py for an edge device"),
-        list_engines: bool = typer.Option(False, "--list-engines", help="show which engines are available here and why not"),
+        max_remeasure: int = typer.Option(
+            2, "--max-remeasure", help="re-measurements when the machine looks disturbed"
+        ),
+        workdir: Optional[Path] = typer.Option(
+            None, "--workdir", help="where graphs are written while timed (default: temp dir)"
+        ),
+        export_only: Optional[Path] = typer.Option(
+            None, "--export-only", help="write graphs + run_profile.py for an edge device"
+        ),
+        list_engines: bool = typer.Option(
+            False, "--list-engines", help="show which engines are available here and why not"
+        ),
     ):
         """Real latency of sub-networks on torch / ONNX Runtime / TensorRT into a resumable profile store."""
         if list_engines:
             return _list_engines(console)
         if model is None:
-            raise NaspruneError("missing MODEL; e.g. nasprune profile default --workload prefill:1x128 --store profiles.sqlite")
+            raise NaspruneError(
+                "missing MODEL; e.g. nasprune profile default --workload prefill:1x128 --store profiles.sqlite"
+            )
         if model == "import":
             return _import(console, results, store)
         if results is not None:
@@ -62,11 +76,19 @@ def register(app: typer.Typer) -> None:
         workloads = parse_workloads(workload)  # bad strings fail before the model loads
         if threads < 1:
             raise NaspruneError(f"--threads must be >= 1, not {threads}")
-        protocol = Protocol(warmup_iters=warmup_iters, warmup_seconds=warmup_seconds, min_iters=min_iters,
-                            min_seconds=min_seconds, max_remeasure=max_remeasure, pin_cpus=[int(c) for c in pin.split(",")] if pin else None)
+        protocol = Protocol(
+            warmup_iters=warmup_iters,
+            warmup_seconds=warmup_seconds,
+            min_iters=min_iters,
+            min_seconds=min_seconds,
+            max_remeasure=max_remeasure,
+            pin_cpus=[int(c) for c in pin.split(",")] if pin else None,
+        )
         if export_only is not None and (engine, device) != ("onnxruntime", "cpu"):
-            raise NaspruneError("--export-only writes ONNX graphs for run_profile.py (ONNX Runtime; choose its provider "
-                                "there with --provider); drop --engine/--device")
+            raise NaspruneError(
+                "--export-only writes ONNX graphs for run_profile.py (ONNX Runtime; choose its provider "
+                "there with --provider); drop --engine/--device"
+            )
         if export_only is None:
             from profilers.base import get_engine
 
@@ -81,13 +103,25 @@ def register(app: typer.Typer) -> None:
         from profilers.store import ProfileStore
 
         before = len(ProfileStore(store))
-        records = profile_subnetworks(loaded, subs, workloads, engine=engine, device=device, precision=precision,
-                                      store=store, threads=threads, protocol=protocol, exporter=exporter,
-                                      provider=provider, workdir=workdir)
+        records = profile_subnetworks(
+            loaded,
+            subs,
+            workloads,
+            engine=engine,
+            device=device,
+            precision=precision,
+            store=store,
+            threads=threads,
+            protocol=protocol,
+            exporter=exporter,
+            provider=provider,
+            workdir=workdir,
+        )
         _table(console, records)
         after = len(ProfileStore(store))
-        console.print(f"{after - before} new record(s), {len(records) - (after - before)} already stored; "
-                      f"{after} in {store}")
+        console.print(
+            f"{after - before} new record(s), {len(records) - (after - before)} already stored; {after} in {store}"
+        )
 
 
 def _list_engines(console) -> None:
@@ -106,15 +140,26 @@ def _list_engines(console) -> None:
 def _table(console, records: list[dict]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{records[0]['engine']} {records[0]['device']} {records[0]['precision']}, "
-                        f"{records[0]['threads']} thread(s)" if records else "no records")
+    table = Table(
+        title=f"{records[0]['engine']} {records[0]['device']} {records[0]['precision']}, "
+        f"{records[0]['threads']} thread(s)"
+        if records
+        else "no records"
+    )
     for col in ("sub-network", "params", "workload", "median ms", "p90 ms", "cv", "n", "tokens/s"):
         table.add_column(col, justify="right")
     for r in records:
         a, s = r["arch"], r["stats_ms"]
-        table.add_row(f"e{a['embed_dim']}-h{a['num_heads']}-f{a['ffn_dim']}-l{a['num_layers']}", f"{r['params']:,}",
-                      r["workload"], f"{s['median']:.2f}", f"{s['p90']:.2f}", f"{s['cv']:.1%}", str(s["count"]),
-                      f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else "-")
+        table.add_row(
+            f"e{a['embed_dim']}-h{a['num_heads']}-f{a['ffn_dim']}-l{a['num_layers']}",
+            f"{r['params']:,}",
+            r["workload"],
+            f"{s['median']:.2f}",
+            f"{s['p90']:.2f}",
+            f"{s['cv']:.1%}",
+            str(s["count"]),
+            f"{r['tokens_per_s']:.1f}" if r["tokens_per_s"] else "-",
+        )
     console.print(table)
 
 
@@ -131,8 +176,17 @@ def _export_only(console, loaded, subs, workloads, out: Path, precision, threads
     from profilers.edge import RUNNER, export_for_device
 
     with console.status("exporting graphs ...") as status:
-        manifest = export_for_device(loaded, subs, workloads, out, precision, threads, exporter, protocol,
-                                     progress=lambda sub: status.update(f"exported {sub}"))
+        manifest = export_for_device(
+            loaded,
+            subs,
+            workloads,
+            out,
+            precision,
+            threads,
+            exporter,
+            protocol,
+            progress=lambda sub: status.update(f"exported {sub}"),
+        )
     console.print(f"wrote {len(subs)} sub-network(s), {len(manifest['jobs'])} job(s) to {out}")
     console.print(f"on the device: python {out.name}/{RUNNER} {out.name}   (needs numpy + onnxruntime)")
     console.print(f"then here:     nasprune profile import {out.name}/results.jsonl --store PATH")

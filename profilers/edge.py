@@ -27,11 +27,19 @@ from profilers.store import ProfileStore
 RUNNER = "run_profile.py"
 
 
-def export_for_device(loaded, subs, workloads, out_dir, precision: str = "fp32", threads: int = 1,
-                      exporter: str = "torchscript", protocol: Protocol | None = None, progress=None) -> dict:
+def export_for_device(
+    loaded,
+    subs,
+    workloads,
+    out_dir,
+    precision: str = "fp32",
+    threads: int = 1,
+    exporter: str = "torchscript",
+    protocol: Protocol | None = None,
+    progress=None,
+) -> dict:
     """Write graphs, jobs.json and the runner into ``out_dir``; returns the manifest."""
     from compressor.extract import extract
-
     from compressor.outputs import claim_output, mark_output
 
     out = Path(out_dir)
@@ -45,8 +53,9 @@ def export_for_device(loaded, subs, workloads, out_dir, precision: str = "fp32",
     for sub in subs:
         space.validate(sub)
         directory = out / "graphs" / str(sub)
-        artifacts = plan.engine.prepare(extract(supernet, sub), directory, plan.recipe, graphs_for(plan.workloads),
-                                        plan.provider)
+        artifacts = plan.engine.prepare(
+            extract(supernet, sub), directory, plan.recipe, graphs_for(plan.workloads), plan.provider
+        )
         files = {k: str(Path(v).relative_to(out)) for k, v in artifacts.files.items()}
         for w in plan.workloads:
             job = plan.job(space, sub, w, files, graph_bytes_for(artifacts.graph_bytes, w), artifacts.export)
@@ -54,8 +63,13 @@ def export_for_device(loaded, subs, workloads, out_dir, precision: str = "fp32",
             jobs.append(job)
         if progress:
             progress(sub)
-    manifest = {"schema": standalone.SCHEMA, "created_at": now(), "model": plan.model,
-                "protocol": (protocol or Protocol()).to_dict(), "jobs": jobs}
+    manifest = {
+        "schema": standalone.SCHEMA,
+        "created_at": now(),
+        "model": plan.model,
+        "protocol": (protocol or Protocol()).to_dict(),
+        "jobs": jobs,
+    }
     (out / "jobs.json").write_text(json.dumps(manifest, indent=1))
     shutil.copyfile(standalone.__file__, out / RUNNER)
     return manifest
@@ -83,8 +97,10 @@ def import_results(results, store: ProfileStore | str | Path) -> tuple[int, int]
             result["fingerprint_id"] = standalone.fingerprint_id(result["fingerprint"])
             record = build_record(line["job"], result, line["protocol"], line["created_at"])
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise NaspruneError(f"{path}:{n} is not a {RUNNER} result line ({type(e).__name__}: {e}); "
-                                "pass the results.jsonl the runner wrote") from None
+            raise NaspruneError(
+                f"{path}:{n} is not a {RUNNER} result line ({type(e).__name__}: {e}); "
+                "pass the results.jsonl the runner wrote"
+            ) from None
         validate_record(record)
         records.append(record)
     if not isinstance(store, ProfileStore):

@@ -32,10 +32,17 @@ class OnnxRuntimeEngine(Engine):
             return Availability(False, why)
         needed = ORT_PROVIDERS[device]
         if needed not in providers:
-            return Availability(False, f"onnxruntime {version} has no {needed} (it has {', '.join(providers)}); "
-                                       + ("install onnxruntime-gpu instead of onnxruntime" if device == "cuda" else INSTALL),
-                                version)
-        extra = " (TensorRT EP too: --provider tensorrt)" if device == "cuda" and ORT_PROVIDERS["tensorrt"] in providers else ""
+            return Availability(
+                False,
+                f"onnxruntime {version} has no {needed} (it has {', '.join(providers)}); "
+                + ("install onnxruntime-gpu instead of onnxruntime" if device == "cuda" else INSTALL),
+                version,
+            )
+        extra = (
+            " (TensorRT EP too: --provider tensorrt)"
+            if device == "cuda" and ORT_PROVIDERS["tensorrt"] in providers
+            else ""
+        )
         return Availability(True, f"{needed}{extra}", version)
 
     def provider(self, device: str, requested: str | None = None) -> str:
@@ -48,8 +55,10 @@ class OnnxRuntimeEngine(Engine):
         if providers is None:
             raise NaspruneError(why)
         if name not in providers:
-            raise NaspruneError(f"onnxruntime {version} has no {name} (it has {', '.join(providers)}); "
-                                "choose --provider cpu, cuda or tensorrt from those")
+            raise NaspruneError(
+                f"onnxruntime {version} has no {name} (it has {', '.join(providers)}); "
+                "choose --provider cpu, cuda or tensorrt from those"
+            )
         return name
 
     def recipe(self, precision: str, exporter: str) -> dict:
@@ -57,15 +66,20 @@ class OnnxRuntimeEngine(Engine):
 
         return ExportRecipe(exporter=exporter, precision=precision).to_dict()
 
-    def prepare(self, model, directory: Path, recipe: dict, graphs: tuple[str, ...],
-                provider: str | None = None) -> Artifacts:
+    def prepare(
+        self, model, directory: Path, recipe: dict, graphs: tuple[str, ...], provider: str | None = None
+    ) -> Artifacts:
         from compressor.onnx_export import ExportRecipe, export_graphs
 
         # fp32 parity runs on CPU (a check of the graph itself); fp16 on the provider that will time it
         check_on = ort_provider_list(provider, recipe["precision"]) if recipe["precision"] == "fp16" else None
         exported = export_graphs(model, directory, ExportRecipe.from_dict(recipe), graphs=graphs, providers=check_on)
-        return Artifacts(directory, {k: str(v) for k, v in exported.paths.items()}, exported.graph_bytes,
-                         {"seconds": exported.export_seconds, "parity_max_abs_diff": exported.parity})
+        return Artifacts(
+            directory,
+            {k: str(v) for k, v in exported.paths.items()},
+            exported.graph_bytes,
+            {"seconds": exported.export_seconds, "parity_max_abs_diff": exported.parity},
+        )
 
     def run_job(self, job: dict, protocol: Protocol) -> dict:
         return run_ort_job(job, protocol)

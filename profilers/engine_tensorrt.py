@@ -38,24 +38,40 @@ class TensorRTEngine(Engine):
         except ImportError:
             return Availability(False, "torch is needed for TensorRT device buffers", trt.__version__)
         if not torch.cuda.is_available():
-            return Availability(False, f"torch {torch.__version__} sees no CUDA GPU (TensorRT buffers are torch CUDA "
-                                       "tensors); install a CUDA torch", trt.__version__)
+            return Availability(
+                False,
+                f"torch {torch.__version__} sees no CUDA GPU (TensorRT buffers are torch CUDA "
+                "tensors); install a CUDA torch",
+                trt.__version__,
+            )
         return Availability(True, f"TensorRT on {torch.cuda.get_device_name()}", trt.__version__)
 
     def recipe(self, precision: str, exporter: str) -> dict:
         from compressor.onnx_export import ExportRecipe
 
         onnx = ExportRecipe(exporter=exporter, precision="fp32").to_dict()
-        return {**onnx, "tensorrt": {"parser": "OnnxParser", "fp16": precision == "fp16",
-                                     "profile": "min=opt=max=measured shape", "workspace_bytes": WORKSPACE_BYTES}}
+        return {
+            **onnx,
+            "tensorrt": {
+                "parser": "OnnxParser",
+                "fp16": precision == "fp16",
+                "profile": "min=opt=max=measured shape",
+                "workspace_bytes": WORKSPACE_BYTES,
+            },
+        }
 
-    def prepare(self, model, directory: Path, recipe: dict, graphs: tuple[str, ...],
-                provider: str | None = None) -> Artifacts:
+    def prepare(
+        self, model, directory: Path, recipe: dict, graphs: tuple[str, ...], provider: str | None = None
+    ) -> Artifacts:
         from compressor.onnx_export import ExportRecipe, export_graphs
 
         exported = export_graphs(model, directory, ExportRecipe.from_dict(recipe), graphs=graphs)
-        return Artifacts(directory, {k: str(v) for k, v in exported.paths.items()}, exported.graph_bytes,
-                         {"seconds": exported.export_seconds, "parity_max_abs_diff": exported.parity})
+        return Artifacts(
+            directory,
+            {k: str(v) for k, v in exported.paths.items()},
+            exported.graph_bytes,
+            {"seconds": exported.export_seconds, "parity_max_abs_diff": exported.parity},
+        )
 
     def run_job(self, job: dict, protocol: Protocol) -> dict:
         import tensorrt as trt
@@ -71,9 +87,17 @@ class TensorRTEngine(Engine):
         torch.cuda.reset_peak_memory_stats()
         result = timed(prepare, protocol)
         result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated()) + holder["runner"].engine_device_bytes
-        result["fingerprint"] = make_fingerprint(host_fingerprint("cuda"), "tensorrt", trt.__version__, None, "cuda",
-                                                 job["precision"], job["threads"], job["recipe_id"],
-                                                 result["env"]["ref_score_before"])
+        result["fingerprint"] = make_fingerprint(
+            host_fingerprint("cuda"),
+            "tensorrt",
+            trt.__version__,
+            None,
+            "cuda",
+            job["precision"],
+            job["threads"],
+            job["recipe_id"],
+            result["env"]["ref_score_before"],
+        )
         result["fingerprint_id"] = fingerprint_id(result["fingerprint"])
         return result
 
@@ -132,7 +156,9 @@ class TrtRunner:
             self.decode = self._engine(files["decode"], fp16, self._decode_shapes(files["decode"], b, lo, hi))
         self.step = {"prefill": self._prefill_step, "decode": self._decode_step, "generate": self._generate_step}[kind]
         self.b, self.s, self.n = b, s, n
-        self._prefill_io = self._io(self.prefill, {"input_ids": (b, s), "attention_mask": (b, s)}) if kind != "decode" else None
+        self._prefill_io = (
+            self._io(self.prefill, {"input_ids": (b, s), "attention_mask": (b, s)}) if kind != "decode" else None
+        )
         if kind == "decode":
             self._decode_io = self._io(self.decode, self._decode_inputs(b, s), random_past=True)
         if kind == "generate":
@@ -184,7 +210,11 @@ class TrtRunner:
                 if name == "input_ids":
                     t.random_(3, int(engine.get_tensor_shape("logits")[-1]))
             else:
-                t = (torch.randn(shape, device="cuda") * 0.5).to(dtype) if random_past else torch.empty(shape, dtype=dtype, device="cuda")
+                t = (
+                    (torch.randn(shape, device="cuda") * 0.5).to(dtype)
+                    if random_past
+                    else torch.empty(shape, dtype=dtype, device="cuda")
+                )
             context.set_input_shape(name, tuple(shape))
             tensors[name] = t
         for i in range(engine.num_io_tensors):
@@ -238,8 +268,13 @@ def _torch_dtype(trt_dtype):
     import tensorrt as trt
     import torch
 
-    return {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64,
-            trt.int32: torch.int32, trt.bool: torch.bool}[trt_dtype]
+    return {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.int64: torch.int64,
+        trt.int32: torch.int32,
+        trt.bool: torch.bool,
+    }[trt_dtype]
 
 
 ENGINE = TensorRTEngine()

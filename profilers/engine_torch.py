@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from profilers.base import Artifacts, Availability, Engine
-from profilers.standalone import Protocol, host_fingerprint, make_fingerprint, fingerprint_id, timed
+from profilers.standalone import Protocol, fingerprint_id, host_fingerprint, make_fingerprint, timed
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 RECIPE_FORMAT = "nasprune-torch/1"
@@ -32,18 +32,29 @@ class TorchEngine(Engine):
         if device == "cuda" and not torch.cuda.is_available():
             why = "a CPU-only build" if torch.version.cuda is None else "built for CUDA but sees no GPU"
             return Availability(False, f"torch {version} is {why}; install a CUDA torch on a GPU machine", version)
-        return Availability(True, "eager" + (f" on {torch.cuda.get_device_name()}" if device == "cuda" else ""), version)
+        return Availability(
+            True, "eager" + (f" on {torch.cuda.get_device_name()}" if device == "cuda" else ""), version
+        )
 
     def recipe(self, precision: str, exporter: str) -> dict:
         import torch
         import transformers
 
-        return {"format": RECIPE_FORMAT, "runtime": "eager", "precision": precision, "attn_implementation": "sdpa",
-                "graphs": {"prefill": "compressor.onnx_export.PrefillGraph", "decode": "compressor.onnx_export.DecodeGraph"},
-                "versions": {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}}
+        return {
+            "format": RECIPE_FORMAT,
+            "runtime": "eager",
+            "precision": precision,
+            "attn_implementation": "sdpa",
+            "graphs": {
+                "prefill": "compressor.onnx_export.PrefillGraph",
+                "decode": "compressor.onnx_export.DecodeGraph",
+            },
+            "versions": {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__},
+        }
 
-    def prepare(self, model, directory: Path, recipe: dict, graphs: tuple[str, ...],
-                provider: str | None = None) -> Artifacts:
+    def prepare(
+        self, model, directory: Path, recipe: dict, graphs: tuple[str, ...], provider: str | None = None
+    ) -> Artifacts:
         """Save the extracted model (safetensors) for the worker process to load."""
         path = Path(directory) / "model"
         model.save_pretrained(path, safe_serialization=True)
@@ -55,11 +66,17 @@ class TorchEngine(Engine):
 
         w, device = job["workload"], job["device"]
         torch.set_num_threads(job["threads"])
+
         def prepare():
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(job["files"]["model"], dtype=getattr(torch, DTYPES[job["precision"]]),
-                                                         attn_implementation="sdpa").eval().to(device)
+            model = (
+                AutoModelForCausalLM.from_pretrained(
+                    job["files"]["model"], dtype=getattr(torch, DTYPES[job["precision"]]), attn_implementation="sdpa"
+                )
+                .eval()
+                .to(device)
+            )
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             return _step(model, device, w["kind"], w["batch"], w["seq"], w.get("new_tokens", 0))
@@ -67,9 +84,17 @@ class TorchEngine(Engine):
         result = timed(prepare, protocol)
         if device == "cuda":
             result["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated())
-        result["fingerprint"] = make_fingerprint(host_fingerprint(device), "torch", torch.__version__, None, device,
-                                                 job["precision"], job["threads"], job["recipe_id"],
-                                                 result["env"]["ref_score_before"])
+        result["fingerprint"] = make_fingerprint(
+            host_fingerprint(device),
+            "torch",
+            torch.__version__,
+            None,
+            device,
+            job["precision"],
+            job["threads"],
+            job["recipe_id"],
+            result["env"]["ref_score_before"],
+        )
         result["fingerprint_id"] = fingerprint_id(result["fingerprint"])
         return result
 
@@ -87,8 +112,10 @@ def _step(model, device: str, kind: str, batch: int, seq: int, new_tokens: int):
         args = (ids, torch.ones(batch, seq, dtype=torch.int64, device=device))
         run = lambda: prefill(*args)  # noqa: E731
     elif kind == "decode":
-        past = [torch.randn(kv_shape(model, batch, seq), generator=g).to(device, dtype) * 0.5
-                for _ in range(2 * num_layers(model))]
+        past = [
+            torch.randn(kv_shape(model, batch, seq), generator=g).to(device, dtype) * 0.5
+            for _ in range(2 * num_layers(model))
+        ]
         args = (ids[:, :1], torch.ones(batch, seq + 1, dtype=torch.int64, device=device), *past)
         run = lambda: decode(*args)  # noqa: E731
     else:

@@ -7,8 +7,6 @@ A record's ``key`` hashes the model weights, the sub-network, the workload and t
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from compressor.errors import NaspruneError
@@ -29,8 +27,11 @@ def model_identity(loaded) -> dict:
     source = loaded.meta.provenance.get("source") or str(loaded.source)
     if loaded.path is not None and any(loaded.path.glob("*.safetensors")):
         return {"source": source, "sha256": weights_hash(loaded.path)}
-    h = sha256_parts(part for name, tensor in sorted(loaded.model.state_dict().items())
-                     for part in (name, tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()))
+    h = sha256_parts(
+        part
+        for name, tensor in sorted(loaded.model.state_dict().items())
+        for part in (name, tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    )
     return {"source": source, "sha256": h.hexdigest()}
 
 
@@ -49,23 +50,36 @@ def graph_bytes_for(graph_bytes: dict[str, int], w: Workload) -> int:
 def costs(space: SearchSpace, sub: SubNetwork, workload: Workload, precision: str) -> dict:
     """Analytic facts about the measured pair, computed where the search space is known."""
     kv_precision = precision if precision in ("fp16", "bf16") else "fp32"
-    return {"params": space.num_params(sub), "num_kv_heads": space.num_kv_heads(sub),
-            "flops": space.flops(sub, workload), "kv_cache_bytes": space.kv_cache_bytes(sub, workload, kv_precision)}
+    return {
+        "params": space.num_params(sub),
+        "num_kv_heads": space.num_kv_heads(sub),
+        "flops": space.flops(sub, workload),
+        "kv_cache_bytes": space.kv_cache_bytes(sub, workload, kv_precision),
+    }
 
 
-def job_meta(model: dict, space: SearchSpace, sub: SubNetwork, workload: Workload, precision: str,
-             graph_bytes: int, export: dict) -> dict:
+def job_meta(
+    model: dict, space: SearchSpace, sub: SubNetwork, workload: Workload, precision: str, graph_bytes: int, export: dict
+) -> dict:
     """What a record needs besides the measurement; travels inside the job (to edge devices too)."""
-    return {"model": model, "arch": sub.to_dict(), "costs": costs(space, sub, workload, precision),
-            "graph_bytes": graph_bytes, "export": export}
+    return {
+        "model": model,
+        "arch": sub.to_dict(),
+        "costs": costs(space, sub, workload, precision),
+        "graph_bytes": graph_bytes,
+        "export": export,
+    }
 
 
 def build_record(job: dict, result: dict, protocol: dict, created_at: str | None = None) -> dict:
     """The documented record (``docs/profiling.md``) from a job and the worker's result for it."""
     meta, w = job["meta"], job["workload"]
     stats = result["stats_ms"]
-    tokens_per_s = (w["batch"] * w["new_tokens"] / (stats["median"] / 1e3)
-                    if w["kind"] == "generate" and stats["median"] > 0 else None)
+    tokens_per_s = (
+        w["batch"] * w["new_tokens"] / (stats["median"] / 1e3)
+        if w["kind"] == "generate" and stats["median"] > 0
+        else None
+    )
     return {
         "schema": SCHEMA,
         "key": record_key(meta["model"]["sha256"], meta["arch"], w["text"], result["fingerprint_id"]),
@@ -97,9 +111,29 @@ def build_record(job: dict, result: dict, protocol: dict, created_at: str | None
 
 
 # ---- the one profile-record schema and its validator (store, edge import and predictors use it) ----
-REQUIRED = ("schema", "key", "model", "arch", "params", "workload", "engine", "device", "provider", "precision",
-            "recipe_id", "export_recipe", "fingerprint_id", "fingerprint", "stats_ms", "tokens_per_s",
-            "peak_memory_bytes", "graph_bytes", "kv_cache_bytes", "env", "created_at")
+REQUIRED = (
+    "schema",
+    "key",
+    "model",
+    "arch",
+    "params",
+    "workload",
+    "engine",
+    "device",
+    "provider",
+    "precision",
+    "recipe_id",
+    "export_recipe",
+    "fingerprint_id",
+    "fingerprint",
+    "stats_ms",
+    "tokens_per_s",
+    "peak_memory_bytes",
+    "graph_bytes",
+    "kv_cache_bytes",
+    "env",
+    "created_at",
+)
 STATS = ("min", "median", "mean", "p90", "p99", "std", "cv", "count")
 
 

@@ -71,7 +71,7 @@ class Protocol:
     pin_cpus: list[int] | None = None
 
     @staticmethod
-    def from_dict(d: dict | None) -> "Protocol":
+    def from_dict(d: dict | None) -> Protocol:
         """The protocol ``d`` describes; an unknown setting (a typo) is a ValueError, never ignored."""
         d = dict(d or {})
         unknown = sorted(set(d) - set(Protocol.__dataclass_fields__))
@@ -88,9 +88,16 @@ def summarize(samples_ms: list[float]) -> dict:
     a = np.asarray(samples_ms, dtype=np.float64)
     mean = float(a.mean())
     std = float(a.std(ddof=1)) if a.size > 1 else 0.0
-    return {"min": float(a.min()), "median": float(np.median(a)), "mean": mean,
-            "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99)), "std": std,
-            "cv": std / mean if mean > 0 else 0.0, "count": int(a.size)}
+    return {
+        "min": float(a.min()),
+        "median": float(np.median(a)),
+        "mean": mean,
+        "p90": float(np.percentile(a, 90)),
+        "p99": float(np.percentile(a, 99)),
+        "std": std,
+        "cv": std / mean if mean > 0 else 0.0,
+        "count": int(a.size),
+    }
 
 
 def measure(step: Callable[[], float], protocol: Protocol) -> list[float]:
@@ -105,7 +112,9 @@ def measure(step: Callable[[], float], protocol: Protocol) -> list[float]:
         samples.append(step())
         elapsed = time.perf_counter() - start
         enough = len(samples) >= protocol.min_iters and elapsed >= protocol.min_seconds
-        capped = len(samples) >= protocol.min_iters and (len(samples) >= protocol.max_iters or elapsed >= protocol.max_seconds)
+        capped = len(samples) >= protocol.min_iters and (
+            len(samples) >= protocol.max_iters or elapsed >= protocol.max_seconds
+        )
         if enough or capped:
             return samples
 
@@ -114,7 +123,7 @@ def reference_score(seconds: float = 0.2) -> float:
     """Single-thread GFLOP/s of a 256x256 fp32 matmul: a fingerprint of core speed and contention."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((256, 256), dtype=np.float32), rng.standard_normal((256, 256), dtype=np.float32)
-    flops, rates = 2 * 256 ** 3 * 8, []
+    flops, rates = 2 * 256**3 * 8, []
     with _single_thread_blas():
         end = time.perf_counter() + seconds
         while time.perf_counter() < end or len(rates) < 3:
@@ -230,19 +239,39 @@ def timed(prepare: Callable[[], Callable[[], float]], protocol: Protocol) -> dic
             load_after, ref_after, bw_after = load_average(), reference_score(probe), reference_bandwidth(probe)
             stats = summarize(samples)
             load_rise = (load_after - load_before) if load_before is not None and load_after is not None else 0.0
-            drifted = (abs(ref_after / ref_before - 1.0) > protocol.max_ref_drift
-                       or abs(bw_after / bw_before - 1.0) > protocol.max_ref_drift
-                       or load_rise > protocol.max_load_rise or stats["cv"] > protocol.max_cv
-                       or slow_phase(min(ref_before, ref_after), protocol))
-            attempts.append({"samples_ms": samples, "stats_ms": stats, "env": {
-                "load_before": load_before, "load_after": load_after, "ref_score_before": ref_before,
-                "ref_score_after": ref_after, "ref_bandwidth_before": bw_before, "ref_bandwidth_after": bw_after,
-                "drifted": drifted}})
+            drifted = (
+                abs(ref_after / ref_before - 1.0) > protocol.max_ref_drift
+                or abs(bw_after / bw_before - 1.0) > protocol.max_ref_drift
+                or load_rise > protocol.max_load_rise
+                or stats["cv"] > protocol.max_cv
+                or slow_phase(min(ref_before, ref_after), protocol)
+            )
+            attempts.append(
+                {
+                    "samples_ms": samples,
+                    "stats_ms": stats,
+                    "env": {
+                        "load_before": load_before,
+                        "load_after": load_after,
+                        "ref_score_before": ref_before,
+                        "ref_score_after": ref_after,
+                        "ref_bandwidth_before": bw_before,
+                        "ref_bandwidth_after": bw_after,
+                        "drifted": drifted,
+                    },
+                }
+            )
             if not drifted:
                 break
     best = min(attempts, key=lambda a: a["stats_ms"]["median"])
-    best["env"].update({"remeasured": len(attempts) - 1, "attempt_medians_ms": [a["stats_ms"]["median"] for a in attempts],
-                        "lock_wait_s": waited, "pinned_cpus": protocol.pin_cpus})
+    best["env"].update(
+        {
+            "remeasured": len(attempts) - 1,
+            "attempt_medians_ms": [a["stats_ms"]["median"] for a in attempts],
+            "lock_wait_s": waited,
+            "pinned_cpus": protocol.pin_cpus,
+        }
+    )
     return {**best, "peak_memory_bytes": peak_rss_bytes()}
 
 
@@ -273,8 +302,16 @@ def _gpu() -> dict:
     if not shutil.which("nvidia-smi"):
         return {"name": None, "driver": None, "cuda": None}
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+        out = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            .stdout.strip()
+            .splitlines()
+        )
         header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.SubprocessError):
         return {"name": None, "driver": None, "cuda": None}
@@ -285,16 +322,39 @@ def _gpu() -> dict:
 
 def host_fingerprint(device: str) -> dict:
     model, flags, physical = _cpuinfo()
-    return {"cpu_model": model, "cpu_flags": flags, "machine": platform.machine(), "system": platform.system(),
-            "logical_cores": os.cpu_count(), "physical_cores": physical,
-            "gpu": _gpu() if device == "cuda" else {"name": None, "driver": None, "cuda": None}}
+    return {
+        "cpu_model": model,
+        "cpu_flags": flags,
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": physical,
+        "gpu": _gpu() if device == "cuda" else {"name": None, "driver": None, "cuda": None},
+    }
 
 
-def make_fingerprint(host: dict, engine: str, engine_version: str, provider: str | None, device: str,
-                     precision: str, threads: int, recipe_id: str, ref_score: float | None) -> dict:
-    return {"host": host, "engine": engine, "engine_version": engine_version, "provider": provider,
-            "device": device, "precision": precision, "threads": threads, "recipe_id": recipe_id,
-            "ref_score": ref_score}
+def make_fingerprint(
+    host: dict,
+    engine: str,
+    engine_version: str,
+    provider: str | None,
+    device: str,
+    precision: str,
+    threads: int,
+    recipe_id: str,
+    ref_score: float | None,
+) -> dict:
+    return {
+        "host": host,
+        "engine": engine,
+        "engine_version": engine_version,
+        "provider": provider,
+        "device": device,
+        "precision": precision,
+        "threads": threads,
+        "recipe_id": recipe_id,
+        "ref_score": ref_score,
+    }
 
 
 # Measured, not identity: re-runs on the same machine share an id whatever their score was.
@@ -307,7 +367,11 @@ def fingerprint_id(fingerprint: dict) -> str:
 
 
 # ---- ONNX Runtime runner --------------------------------------------------------------------
-ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+ORT_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
 
 
 def ort_provider_list(provider: str, precision: str) -> list:
@@ -341,8 +405,9 @@ class OrtRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
         providers = ort_provider_list(provider, precision)
-        self.sessions = {name: ort.InferenceSession(str(path), opts, providers=providers)
-                         for name, path in graphs.items()}
+        self.sessions = {
+            name: ort.InferenceSession(str(path), opts, providers=providers) for name, path in graphs.items()
+        }
         for s in self.sessions.values():
             if s.get_providers()[0] != provider:
                 raise RuntimeError(f"{provider} could not take the graph (session runs on {s.get_providers()})")
@@ -389,8 +454,11 @@ class OrtRunner:
             inputs = {"input_ids": self._tokens(batch, seq), "attention_mask": self._mask(batch, seq)}
             return self._clocked(lambda: self._run("prefill", inputs))
         if kind == "decode":
-            inputs = {"input_ids": self._tokens(batch, 1), "attention_mask": self._mask(batch, seq + 1),
-                      **self._past(batch, seq)}
+            inputs = {
+                "input_ids": self._tokens(batch, 1),
+                "attention_mask": self._mask(batch, seq + 1),
+                **self._past(batch, seq),
+            }
             return self._clocked(lambda: self._run("decode", inputs))
         if kind == "generate":
             prompt = {"input_ids": self._tokens(batch, seq), "attention_mask": self._mask(batch, seq)}
@@ -401,7 +469,11 @@ class OrtRunner:
                 out = self._run("prefill", prompt)
                 for i in range(new_tokens):
                     token = out[0].numpy().argmax(-1).astype(np.int64).reshape(batch, 1)
-                    feed = {"input_ids": self._value(token), "attention_mask": masks[i], **dict(zip(past_names, out[1:]))}
+                    feed = {
+                        "input_ids": self._value(token),
+                        "attention_mask": masks[i],
+                        **dict(zip(past_names, out[1:])),
+                    }
                     out = self._run("decode", feed)
                 return out
 
@@ -429,15 +501,24 @@ def run_ort_job(job: dict, protocol: Protocol, base: Path | None = None) -> dict
     base = Path(base or ".")
     w = job["workload"]
     graphs = {name: str(base / path) for name, path in job["files"].items() if name in ("prefill", "decode")}
+
     def prepare():
         runner = OrtRunner(graphs, job["provider"], job["precision"], job["threads"], job.get("device_id", 0))
         return runner.step_for(w["kind"], w["batch"], w["seq"], w.get("new_tokens", 0))
 
     result = timed(prepare, protocol)
     host = host_fingerprint(job["device"])
-    result["fingerprint"] = make_fingerprint(host, "onnxruntime", ort_version(), job["provider"], job["device"],
-                                             job["precision"], job["threads"], job["recipe_id"],
-                                             result["env"]["ref_score_before"])
+    result["fingerprint"] = make_fingerprint(
+        host,
+        "onnxruntime",
+        ort_version(),
+        job["provider"],
+        job["device"],
+        job["precision"],
+        job["threads"],
+        job["recipe_id"],
+        result["env"]["ref_score_before"],
+    )
     result["fingerprint_id"] = fingerprint_id(result["fingerprint"])
     return result
 
@@ -472,18 +553,31 @@ def edge_main(argv: list[str] | None = None) -> int:
     print(f"{len(jobs)} to time, {len(done)} already in {out}", flush=True)
     for n, job in enumerate(jobs, 1):
         provider = ORT_PROVIDERS.get(args.provider, args.provider) if args.provider else job["provider"]
-        job = {**job, "threads": args.threads or job["threads"], "provider": provider,
-               "device": "cpu" if provider == ORT_PROVIDERS["cpu"] else "cuda"}
+        job = {
+            **job,
+            "threads": args.threads or job["threads"],
+            "provider": provider,
+            "device": "cpu" if provider == ORT_PROVIDERS["cpu"] else "cuda",
+        }
         result = run_ort_job(job, protocol, args.export_dir)
         result.pop("samples_ms")
-        line = {"schema": SCHEMA, "job": job, "result": result, "protocol": protocol.to_dict(), "created_at": _utc_now()}
+        line = {
+            "schema": SCHEMA,
+            "job": job,
+            "result": result,
+            "protocol": protocol.to_dict(),
+            "created_at": _utc_now(),
+        }
         with open(out, "a") as f:  # one line per job, flushed: a killed run loses at most the job in flight
             f.write(json.dumps(line) + "\n")
             f.flush()
             os.fsync(f.fileno())
         s = result["stats_ms"]
-        print(f"[{n}/{len(jobs)}] {job['label']} {job['workload']['text']}: median {s['median']:.2f} ms "
-              f"(cv {s['cv']:.1%}, n={s['count']})", flush=True)
+        print(
+            f"[{n}/{len(jobs)}] {job['label']} {job['workload']['text']}: median {s['median']:.2f} ms "
+            f"(cv {s['cv']:.1%}, n={s['count']})",
+            flush=True,
+        )
     print(f"results in {out}; bring them back with: nasprune profile import {out} --store PATH")
     return 0
 

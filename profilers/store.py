@@ -23,8 +23,19 @@ from profilers.records import validate_record
 from profilers.standalone import SCHEMA
 
 # Top-level record fields that are also columns (filterable with ``records(**filters)``).
-COLUMNS = ("engine", "device", "provider", "precision", "fingerprint_id", "recipe_id", "workload", "params",
-           "created_at")
+COLUMNS = (
+    "engine",
+    "device",
+    "provider",
+    "precision",
+    "fingerprint_id",
+    "recipe_id",
+    "workload",
+    "params",
+    "created_at",
+)
+
+
 def is_profile_store(path: Path) -> bool:
     """True when ``path`` is an SQLite file that is empty or holds nasprune's ``meta`` table.
 
@@ -50,10 +61,14 @@ class ProfileStore:
     def __init__(self, path, timeout_s: float = 60.0):
         self.path = Path(path)
         if self.path.exists() and self.path.is_dir():
-            raise NaspruneError(f"--store {self.path} is a directory; pass a file path such as {self.path}/profiles.sqlite")
+            raise NaspruneError(
+                f"--store {self.path} is a directory; pass a file path such as {self.path}/profiles.sqlite"
+            )
         if self.path.exists() and self.path.stat().st_size > 0 and not is_profile_store(self.path):
-            raise NaspruneError(f"--store {self.path} exists and is not a nasprune profile store; nasprune never writes "
-                                "into it, choose another --store path")
+            raise NaspruneError(
+                f"--store {self.path} exists and is not a nasprune profile store; nasprune never writes "
+                "into it, choose another --store path"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._timeout = timeout_s
         columns = ", ".join(f"{c} {'INTEGER' if c == 'params' else 'TEXT'}" for c in COLUMNS)
@@ -63,9 +78,11 @@ class ProfileStore:
         self._query("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA,))
         schema = self._query("SELECT value FROM meta WHERE name = 'schema'")[0][0]
         if schema != SCHEMA:
-            raise NaspruneError(f"store {self.path} holds {schema!r} records, this nasprune writes {SCHEMA!r}; use a new --store")
+            raise NaspruneError(
+                f"store {self.path} holds {schema!r} records, this nasprune writes {SCHEMA!r}; use a new --store"
+            )
 
-    def _connect(self) -> "_Closing":
+    def _connect(self) -> _Closing:
         try:
             db = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None)
         except sqlite3.Error as e:
@@ -78,15 +95,20 @@ class ProfileStore:
             try:
                 return db.execute(sql, args).fetchall()
             except sqlite3.DatabaseError as e:
-                raise NaspruneError(f"profile store {self.path} is not readable ({e}); is it a nasprune store?") from None
+                raise NaspruneError(
+                    f"profile store {self.path} is not readable ({e}); is it a nasprune store?"
+                ) from None
 
     def add(self, record: dict) -> bool:
         """Insert one record atomically; False (and nothing written) if its key is already stored."""
         validate_record(record)
         row = (record["key"], *(record.get(c) for c in COLUMNS), json.dumps(record, sort_keys=True))
         with self._connect() as db:
-            cur = db.execute(f"INSERT OR IGNORE INTO records (key, {', '.join(COLUMNS)}, record) "
-                             f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})", row)
+            cur = db.execute(
+                f"INSERT OR IGNORE INTO records (key, {', '.join(COLUMNS)}, record) "
+                f"VALUES ({', '.join('?' * (len(COLUMNS) + 2))})",
+                row,
+            )
             return cur.rowcount == 1
 
     def has(self, key: str) -> bool:
@@ -103,8 +125,10 @@ class ProfileStore:
         sql_filters = {k: v for k, v in filters.items() if k in COLUMNS or k == "key"}
         other = {k: v for k, v in filters.items() if k not in sql_filters}
         where = " AND ".join(f"{k} IS ?" for k in sql_filters)
-        rows = self._query(f"SELECT record FROM records {'WHERE ' + where if where else ''} ORDER BY rowid",
-                           tuple(sql_filters.values()))
+        rows = self._query(
+            f"SELECT record FROM records {'WHERE ' + where if where else ''} ORDER BY rowid",
+            tuple(sql_filters.values()),
+        )
         out = [json.loads(r) for (r,) in rows]
         return [r for r in out if all(r.get(k) == v for k, v in other.items())]
 

@@ -13,8 +13,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import (AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, PhiConfig, Phi3Config,  # noqa: E402
-                          Qwen2Config)
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Phi3Config, PhiConfig, Qwen2Config  # noqa: E402
 
 from compressor.search_space import SearchSpaceConfig  # noqa: E402
 
@@ -26,19 +25,28 @@ TINY_SPACE = SearchSpaceConfig(ffn_step=16, min_ffn_fraction=0.25, min_embed_fra
 
 
 def tiny_configs() -> dict:
-    common = dict(vocab_size=96, intermediate_size=96, num_hidden_layers=4, pad_token_id=0, bos_token_id=1,
-                  eos_token_id=2)
+    common = dict(
+        vocab_size=96, intermediate_size=96, num_hidden_layers=4, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    )
     return {
-        "llama-gqa": LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                 tie_word_embeddings=True, **common),
+        "llama-gqa": LlamaConfig(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            tie_word_embeddings=True,
+            **common,
+        ),
         "llama-mqa": LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=16, **common),
         "qwen2": Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, **common),
-        "phi": PhiConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5,
-                         **common),
+        "phi": PhiConfig(
+            hidden_size=64, num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5, **common
+        ),
         "phi3": Phi3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, **common),
         "gpt-neox": GPTNeoXConfig(hidden_size=64, num_attention_heads=4, partial_rotary_factor=0.25, **common),
-        "gpt-neox-sequential": GPTNeoXConfig(hidden_size=64, num_attention_heads=4, use_parallel_residual=False,
-                                             **common),
+        "gpt-neox-sequential": GPTNeoXConfig(
+            hidden_size=64, num_attention_heads=4, use_parallel_residual=False, **common
+        ),
     }
 
 
@@ -47,7 +55,7 @@ def make_tiny(name: str, seed: int = 0):
     model = AutoModelForCausalLM.from_config(tiny_configs()[name]).eval()
     # random init leaves norms at 1 / biases at 0: perturb so slicing bugs cannot hide
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for _n, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
@@ -78,9 +86,20 @@ def english_text() -> str:
 
 def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     """The plumbing-test Llama: SmolLM2's layout (GQA, tied embeddings, bos 1, eos = pad 2), 4 layers of width 64."""
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                       intermediate_size=128, num_hidden_layers=4, tie_word_embeddings=True, bos_token_id=1,
-                       eos_token_id=2, pad_token_id=2, initializer_range=0.2)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        initializer_range=0.2,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -44,14 +44,40 @@ def _records(space, subs, workloads=(WORKLOAD,)) -> list[dict]:
     for s in subs:
         for w in workloads:
             ms = 0.5 + 1e-5 * space.num_params(s) * Workload.parse(w).seq / 16 * (1 + 0.01 * rng.standard_normal())
-            out.append({"schema": "nasprune-profile/1", "key": f"{s}|{w}", "model": {"source": "tiny", "sha256": "sha"},
-                        "arch": s.to_dict(), "workload": w, "fingerprint_id": "fp-here", "engine": "onnxruntime",
-                        "precision": "fp32", "recipe_id": "r-test", "fingerprint": {"cpu": "test"}, "device": "cpu",
-                        "provider": "CPUExecutionProvider", "export_recipe": {"opset": 17}, "params": space.num_params(s),
-                        "tokens_per_s": 1000 / ms, "peak_memory_bytes": None, "graph_bytes": None,
-                        "kv_cache_bytes": 0, "env": {}, "created_at": "2026-01-01T00:00:00+00:00",
-                        "stats_ms": {"min": ms * 0.98, "median": ms, "mean": ms, "p90": ms * 1.05, "p99": ms * 1.1,
-                                     "std": 0.01 * ms, "cv": 0.01, "count": 10}})
+            out.append(
+                {
+                    "schema": "nasprune-profile/1",
+                    "key": f"{s}|{w}",
+                    "model": {"source": "tiny", "sha256": "sha"},
+                    "arch": s.to_dict(),
+                    "workload": w,
+                    "fingerprint_id": "fp-here",
+                    "engine": "onnxruntime",
+                    "precision": "fp32",
+                    "recipe_id": "r-test",
+                    "fingerprint": {"cpu": "test"},
+                    "device": "cpu",
+                    "provider": "CPUExecutionProvider",
+                    "export_recipe": {"opset": 17},
+                    "params": space.num_params(s),
+                    "tokens_per_s": 1000 / ms,
+                    "peak_memory_bytes": None,
+                    "graph_bytes": None,
+                    "kv_cache_bytes": 0,
+                    "env": {},
+                    "created_at": "2026-01-01T00:00:00+00:00",
+                    "stats_ms": {
+                        "min": ms * 0.98,
+                        "median": ms,
+                        "mean": ms,
+                        "p90": ms * 1.05,
+                        "p99": ms * 1.1,
+                        "std": 0.01 * ms,
+                        "cv": 0.01,
+                        "count": 10,
+                    },
+                }
+            )
     return out
 
 
@@ -70,7 +96,9 @@ def fx(tmp_path_factory, tiny_model) -> Path:
     shutil.copytree(tiny_model, root / "model")
     (root / "heldout.txt").write_text("It was a truth universally acknowledged, that a tiny model needs text. " * 40)
     loaded = load_model(str(root / "model"))
-    build_bundle(loaded, loaded.supernet(), SubNetwork.from_dict(json.loads(ARCH)), root / "bundle", log=lambda *_: None)
+    build_bundle(
+        loaded, loaded.supernet(), SubNetwork.from_dict(json.loads(ARCH)), root / "bundle", log=lambda *_: None
+    )
     description = describe_model(str(root / "model"))
     space = space_from_description(description)
     records = _records(space, list(space.enumerate()))
@@ -78,7 +106,9 @@ def fx(tmp_path_factory, tiny_model) -> Path:
     for r in records:
         store.add(r)
     fit_predictor(records, description, FitConfig(folds=2, candidates=("linear",))).predictor.save(root / "predictor")
-    (root / "pareto.json").write_text(json.dumps({"pareto": [{"arch": json.loads(ARCH)}, {"arch": json.loads(OTHER_ARCH)}]}))
+    (root / "pareto.json").write_text(
+        json.dumps({"pareto": [{"arch": json.loads(ARCH)}, {"arch": json.loads(OTHER_ARCH)}]})
+    )
     return root
 
 
@@ -111,6 +141,7 @@ def write(rel: str, content: str | bytes) -> Setup:
 
 def copy(src: str, rel: str) -> Setup:
     """Copy fixture ``src`` (file or dir) to ``tmp/rel``."""
+
     def setup(tmp: Path, fx: Path) -> None:
         (shutil.copytree if (fx / src).is_dir() else shutil.copyfile)(fx / src, tmp / rel)
 
@@ -128,6 +159,7 @@ def edit_json(rel: str, change: Callable[[dict], None]) -> Setup:
 
 def flip_byte(rel: str) -> Setup:
     """Tamper with a file: invert its last byte (same size, different content)."""
+
     def setup(tmp: Path, fx: Path) -> None:
         data = bytearray((tmp / rel).read_bytes())
         data[-1] ^= 0xFF
@@ -167,8 +199,10 @@ def model_with(config_change: Callable[[dict], None]) -> Setup:
 
 
 FOREIGN = write("mine/thesis.tex", "my thesis, 3 years of work\n")  # a user's non-empty dir
-GARBAGE_WEIGHTS = both(write("m/model.safetensors", b"\x00not safetensors at all" * 10),
-                       lambda tmp, fx: shutil.copyfile(fx / "model" / "config.json", tmp / "m" / "config.json"))
+GARBAGE_WEIGHTS = both(
+    write("m/model.safetensors", b"\x00not safetensors at all" * 10),
+    lambda tmp, fx: shutil.copyfile(fx / "model" / "config.json", tmp / "m" / "config.json"),
+)
 
 
 class Case(NamedTuple):
@@ -183,211 +217,619 @@ CASES = [
     Case("info-missing-model", ["info", "{tmp}/nowhere"], "not a local dir or file"),
     Case("info-foreign-dir", ["info", "{tmp}/mine"], "no config.json", FOREIGN),
     Case("info-not-a-gguf-file", ["info", "{tmp}/model.bin"], "not a .gguf", write("model.bin", b"\x00" * 64)),
-    Case("info-corrupt-gguf", ["info", "{tmp}/model.gguf"], "cannot read GGUF", write("model.gguf", b"GGUF" + b"\x07" * 60)),
+    Case(
+        "info-corrupt-gguf",
+        ["info", "{tmp}/model.gguf"],
+        "cannot read GGUF",
+        write("model.gguf", b"GGUF" + b"\x07" * 60),
+    ),
     Case("info-corrupt-config", ["info", "{tmp}/m"], "config.json cannot be read", write("m/config.json", "{not json")),
-    Case("info-corrupt-nasprune-json", ["info", "{tmp}/m"], "nasprune.json is corrupt",
-         both(copy("model", "m"), write("m/nasprune.json", "{oops"))),
-    Case("info-remote-code", ["info", "{tmp}/m"], "remote code",
-         model_with(lambda c: c.update(auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}))),
-    Case("info-remote-code-tokenizer", ["info", "{tmp}/m"], "remote code",
-         both(copy("model", "m"), edit_json("m/tokenizer_config.json",
-                                            lambda c: c.update(auto_map={"AutoTokenizer": ["tok_evil.EvilTokenizer", None]})))),
-    Case("fit-model-remote-code", ["predictor", "fit", "--store", "{fx}/profiles.sqlite", "--model", "{tmp}/m",
-                                   "--models", "linear", "--folds", "2", "--out", "{tmp}/p"], "remote code",
-         model_with(lambda c: c.update(auto_map={"AutoConfig": "configuration_evil.EvilConfig"}))),
-    Case("fit-model-corrupt-config", ["predictor", "fit", "--store", "{fx}/profiles.sqlite", "--model", "{tmp}/m",
-                                      "--models", "linear", "--folds", "2", "--out", "{tmp}/p"],
-         "config.json cannot be read", both(copy("model", "m"), write("m/config.json", '{"model_type": "llama",'))),
-    Case("profile-remote-code", ["profile", "{tmp}/m", "--store", "{tmp}/p.sqlite"], "remote code",
-         model_with(lambda c: c.update(auto_map={"AutoConfig": "configuration_evil.EvilConfig"}))),
-    Case("extract-garbage-weights", ["extract", "{tmp}/m", "--arch", ARCH, "--out", "{tmp}/sub"], "cannot be loaded",
-         GARBAGE_WEIGHTS),
-    Case("importance-missing-model", ["importance", "{tmp}/nowhere", "--data", "{fx}/heldout.txt", "--out", "{tmp}/imp"],
-         "not a local dir or file"),
-    Case("train-garbage-weights", ["train", "{tmp}/m", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t"],
-         "cannot be loaded", GARBAGE_WEIGHTS),
+    Case(
+        "info-corrupt-nasprune-json",
+        ["info", "{tmp}/m"],
+        "nasprune.json is corrupt",
+        both(copy("model", "m"), write("m/nasprune.json", "{oops")),
+    ),
+    Case(
+        "info-remote-code",
+        ["info", "{tmp}/m"],
+        "remote code",
+        model_with(lambda c: c.update(auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})),
+    ),
+    Case(
+        "info-remote-code-tokenizer",
+        ["info", "{tmp}/m"],
+        "remote code",
+        both(
+            copy("model", "m"),
+            edit_json(
+                "m/tokenizer_config.json",
+                lambda c: c.update(auto_map={"AutoTokenizer": ["tok_evil.EvilTokenizer", None]}),
+            ),
+        ),
+    ),
+    Case(
+        "fit-model-remote-code",
+        [
+            "predictor",
+            "fit",
+            "--store",
+            "{fx}/profiles.sqlite",
+            "--model",
+            "{tmp}/m",
+            "--models",
+            "linear",
+            "--folds",
+            "2",
+            "--out",
+            "{tmp}/p",
+        ],
+        "remote code",
+        model_with(lambda c: c.update(auto_map={"AutoConfig": "configuration_evil.EvilConfig"})),
+    ),
+    Case(
+        "fit-model-corrupt-config",
+        [
+            "predictor",
+            "fit",
+            "--store",
+            "{fx}/profiles.sqlite",
+            "--model",
+            "{tmp}/m",
+            "--models",
+            "linear",
+            "--folds",
+            "2",
+            "--out",
+            "{tmp}/p",
+        ],
+        "config.json cannot be read",
+        both(copy("model", "m"), write("m/config.json", '{"model_type": "llama",')),
+    ),
+    Case(
+        "profile-remote-code",
+        ["profile", "{tmp}/m", "--store", "{tmp}/p.sqlite"],
+        "remote code",
+        model_with(lambda c: c.update(auto_map={"AutoConfig": "configuration_evil.EvilConfig"})),
+    ),
+    Case(
+        "extract-garbage-weights",
+        ["extract", "{tmp}/m", "--arch", ARCH, "--out", "{tmp}/sub"],
+        "cannot be loaded",
+        GARBAGE_WEIGHTS,
+    ),
+    Case(
+        "importance-missing-model",
+        ["importance", "{tmp}/nowhere", "--data", "{fx}/heldout.txt", "--out", "{tmp}/imp"],
+        "not a local dir or file",
+    ),
+    Case(
+        "train-garbage-weights",
+        ["train", "{tmp}/m", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t"],
+        "cannot be loaded",
+        GARBAGE_WEIGHTS,
+    ),
     Case("eval-foreign-dir", ["eval", "{tmp}/mine", "--data", "{fx}/heldout.txt"], "no config.json", FOREIGN),
     # ---- data ----
-    Case("importance-missing-data", ["importance", "{fx}/model", "--data", "{tmp}/missing.txt", "--out", "{tmp}/imp"],
-         "is not a file"),
-    Case("train-missing-data", ["train", "{fx}/model", "--data", "{tmp}/missing.txt", "--out", "{tmp}/t"], "is not a file"),
+    Case(
+        "importance-missing-data",
+        ["importance", "{fx}/model", "--data", "{tmp}/missing.txt", "--out", "{tmp}/imp"],
+        "is not a file",
+    ),
+    Case(
+        "train-missing-data",
+        ["train", "{fx}/model", "--data", "{tmp}/missing.txt", "--out", "{tmp}/t"],
+        "is not a file",
+    ),
     Case("eval-missing-data", ["eval", "{fx}/model", "--data", "{tmp}/missing.txt"], "is not a file"),
-    Case("importance-bad-jsonl", ["importance", "{fx}/model", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/imp"],
-         "not valid JSON lines", write("d.jsonl", '{"instruction": "hi"\n')),
-    Case("search-missing-data", ["search", "{fx}/model", "--predictor", "{fx}/predictor", "--workload", WORKLOAD,
-                                 "--data", "{tmp}/missing.txt", "--out", "{tmp}/s"], "is not a file"),
+    Case(
+        "importance-bad-jsonl",
+        ["importance", "{fx}/model", "--data", "{tmp}/d.jsonl", "--out", "{tmp}/imp"],
+        "not valid JSON lines",
+        write("d.jsonl", '{"instruction": "hi"\n'),
+    ),
+    Case(
+        "search-missing-data",
+        [
+            "search",
+            "{fx}/model",
+            "--predictor",
+            "{fx}/predictor",
+            "--workload",
+            WORKLOAD,
+            "--data",
+            "{tmp}/missing.txt",
+            "--out",
+            "{tmp}/s",
+        ],
+        "is not a file",
+    ),
     # ---- --arch ----
-    Case("extract-arch-not-json", ["extract", "{fx}/model", "--arch", "{embed_dim: 32", "--out", "{tmp}/sub"],
-         "not valid JSON"),
-    Case("extract-arch-unknown-key", ["extract", "{fx}/model", "--arch",
-                                      '{"embed_dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layer": 2}',
-                                      "--out", "{tmp}/sub"], "unknown num_layer"),
-    Case("extract-arch-not-in-space", ["extract", "{fx}/model", "--arch",
-                                       '{"embed_dim": 33, "num_heads": 2, "ffn_dim": 64, "num_layers": 2}',
-                                       "--out", "{tmp}/sub"], "embed_dim=33 is not one of"),
-    Case("predict-arch-missing-file", ["predict", "{fx}/predictor", "--arch", "{tmp}/arch.json", "--workload", WORKLOAD],
-         "neither a JSON object nor an existing file"),
-    Case("profile-arch-not-in-space", ["profile", "{fx}/model", "--arch",
-                                       '{"embed_dim": 64, "num_heads": 3, "ffn_dim": 64, "num_layers": 2}',
-                                       "--store", "{tmp}/p.sqlite"], "num_heads=3 is not one of"),
+    Case(
+        "extract-arch-not-json",
+        ["extract", "{fx}/model", "--arch", "{embed_dim: 32", "--out", "{tmp}/sub"],
+        "not valid JSON",
+    ),
+    Case(
+        "extract-arch-unknown-key",
+        [
+            "extract",
+            "{fx}/model",
+            "--arch",
+            '{"embed_dim": 32, "num_heads": 2, "ffn_dim": 64, "num_layer": 2}',
+            "--out",
+            "{tmp}/sub",
+        ],
+        "unknown num_layer",
+    ),
+    Case(
+        "extract-arch-not-in-space",
+        [
+            "extract",
+            "{fx}/model",
+            "--arch",
+            '{"embed_dim": 33, "num_heads": 2, "ffn_dim": 64, "num_layers": 2}',
+            "--out",
+            "{tmp}/sub",
+        ],
+        "embed_dim=33 is not one of",
+    ),
+    Case(
+        "predict-arch-missing-file",
+        ["predict", "{fx}/predictor", "--arch", "{tmp}/arch.json", "--workload", WORKLOAD],
+        "neither a JSON object nor an existing file",
+    ),
+    Case(
+        "profile-arch-not-in-space",
+        [
+            "profile",
+            "{fx}/model",
+            "--arch",
+            '{"embed_dim": 64, "num_heads": 3, "ffn_dim": 64, "num_layers": 2}',
+            "--store",
+            "{tmp}/p.sqlite",
+        ],
+        "num_heads=3 is not one of",
+    ),
     # ---- workloads ----
-    Case("predict-bad-workload", ["predict", "{fx}/predictor", "--arch", ARCH, "--workload", "prefill:1x"], "bad workload"),
-    Case("profile-bad-workload", ["profile", "{fx}/model", "--workload", "prefil:1x128", "--store", "{tmp}/p.sqlite"],
-         "bad workload"),
-    Case("check-bad-workload", ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--workload", "decode:0x8"],
-         "must be >= 1"),
-    Case("search-bad-workload", ["search", "{fx}/model", "--predictor", "{fx}/predictor", "--workload", "generate:1x8",
-                                 "--data", "{fx}/heldout.txt", "--out", "{tmp}/s"], "bad workload"),
-    Case("export-bad-workload", ["export", "{fx}/model", "--arch", ARCH, "--workload", "prefill", "--out", "{tmp}/b"],
-         "bad workload"),
+    Case(
+        "predict-bad-workload",
+        ["predict", "{fx}/predictor", "--arch", ARCH, "--workload", "prefill:1x"],
+        "bad workload",
+    ),
+    Case(
+        "profile-bad-workload",
+        ["profile", "{fx}/model", "--workload", "prefil:1x128", "--store", "{tmp}/p.sqlite"],
+        "bad workload",
+    ),
+    Case(
+        "check-bad-workload",
+        ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--workload", "decode:0x8"],
+        "must be >= 1",
+    ),
+    Case(
+        "search-bad-workload",
+        [
+            "search",
+            "{fx}/model",
+            "--predictor",
+            "{fx}/predictor",
+            "--workload",
+            "generate:1x8",
+            "--data",
+            "{fx}/heldout.txt",
+            "--out",
+            "{tmp}/s",
+        ],
+        "bad workload",
+    ),
+    Case(
+        "export-bad-workload",
+        ["export", "{fx}/model", "--arch", ARCH, "--workload", "prefill", "--out", "{tmp}/b"],
+        "bad workload",
+    ),
     # ---- device / engine / precision names ----
-    Case("profile-unknown-engine", ["profile", "{fx}/model", "--engine", "onnx", "--store", "{tmp}/p.sqlite"],
-         "unknown engine 'onnx'"),
-    Case("profile-unknown-device", ["profile", "{fx}/model", "--device", "tpu", "--store", "{tmp}/p.sqlite"],
-         "unknown device 'tpu'"),
-    Case("profile-bad-precision", ["profile", "{fx}/model", "--precision", "fp8", "--store", "{tmp}/p.sqlite"],
-         "not 'fp8'"),
-    Case("export-unknown-precision", ["export", "{fx}/model", "--pareto", "{fx}/pareto.json", "--precision", "fp64",
-                                      "--out", "{tmp}/bundles"], "unknown precision"),
+    Case(
+        "profile-unknown-engine",
+        ["profile", "{fx}/model", "--engine", "onnx", "--store", "{tmp}/p.sqlite"],
+        "unknown engine 'onnx'",
+    ),
+    Case(
+        "profile-unknown-device",
+        ["profile", "{fx}/model", "--device", "tpu", "--store", "{tmp}/p.sqlite"],
+        "unknown device 'tpu'",
+    ),
+    Case(
+        "profile-bad-precision",
+        ["profile", "{fx}/model", "--precision", "fp8", "--store", "{tmp}/p.sqlite"],
+        "not 'fp8'",
+    ),
+    Case(
+        "export-unknown-precision",
+        ["export", "{fx}/model", "--pareto", "{fx}/pareto.json", "--precision", "fp64", "--out", "{tmp}/bundles"],
+        "unknown precision",
+    ),
     Case("generate-missing-precision", ["generate", "{fx}/bundle", "hi", "--precision", "int8"], "no int8 engine"),
-    Case("check-missing-precision", ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--workload", WORKLOAD,
-                                     "--precision", "fp64"], "no fp64 engine"),
-    Case("predict-unknown-quantile", ["predict", "{fx}/predictor", "--arch", ARCH, "--workload", WORKLOAD,
-                                      "--quantile", "p99"], "no 'p99' model"),
+    Case(
+        "check-missing-precision",
+        ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--workload", WORKLOAD, "--precision", "fp64"],
+        "no fp64 engine",
+    ),
+    Case(
+        "predict-unknown-quantile",
+        ["predict", "{fx}/predictor", "--arch", ARCH, "--workload", WORKLOAD, "--quantile", "p99"],
+        "no 'p99' model",
+    ),
     # ---- thread counts ----
-    Case("profile-threads-0", ["profile", "{fx}/model", "--threads", "0", "--store", "{tmp}/p.sqlite"],
-         "--threads must be >= 1"),
-    Case("check-threads-negative", ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--workload", WORKLOAD,
-                                    "--threads", "-2"], "--threads must be >= 1"),
-    Case("export-threads-0", ["export", "{fx}/model", "--arch", ARCH, "--verify", "--threads", "0", "--out", "{tmp}/b"],
-         "--threads must be >= 1"),
+    Case(
+        "profile-threads-0",
+        ["profile", "{fx}/model", "--threads", "0", "--store", "{tmp}/p.sqlite"],
+        "--threads must be >= 1",
+    ),
+    Case(
+        "check-threads-negative",
+        ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--workload", WORKLOAD, "--threads", "-2"],
+        "--threads must be >= 1",
+    ),
+    Case(
+        "export-threads-0",
+        ["export", "{fx}/model", "--arch", ARCH, "--verify", "--threads", "0", "--out", "{tmp}/b"],
+        "--threads must be >= 1",
+    ),
     # ---- profile stores ----
-    Case("profile-store-foreign-sqlite", ["profile", "{fx}/model", "--arch", ARCH, "--workload", WORKLOAD,
-                                          "--store", "{tmp}/contacts.db"], "not a nasprune profile store",
-         foreign_sqlite("contacts.db")),
-    Case("profile-store-text-file", ["profile", "{fx}/model", "--arch", ARCH, "--workload", WORKLOAD,
-                                     "--store", "{tmp}/notes.txt"], "not a nasprune profile store",
-         write("notes.txt", "shopping list\n")),
-    Case("fit-store-foreign-sqlite", ["predictor", "fit", "--store", "{tmp}/contacts.db", "--out", "{tmp}/p"],
-         "not a nasprune profile store", foreign_sqlite("contacts.db")),
-    Case("predictor-eval-store-text-file", ["predictor", "eval", "{fx}/predictor", "--store", "{tmp}/notes.txt"],
-         "not a nasprune profile store", write("notes.txt", "shopping list\n")),
-    Case("predictor-eval-store-missing", ["predictor", "eval", "{fx}/predictor", "--store", "{tmp}/none.sqlite"],
-         "does not exist"),
-    Case("profile-import-missing-results", ["profile", "import", "{tmp}/results.jsonl", "--store", "{tmp}/p.sqlite"],
-         "does not exist"),
-    Case("profile-import-corrupt-results", ["profile", "import", "{tmp}/results.jsonl", "--store", "{tmp}/p.sqlite"],
-         "is not a run_profile.py result line", write("results.jsonl", '{"schema": "nasprune-profile/1"}\n')),
+    Case(
+        "profile-store-foreign-sqlite",
+        ["profile", "{fx}/model", "--arch", ARCH, "--workload", WORKLOAD, "--store", "{tmp}/contacts.db"],
+        "not a nasprune profile store",
+        foreign_sqlite("contacts.db"),
+    ),
+    Case(
+        "profile-store-text-file",
+        ["profile", "{fx}/model", "--arch", ARCH, "--workload", WORKLOAD, "--store", "{tmp}/notes.txt"],
+        "not a nasprune profile store",
+        write("notes.txt", "shopping list\n"),
+    ),
+    Case(
+        "fit-store-foreign-sqlite",
+        ["predictor", "fit", "--store", "{tmp}/contacts.db", "--out", "{tmp}/p"],
+        "not a nasprune profile store",
+        foreign_sqlite("contacts.db"),
+    ),
+    Case(
+        "predictor-eval-store-text-file",
+        ["predictor", "eval", "{fx}/predictor", "--store", "{tmp}/notes.txt"],
+        "not a nasprune profile store",
+        write("notes.txt", "shopping list\n"),
+    ),
+    Case(
+        "predictor-eval-store-missing",
+        ["predictor", "eval", "{fx}/predictor", "--store", "{tmp}/none.sqlite"],
+        "does not exist",
+    ),
+    Case(
+        "profile-import-missing-results",
+        ["profile", "import", "{tmp}/results.jsonl", "--store", "{tmp}/p.sqlite"],
+        "does not exist",
+    ),
+    Case(
+        "profile-import-corrupt-results",
+        ["profile", "import", "{tmp}/results.jsonl", "--store", "{tmp}/p.sqlite"],
+        "is not a run_profile.py result line",
+        write("results.jsonl", '{"schema": "nasprune-profile/1"}\n'),
+    ),
     # ---- predictors ----
-    Case("predict-missing-predictor", ["predict", "{tmp}/nowhere", "--arch", ARCH, "--workload", WORKLOAD],
-         "not a predictor directory"),
-    Case("predict-corrupt-manifest", ["predict", "{tmp}/p", "--arch", ARCH, "--workload", WORKLOAD], "is corrupt",
-         both(copy("predictor", "p"), write("p/manifest.json", '{"schema": '))),
-    Case("predict-tampered-estimator", ["predict", "{tmp}/p", "--arch", ARCH, "--workload", WORKLOAD],
-         "does not match the sha256", both(copy("predictor", "p"), flip_byte("p/estimator.skops"))),
-    Case("predict-other-fingerprint", ["predict", "{fx}/predictor", "--arch", ARCH, "--workload", WORKLOAD,
-                                       "--fingerprint", "fp-my-laptop"], "predictor is for fingerprint_id=fp-here"),
-    Case("search-tampered-predictor", ["search", "{fx}/model", "--predictor", "{tmp}/p", "--workload", WORKLOAD,
-                                       "--data", "{fx}/heldout.txt", "--out", "{tmp}/s"], "does not match the sha256",
-         both(copy("predictor", "p"), flip_byte("p/estimator.skops"))),
-    Case("export-missing-predictor", ["export", "{fx}/model", "--arch", ARCH, "--predictor", "{tmp}/nowhere",
-                                      "--out", "{tmp}/b"], "not a predictor directory"),
+    Case(
+        "predict-missing-predictor",
+        ["predict", "{tmp}/nowhere", "--arch", ARCH, "--workload", WORKLOAD],
+        "not a predictor directory",
+    ),
+    Case(
+        "predict-corrupt-manifest",
+        ["predict", "{tmp}/p", "--arch", ARCH, "--workload", WORKLOAD],
+        "is corrupt",
+        both(copy("predictor", "p"), write("p/manifest.json", '{"schema": ')),
+    ),
+    Case(
+        "predict-tampered-estimator",
+        ["predict", "{tmp}/p", "--arch", ARCH, "--workload", WORKLOAD],
+        "does not match the sha256",
+        both(copy("predictor", "p"), flip_byte("p/estimator.skops")),
+    ),
+    Case(
+        "predict-other-fingerprint",
+        ["predict", "{fx}/predictor", "--arch", ARCH, "--workload", WORKLOAD, "--fingerprint", "fp-my-laptop"],
+        "predictor is for fingerprint_id=fp-here",
+    ),
+    Case(
+        "search-tampered-predictor",
+        [
+            "search",
+            "{fx}/model",
+            "--predictor",
+            "{tmp}/p",
+            "--workload",
+            WORKLOAD,
+            "--data",
+            "{fx}/heldout.txt",
+            "--out",
+            "{tmp}/s",
+        ],
+        "does not match the sha256",
+        both(copy("predictor", "p"), flip_byte("p/estimator.skops")),
+    ),
+    Case(
+        "export-missing-predictor",
+        ["export", "{fx}/model", "--arch", ARCH, "--predictor", "{tmp}/nowhere", "--out", "{tmp}/b"],
+        "not a predictor directory",
+    ),
     # ---- bundles ----
     Case("generate-not-a-bundle", ["generate", "{fx}/model", "hello"], "not a nasprune bundle"),
     Case("generate-missing-bundle", ["generate", "{tmp}/nowhere", "hello"], "not a nasprune bundle"),
-    Case("check-not-a-bundle", ["check", "{tmp}/mine", "--baseline-bundle", "{fx}/bundle", "--workload", WORKLOAD],
-         "not a nasprune bundle", FOREIGN),
-    Case("generate-corrupt-manifest", ["generate", "{tmp}/b", "hello"], "is corrupt",
-         both(copy("bundle", "b"), write("b/manifest.json", "{truncated"))),
-    Case("generate-tampered-graph", ["generate", "{tmp}/b", "hello"], "was modified",
-         both(copy("bundle", "b"), flip_byte("b/onnx/fp32/prefill/model.onnx"))),
-    Case("check-tampered-graph", ["check", "{tmp}/b", "--baseline-bundle", "{fx}/bundle", "--workload", WORKLOAD],
-         "was modified", both(copy("bundle", "b"), flip_byte("b/onnx/fp32/decode/model.onnx"))),
-    Case("check-foreign-baseline", ["check", "{fx}/bundle", "--baseline", "{tmp}/notes.json", "--update-baseline",
-                                    "--workload", WORKLOAD], "not a nasprune baseline", write("notes.json", '{"a": 1}')),
-    Case("check-zero-blocks", ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--blocks", "0"],
-         "--blocks must be >= 1"),
-    Case("generate-zero-tokens", ["generate", "{fx}/bundle", "hello", "--max-new-tokens", "0"],
-         "--max-new-tokens must be >= 1"),
-    Case("check-corrupt-baseline", ["check", "{fx}/bundle", "--baseline", "{tmp}/base.json", "--workload", WORKLOAD],
-         "not a nasprune baseline", write("base.json", '{"blocks": [["fast"]], "reference_ms": [1.0]}')),
-    Case("check-bad-threshold", ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--threshold", "ten"],
-         "--threshold must look like"),
+    Case(
+        "check-not-a-bundle",
+        ["check", "{tmp}/mine", "--baseline-bundle", "{fx}/bundle", "--workload", WORKLOAD],
+        "not a nasprune bundle",
+        FOREIGN,
+    ),
+    Case(
+        "generate-corrupt-manifest",
+        ["generate", "{tmp}/b", "hello"],
+        "is corrupt",
+        both(copy("bundle", "b"), write("b/manifest.json", "{truncated")),
+    ),
+    Case(
+        "generate-tampered-graph",
+        ["generate", "{tmp}/b", "hello"],
+        "was modified",
+        both(copy("bundle", "b"), flip_byte("b/onnx/fp32/prefill/model.onnx")),
+    ),
+    Case(
+        "check-tampered-graph",
+        ["check", "{tmp}/b", "--baseline-bundle", "{fx}/bundle", "--workload", WORKLOAD],
+        "was modified",
+        both(copy("bundle", "b"), flip_byte("b/onnx/fp32/decode/model.onnx")),
+    ),
+    Case(
+        "check-foreign-baseline",
+        ["check", "{fx}/bundle", "--baseline", "{tmp}/notes.json", "--update-baseline", "--workload", WORKLOAD],
+        "not a nasprune baseline",
+        write("notes.json", '{"a": 1}'),
+    ),
+    Case(
+        "check-zero-blocks",
+        ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--blocks", "0"],
+        "--blocks must be >= 1",
+    ),
+    Case(
+        "generate-zero-tokens",
+        ["generate", "{fx}/bundle", "hello", "--max-new-tokens", "0"],
+        "--max-new-tokens must be >= 1",
+    ),
+    Case(
+        "check-corrupt-baseline",
+        ["check", "{fx}/bundle", "--baseline", "{tmp}/base.json", "--workload", WORKLOAD],
+        "not a nasprune baseline",
+        write("base.json", '{"blocks": [["fast"]], "reference_ms": [1.0]}'),
+    ),
+    Case(
+        "check-bad-threshold",
+        ["check", "{fx}/bundle", "--baseline-bundle", "{fx}/bundle", "--threshold", "ten"],
+        "--threshold must look like",
+    ),
     # ---- YAML configs ----
-    Case("compress-bad-yaml", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
-         "not valid YAML", write("c.yaml", "profile: [unclosed\n")),
-    Case("compress-unknown-section", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
-         "unknown sections ['profiles']", write("c.yaml", "profiles:\n  samples: 3\n")),
-    Case("compress-typo-in-protocol", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
-         "min_iter", write("c.yaml", "profile:\n  protocol:\n    min_iter: 3\n")),
-    Case("compress-unknown-train-key", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
-         "unknown training settings ['step']", write("c.yaml", "train:\n  step: 3\n")),
-    Case("compress-section-not-settings", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
-         "section 'profile' must hold settings", write("c.yaml", "profile: fast\n")),
-    Case("compress-yaml-list", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
-         "must hold YAML settings", write("c.yaml", "- profile\n- search\n")),
-    Case("compress-missing-config", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
-         "does not exist"),
-    Case("compress-missing-data", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
-         "missing.txt", write("c.yaml", "data:\n  train: /nonexistent/missing.txt\n")),
-    Case("compress-bad-workload-in-config", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
-         "bad workload", write("c.yaml", "search:\n  workload: prefill-1x128\n")),
-    Case("compress-wrong-value-type", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
-         "profile.samples must be of type int", write("c.yaml", "profile:\n  samples: '8'\n")),
-    Case("compress-unknown-precision-in-config", ["compress", "{fx}/model", "--out", "{tmp}/run", "--config",
-                                                  "{tmp}/c.yaml"], "unknown precision(s) ['fp64']",
-         write("c.yaml", "export:\n  precisions: [fp32, fp64]\n")),
-    Case("compress-bad-stop-after", ["compress", "{fx}/model", "--out", "{tmp}/run", "--stop-after", "profiling"],
-         "--stop-after must be one of"),
-    Case("train-bad-yaml", ["train", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t",
-                            "--config", "{tmp}/t.yaml"], "not valid YAML", write("t.yaml", "steps: [1\n")),
-    Case("train-missing-config", ["train", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t",
-                                  "--config", "{tmp}/t.yaml"], "does not exist"),
-    Case("train-unknown-key", ["train", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t",
-                               "--config", "{tmp}/t.yaml"], "unknown training settings ['lrate']",
-         write("t.yaml", "lrate: 0.1\n")),
-    Case("train-unknown-strategy", ["train", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t",
-                                    "--strategy", "sandwhich"], "unknown strategy 'sandwhich'"),
+    Case(
+        "compress-bad-yaml",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "not valid YAML",
+        write("c.yaml", "profile: [unclosed\n"),
+    ),
+    Case(
+        "compress-unknown-section",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "unknown sections ['profiles']",
+        write("c.yaml", "profiles:\n  samples: 3\n"),
+    ),
+    Case(
+        "compress-typo-in-protocol",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "min_iter",
+        write("c.yaml", "profile:\n  protocol:\n    min_iter: 3\n"),
+    ),
+    Case(
+        "compress-unknown-train-key",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "unknown training settings ['step']",
+        write("c.yaml", "train:\n  step: 3\n"),
+    ),
+    Case(
+        "compress-section-not-settings",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "section 'profile' must hold settings",
+        write("c.yaml", "profile: fast\n"),
+    ),
+    Case(
+        "compress-yaml-list",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "must hold YAML settings",
+        write("c.yaml", "- profile\n- search\n"),
+    ),
+    Case(
+        "compress-missing-config",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "does not exist",
+    ),
+    Case(
+        "compress-missing-data",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "missing.txt",
+        write("c.yaml", "data:\n  train: /nonexistent/missing.txt\n"),
+    ),
+    Case(
+        "compress-bad-workload-in-config",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "bad workload",
+        write("c.yaml", "search:\n  workload: prefill-1x128\n"),
+    ),
+    Case(
+        "compress-wrong-value-type",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "profile.samples must be of type int",
+        write("c.yaml", "profile:\n  samples: '8'\n"),
+    ),
+    Case(
+        "compress-unknown-precision-in-config",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "unknown precision(s) ['fp64']",
+        write("c.yaml", "export:\n  precisions: [fp32, fp64]\n"),
+    ),
+    Case(
+        "compress-bad-stop-after",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--stop-after", "profiling"],
+        "--stop-after must be one of",
+    ),
+    Case(
+        "train-bad-yaml",
+        ["train", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t", "--config", "{tmp}/t.yaml"],
+        "not valid YAML",
+        write("t.yaml", "steps: [1\n"),
+    ),
+    Case(
+        "train-missing-config",
+        ["train", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t", "--config", "{tmp}/t.yaml"],
+        "does not exist",
+    ),
+    Case(
+        "train-unknown-key",
+        ["train", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t", "--config", "{tmp}/t.yaml"],
+        "unknown training settings ['lrate']",
+        write("t.yaml", "lrate: 0.1\n"),
+    ),
+    Case(
+        "train-unknown-strategy",
+        ["train", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/t", "--strategy", "sandwhich"],
+        "unknown strategy 'sandwhich'",
+    ),
     # ---- --out ----
-    Case("extract-out-is-file", ["extract", "{fx}/model", "--arch", ARCH, "--out", "{tmp}/notes.txt"],
-         "is an existing file", write("notes.txt", "my notes\n")),
-    Case("refine-out-foreign-dir", ["refine", "{fx}/model", "--arch", ARCH, "--data", "{fx}/heldout.txt",
-                                    "--out", "{tmp}/mine"], "files nasprune did not write", FOREIGN),
-    Case("refine-arch-not-in-space", ["refine", "{fx}/model", "--arch",
-                                      '{"embed_dim": 33, "num_heads": 2, "ffn_dim": 64, "num_layers": 2}',
-                                      "--data", "{fx}/heldout.txt", "--out", "{tmp}/r"], "embed_dim"),
-    Case("refine-zero-minutes", ["refine", "{fx}/model", "--arch", ARCH, "--data", "{fx}/heldout.txt",
-                                 "--out", "{tmp}/r", "--minutes", "0"], "minutes must be > 0"),
-    Case("extract-out-foreign-dir", ["extract", "{fx}/model", "--arch", ARCH, "--out", "{tmp}/mine"],
-         "files nasprune did not write", FOREIGN),
-    Case("export-out-foreign-dir", ["export", "{fx}/model", "--arch", ARCH, "--out", "{tmp}/mine"],
-         "files nasprune did not write", FOREIGN),
-    Case("export-out-under-file", ["export", "{fx}/model", "--pareto", "{fx}/pareto.json", "--out", "{tmp}/notes.txt/b"],
-         "is a file, not a directory", write("notes.txt", "my notes\n")),
-    Case("fit-out-is-file", ["predictor", "fit", "--store", "{fx}/profiles.sqlite", "--out", "{tmp}/notes.txt"],
-         "is an existing file", write("notes.txt", "my notes\n")),
-    Case("search-out-foreign-dir", ["search", "{fx}/model", "--predictor", "{fx}/predictor", "--workload", WORKLOAD,
-                                    "--data", "{fx}/heldout.txt", "--out", "{tmp}/mine"], "files nasprune did not write",
-         FOREIGN),
-    Case("importance-out-other-kind", ["importance", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/p"],
-         "a nasprune predictor output, not a model", copy("predictor", "p")),
-    Case("compress-out-is-file", ["compress", "{fx}/model", "--out", "{tmp}/notes.txt"], "is an existing file",
-         write("notes.txt", "my notes\n")),
-    Case("profile-export-only-foreign-dir", ["profile", "{fx}/model", "--arch", ARCH, "--workload", WORKLOAD,
-                                             "--export-only", "{tmp}/mine"], "files nasprune did not write", FOREIGN),
+    Case(
+        "extract-out-is-file",
+        ["extract", "{fx}/model", "--arch", ARCH, "--out", "{tmp}/notes.txt"],
+        "is an existing file",
+        write("notes.txt", "my notes\n"),
+    ),
+    Case(
+        "refine-out-foreign-dir",
+        ["refine", "{fx}/model", "--arch", ARCH, "--data", "{fx}/heldout.txt", "--out", "{tmp}/mine"],
+        "files nasprune did not write",
+        FOREIGN,
+    ),
+    Case(
+        "refine-arch-not-in-space",
+        [
+            "refine",
+            "{fx}/model",
+            "--arch",
+            '{"embed_dim": 33, "num_heads": 2, "ffn_dim": 64, "num_layers": 2}',
+            "--data",
+            "{fx}/heldout.txt",
+            "--out",
+            "{tmp}/r",
+        ],
+        "embed_dim",
+    ),
+    Case(
+        "refine-zero-minutes",
+        ["refine", "{fx}/model", "--arch", ARCH, "--data", "{fx}/heldout.txt", "--out", "{tmp}/r", "--minutes", "0"],
+        "minutes must be > 0",
+    ),
+    Case(
+        "extract-out-foreign-dir",
+        ["extract", "{fx}/model", "--arch", ARCH, "--out", "{tmp}/mine"],
+        "files nasprune did not write",
+        FOREIGN,
+    ),
+    Case(
+        "export-out-foreign-dir",
+        ["export", "{fx}/model", "--arch", ARCH, "--out", "{tmp}/mine"],
+        "files nasprune did not write",
+        FOREIGN,
+    ),
+    Case(
+        "export-out-under-file",
+        ["export", "{fx}/model", "--pareto", "{fx}/pareto.json", "--out", "{tmp}/notes.txt/b"],
+        "is a file, not a directory",
+        write("notes.txt", "my notes\n"),
+    ),
+    Case(
+        "fit-out-is-file",
+        ["predictor", "fit", "--store", "{fx}/profiles.sqlite", "--out", "{tmp}/notes.txt"],
+        "is an existing file",
+        write("notes.txt", "my notes\n"),
+    ),
+    Case(
+        "search-out-foreign-dir",
+        [
+            "search",
+            "{fx}/model",
+            "--predictor",
+            "{fx}/predictor",
+            "--workload",
+            WORKLOAD,
+            "--data",
+            "{fx}/heldout.txt",
+            "--out",
+            "{tmp}/mine",
+        ],
+        "files nasprune did not write",
+        FOREIGN,
+    ),
+    Case(
+        "importance-out-other-kind",
+        ["importance", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/p"],
+        "a nasprune predictor output, not a model",
+        copy("predictor", "p"),
+    ),
+    Case(
+        "compress-out-is-file",
+        ["compress", "{fx}/model", "--out", "{tmp}/notes.txt"],
+        "is an existing file",
+        write("notes.txt", "my notes\n"),
+    ),
+    Case(
+        "profile-export-only-foreign-dir",
+        ["profile", "{fx}/model", "--arch", ARCH, "--workload", WORKLOAD, "--export-only", "{tmp}/mine"],
+        "files nasprune did not write",
+        FOREIGN,
+    ),
     # ---- --pick / pareto ----
-    Case("export-pick-out-of-range", ["export", "{fx}/model", "--pareto", "{fx}/pareto.json", "--pick", "0,5",
-                                      "--out", "{tmp}/bundles"], "out of range"),
-    Case("export-pick-not-a-number", ["export", "{fx}/model", "--pareto", "{fx}/pareto.json", "--pick", "first",
-                                      "--out", "{tmp}/bundles"], "--pick must be comma-separated indices"),
-    Case("export-corrupt-pareto", ["export", "{fx}/model", "--pareto", "{tmp}/pareto.json", "--out", "{tmp}/bundles"],
-         "not a nasprune pareto.json", write("pareto.json", '{"front": []}')),
+    Case(
+        "export-pick-out-of-range",
+        ["export", "{fx}/model", "--pareto", "{fx}/pareto.json", "--pick", "0,5", "--out", "{tmp}/bundles"],
+        "out of range",
+    ),
+    Case(
+        "export-pick-not-a-number",
+        ["export", "{fx}/model", "--pareto", "{fx}/pareto.json", "--pick", "first", "--out", "{tmp}/bundles"],
+        "--pick must be comma-separated indices",
+    ),
+    Case(
+        "export-corrupt-pareto",
+        ["export", "{fx}/model", "--pareto", "{tmp}/pareto.json", "--out", "{tmp}/bundles"],
+        "not a nasprune pareto.json",
+        write("pareto.json", '{"front": []}'),
+    ),
     # ---- other knobs ----
-    Case("export-pareto-not-rows", ["export", "{fx}/model", "--pareto", "{tmp}/pareto.json", "--out", "{tmp}/bundles"],
-         "not a nasprune pareto.json", write("pareto.json", '{"pareto": [1, 2]}')),
+    Case(
+        "export-pareto-not-rows",
+        ["export", "{fx}/model", "--pareto", "{tmp}/pareto.json", "--out", "{tmp}/bundles"],
+        "not a nasprune pareto.json",
+        write("pareto.json", '{"pareto": [1, 2]}'),
+    ),
     Case("eval-bad-via", ["eval", "{fx}/model", "--data", "{fx}/heldout.txt", "--via", "onnx"], "--via must be"),
-    Case("importance-bad-layer-metric", ["importance", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/imp",
-                                         "--layer-metric", "entropy"], "unknown --layer-metric 'entropy'"),
+    Case(
+        "importance-bad-layer-metric",
+        ["importance", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/imp", "--layer-metric", "entropy"],
+        "unknown --layer-metric 'entropy'",
+    ),
 ]
 
 
@@ -407,7 +849,9 @@ def test_bad_input_is_one_line_and_changes_nothing(case: Case, fx: Path, isolate
     before = snapshot(tmp, fx)
     result = runner.invoke(app, args)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    shown = f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}\nexception: {result.exception!r}"
+    shown = (
+        f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}\nexception: {result.exception!r}"
+    )
     assert "Traceback" not in result.output, shown
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), shown
     assert len(lines) == 1 and lines[0].startswith("error: ") and case.needle in lines[0], shown

@@ -7,11 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from nasprune.cli import app
 from compressor.modeldir import load_model
 from compressor.search_space import SubNetwork
 from deploy.bundle import build_bundle, graph_paths
 from deploy.generate import OnnxGenerator, onnx_mean_nll
+from nasprune.cli import app
 
 runner = CliRunner()
 
@@ -26,8 +26,9 @@ def test_bundle_loads_everywhere_and_generates_like_torch(tiny_model, tmp_path):
     assert all(len(h) == 64 for h in manifest["files"].values())
     plain = AutoModelForCausalLM.from_pretrained(bundle / "model").eval()  # no nasprune involved
     ids = torch.tensor([[101, 945, 88, 300, 17, 5]])
-    ref = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                         pad_token_id=2, eos_token_id=None)[:, ids.shape[1]:]
+    ref = plain.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=2, eos_token_id=None
+    )[:, ids.shape[1] :]
     paths = graph_paths(bundle, "fp32")
     out = OnnxGenerator(paths["prefill"], paths["decode"]).greedy(ids.numpy(), 8)
     assert np.array_equal(out, ref.numpy()), (out, ref)
@@ -47,8 +48,12 @@ def test_bundle_loads_everywhere_and_generates_like_torch(tiny_model, tmp_path):
 
 def test_export_cli_refuses_bad_picks(tiny_model, tmp_path):
     pareto = tmp_path / "pareto.json"
-    pareto.write_text(json.dumps({"pareto": [{"arch": {"embed_dim": 48, "num_heads": 2, "ffn_dim": 64, "num_layers": 3}}]}))
-    r = runner.invoke(app, ["export", str(tiny_model), "--pareto", str(pareto), "--pick", "3", "--out", str(tmp_path / "o")])
+    pareto.write_text(
+        json.dumps({"pareto": [{"arch": {"embed_dim": 48, "num_heads": 2, "ffn_dim": 64, "num_layers": 3}}]})
+    )
+    r = runner.invoke(
+        app, ["export", str(tiny_model), "--pareto", str(pareto), "--pick", "3", "--out", str(tmp_path / "o")]
+    )
     assert r.exit_code == 2 and "out of range" in r.output
     r = runner.invoke(app, ["export", str(tiny_model), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "exactly one of" in r.output
@@ -58,8 +63,18 @@ def test_check_command_baseline_then_gate(tiny_model, tmp_path):
     loaded = load_model(str(tiny_model))
     bundle = build_bundle(loaded, loaded.supernet(), SubNetwork(48, 2, 64, 3), tmp_path / "b", log=lambda *_: None)
     baseline = tmp_path / "baseline.json"
-    args = ["check", str(bundle), "--baseline", str(baseline), "--workload", "prefill:1x16", "--blocks", "3",
-            "--iters", "5"]
+    args = [
+        "check",
+        str(bundle),
+        "--baseline",
+        str(baseline),
+        "--workload",
+        "prefill:1x16",
+        "--blocks",
+        "3",
+        "--iters",
+        "5",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "--update-baseline" in r.output  # no baseline yet
     assert runner.invoke(app, args + ["--update-baseline"]).exit_code == 0
@@ -77,8 +92,18 @@ def test_check_command_baseline_then_gate(tiny_model, tmp_path):
     baseline.write_text(json.dumps(data))
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "INCOMPARABLE" in r.output
-    paired = ["check", str(bundle), "--baseline-bundle", str(bundle), "--workload", "prefill:1x16", "--blocks", "2",
-              "--iters", "3"]
+    paired = [
+        "check",
+        str(bundle),
+        "--baseline-bundle",
+        str(bundle),
+        "--workload",
+        "prefill:1x16",
+        "--blocks",
+        "2",
+        "--iters",
+        "3",
+    ]
     r = runner.invoke(app, paired + ["--threshold", "300%"])
     assert r.exit_code == 0, r.output  # the bundle against itself, interleaved: never a regression verdict
     assert json.loads((bundle / "check" / "check.json").read_text())["baseline"]["identity"]["paired"] is True

@@ -34,13 +34,25 @@ def test_extract_writes_loadable_dir(tiny_dir, tmp_path):
     assert meta["subnetwork"]["arch"]["embed_dim"] == 32 and meta["subnetwork"]["num_kv_heads"] == 1
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["extract", "{d}", "--arch", '{"embed_dim": 33, "num_heads": 2, "ffn_dim": 32, "num_layers": 2}', "--out", "{o}"],
-     "embed_dim=33 is not one of"),
-    (["extract", "{d}", "--arch", "{broken", "--out", "{o}"], "not valid JSON"),
-    (["info", "some-org/some-model"], "pass --online"),
-    (["info", "{o}"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (
+            [
+                "extract",
+                "{d}",
+                "--arch",
+                '{"embed_dim": 33, "num_heads": 2, "ffn_dim": 32, "num_layers": 2}',
+                "--out",
+                "{o}",
+            ],
+            "embed_dim=33 is not one of",
+        ),
+        (["extract", "{d}", "--arch", "{broken", "--out", "{o}"], "not valid JSON"),
+        (["info", "some-org/some-model"], "pass --online"),
+        (["info", "{o}"], "does not exist"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tiny_dir, tmp_path, args, needle):
     args = [a.replace("{d}", str(tiny_dir)).replace("{o}", str(tmp_path / "nowhere.gguf")) for a in args]
     proc = subprocess.run([sys.executable, "-m", "nasprune", *args], capture_output=True, text=True)
@@ -52,6 +64,10 @@ def test_bad_input_is_one_line_exit_2(tiny_dir, tmp_path, args, needle):
 def test_unsupported_checkpoint_is_one_line(tmp_path):
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "g")
-    proc = subprocess.run([sys.executable, "-m", "nasprune", "info", str(tmp_path / "g")], capture_output=True, text=True)
+    AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(
+        tmp_path / "g"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "nasprune", "info", str(tmp_path / "g")], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "unsupported architecture" in proc.stderr and "Traceback" not in proc.stderr

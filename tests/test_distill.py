@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from compressor.data import IGNORE, TokenizedData
-from compressor.distill import (TeacherCache, inplace_targets, kd_loss, kd_loss_full, state_dict_hash,
-                                topk_targets)
+from compressor.distill import TeacherCache, inplace_targets, kd_loss, kd_loss_full, state_dict_hash, topk_targets
 from compressor.errors import NaspruneError
 from compressor.modeldir import LoadedModel, ModelMeta
 from compressor.train import TrainConfig, Trainer, batch_indices, windows_needed
@@ -44,8 +43,9 @@ def test_kd_loss_equals_hand_computation():
     T = 2.0
     q = [math.exp(v / T) for v in z]
     q = [v / sum(q) for v in q]
-    expected = T * T * (0.5 * math.log(0.5 / q[0]) + 0.2 * math.log(0.2 / q[1])
-                        + 0.3 * math.log(0.3 / (q[2] + q[3] + q[4])))
+    expected = (
+        T * T * (0.5 * math.log(0.5 / q[0]) + 0.2 * math.log(0.2 / q[1]) + 0.3 * math.log(0.3 / (q[2] + q[3] + q[4])))
+    )
     student = torch.tensor([[z, [50.0, 0, 0, 0, 0]]])  # the second token is masked out
     idx = torch.tensor([[[0, 1], [4, 3]]])
     top = torch.tensor([[[math.log(teacher[0]), math.log(teacher[1])], [float("nan"), 0.0]]])
@@ -170,8 +170,13 @@ def test_cache_never_unpickles(tmp_path):
 def test_windows_needed_is_the_union_of_batch_indices():
     for steps, bs, ga, world, n in [(3, 4, 1, 1, 16), (2, 3, 2, 2, 50), (5, 4, 1, 1, 16), (1, 1, 1, 1, 7)]:
         cfg = TrainConfig(steps=steps, batch_size=bs, grad_accum=ga, seed=3)
-        union = {int(i) for s in range(steps) for m in range(ga) for r in range(world)
-                 for i in batch_indices(s, m, cfg, n, world, r)}
+        union = {
+            int(i)
+            for s in range(steps)
+            for m in range(ga)
+            for r in range(world)
+            for i in batch_indices(s, m, cfg, n, world, r)
+        }
         assert set(windows_needed(cfg, n, world).tolist()) == union
 
 
@@ -181,7 +186,9 @@ def test_windows_needed_is_the_union_of_batch_indices():
 def test_trainer_reuses_cache_on_second_run(tmp_path, monkeypatch):
     calls = []
     original = Trainer._teacher_logits
-    monkeypatch.setattr(Trainer, "_teacher_logits", lambda self, ids, mask: calls.append(len(ids)) or original(self, ids, mask))
+    monkeypatch.setattr(
+        Trainer, "_teacher_logits", lambda self, ids, mask: calls.append(len(ids)) or original(self, ids, mask)
+    )
     first = Trainer(_loaded(), _data(), _cfg(), tmp_path / "a", teacher_cache_dir=tmp_path / "cache")
     assert sum(calls) == 16 and first.teacher_fill["chunks_computed"] == 1  # one chunk holds all 16 windows
     stats = first.run(progress=False)
@@ -200,7 +207,9 @@ def test_resume_with_distillation_is_bit_identical(teacher, tmp_path):
     cache = tmp_path / "cache"
     full = Trainer(_loaded(), _data(), cfg, tmp_path / "a", teacher_cache_dir=cache)
     full.run(progress=False)
-    first = Trainer(_loaded(), _data(), TrainConfig(**{**asdict(cfg), "steps": 3}), tmp_path / "b", teacher_cache_dir=cache)
+    first = Trainer(
+        _loaded(), _data(), TrainConfig(**{**asdict(cfg), "steps": 3}), tmp_path / "b", teacher_cache_dir=cache
+    )
     first.run(progress=False)
     resumed = Trainer(_loaded(), _data(), cfg, tmp_path / "b", teacher_cache_dir=cache)
     resumed.load_checkpoint()
@@ -239,7 +248,9 @@ def _smallest_kd(tr: Trainer) -> float:
 
 
 def test_distillation_lowers_kd_of_small_subnetwork(tmp_path):
-    tr = Trainer(_loaded(), _data(), _cfg(steps=12, lr=3e-3, warmup_steps=1), tmp_path, teacher_cache_dir=tmp_path / "c")
+    tr = Trainer(
+        _loaded(), _data(), _cfg(steps=12, lr=3e-3, warmup_steps=1), tmp_path, teacher_cache_dir=tmp_path / "c"
+    )
     before = _smallest_kd(tr)
     tr.run(progress=False)
     after = _smallest_kd(tr)
@@ -248,8 +259,9 @@ def test_distillation_lowers_kd_of_small_subnetwork(tmp_path):
 
 @pytest.mark.parametrize("teacher", ["original", "largest"])
 def test_lora_distillation_trains_adapters(teacher, tmp_path):
-    tr = Trainer(_loaded(), _data(), _cfg(teacher=teacher, lora=True, lr=1e-2), tmp_path,
-                 teacher_cache_dir=tmp_path / "c")
+    tr = Trainer(
+        _loaded(), _data(), _cfg(teacher=teacher, lora=True, lr=1e-2), tmp_path, teacher_cache_dir=tmp_path / "c"
+    )
     before = {n: p.detach().clone() for n, p in tr.supernet.model.named_parameters() if "lora_A" in n}
     stats = tr.run(progress=False)
     assert any(not torch.equal(before[n], p) for n, p in tr.supernet.model.named_parameters() if n in before)
@@ -271,25 +283,29 @@ def test_instruct_data_distills_only_supervised_tokens(tmp_path):
 def test_distill_none_keeps_the_old_loss(tmp_path):
     cfg = TrainConfig(strategy="importance-grid-params", steps=2, num_bins=3)
     a = Trainer(_loaded(), _data(), cfg, tmp_path / "a")
-    b = Trainer(_loaded(), _data(), TrainConfig(**{**asdict(cfg), "distill_alpha": 0.3, "teacher": "largest"}),
-                tmp_path / "b")
+    b = Trainer(
+        _loaded(), _data(), TrainConfig(**{**asdict(cfg), "distill_alpha": 0.3, "teacher": "largest"}), tmp_path / "b"
+    )
     assert a.teacher_cache is None and "kd_losses" not in a.train_step()
     b.train_step()
     for p, q in zip(a.supernet.model.parameters(), b.supernet.model.parameters()):
         assert torch.equal(p, q)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"distill": "hidden"}, "distill must be one of none, logits"),
-    ({"teacher": "ensemble"}, "teacher must be one of original, largest"),
-    ({"distill_alpha": 1.5}, r"distill_alpha must be in \[0, 1\]"),
-    ({"distill_alpha": -0.1}, r"distill_alpha must be in \[0, 1\]"),
-    ({"distill_topk": 0}, "distill_topk must be an integer >= 1"),
-    ({"distill_topk": 2.5}, "distill_topk must be an integer >= 1"),
-    ({"distill_temperature": 0.0}, "distill_temperature must be > 0"),
-    ({"distill_temperature": float("nan")}, "distill_temperature must be > 0"),
-    ({"distill": "logits", "teacher": "largest", "strategy": "standard"}, "needs a sandwich strategy"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"distill": "hidden"}, "distill must be one of none, logits"),
+        ({"teacher": "ensemble"}, "teacher must be one of original, largest"),
+        ({"distill_alpha": 1.5}, r"distill_alpha must be in \[0, 1\]"),
+        ({"distill_alpha": -0.1}, r"distill_alpha must be in \[0, 1\]"),
+        ({"distill_topk": 0}, "distill_topk must be an integer >= 1"),
+        ({"distill_topk": 2.5}, "distill_topk must be an integer >= 1"),
+        ({"distill_temperature": 0.0}, "distill_temperature must be > 0"),
+        ({"distill_temperature": float("nan")}, "distill_temperature must be > 0"),
+        ({"distill": "logits", "teacher": "largest", "strategy": "standard"}, "needs a sandwich strategy"),
+    ],
+)
 def test_invalid_distill_settings(overrides, message):
     with pytest.raises(NaspruneError, match=message) as e:
         TrainConfig.load(None, overrides)

@@ -5,8 +5,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compressor.onnx_export import (ExportParityError, ExportRecipe, check_parity, export_graphs, past_names,
-                                present_names)
+from compressor.onnx_export import (
+    ExportParityError,
+    ExportRecipe,
+    check_parity,
+    export_graphs,
+    past_names,
+    present_names,
+)
 from tests.conftest import make_tiny
 
 
@@ -33,10 +39,16 @@ def test_decode_through_kv_cache_equals_full_recomputation(tmp_path):
     ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
     res = pre.run(None, {"input_ids": ids[:, :6].numpy(), "attention_mask": np.ones((1, 6), np.int64)})
     for t in range(6, 9):
-        res = dec.run(None, {"input_ids": ids[:, t:t + 1].numpy(), "attention_mask": np.ones((1, t + 1), np.int64),
-                             **dict(zip(past_names(n), res[1:]))})
+        res = dec.run(
+            None,
+            {
+                "input_ids": ids[:, t : t + 1].numpy(),
+                "attention_mask": np.ones((1, t + 1), np.int64),
+                **dict(zip(past_names(n), res[1:])),
+            },
+        )
         with torch.no_grad():
-            full = model(input_ids=ids[:, :t + 1]).logits[:, -1].numpy()
+            full = model(input_ids=ids[:, : t + 1]).logits[:, -1].numpy()
         assert np.abs(res[0] - full).max() < 1e-4
         assert res[1].shape[2] == t + 1  # the cache grew by one position
     assert [o.name for o in dec.get_outputs()][1:] == present_names(n)

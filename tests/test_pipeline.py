@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-
 from nasprune.pipeline import STAGES, Pipeline, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,15 +44,27 @@ def test_overlapping_data_roles_are_refused(tmp_path):
     excerpt = tmp_path / "excerpt.txt"
     excerpt.write_text(novel[100_000:130_000])  # a test "file" that is really part of the training novel
     with pytest.raises(NaspruneError, match="data roles overlap: test"):
-        check_data_roles("builtin:northanger_abbey", "builtin:northanger_abbey",
-                         "builtin:sense_and_sensibility_validation", str(excerpt))
+        check_data_roles(
+            "builtin:northanger_abbey",
+            "builtin:northanger_abbey",
+            "builtin:sense_and_sensibility_validation",
+            str(excerpt),
+        )
     with pytest.raises(NaspruneError, match="data roles overlap: validation"):
-        check_data_roles("builtin:northanger_abbey", "builtin:northanger_abbey", "builtin:northanger_abbey",
-                         "builtin:persuasion_heldout")
+        check_data_roles(
+            "builtin:northanger_abbey",
+            "builtin:northanger_abbey",
+            "builtin:northanger_abbey",
+            "builtin:persuasion_heldout",
+        )
     config = tmp_path / "c.yaml"
     config.write_text(f"data:\n  test: {excerpt}\n")
     with pytest.raises(NaspruneError, match="overlap"):
         PipelineConfig.load(config)
     # the built-in roles are disjoint
-    check_data_roles("builtin:northanger_abbey", "builtin:northanger_abbey", "builtin:sense_and_sensibility_validation",
-                     "builtin:persuasion_heldout")
+    check_data_roles(
+        "builtin:northanger_abbey",
+        "builtin:northanger_abbey",
+        "builtin:sense_and_sensibility_validation",
+        "builtin:persuasion_heldout",
+    )

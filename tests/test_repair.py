@@ -52,8 +52,12 @@ def test_repair_is_exact_when_nothing_is_removed():
 def test_repair_never_increases_calibration_error_and_helps_the_pruned_model():
     loaded = _loaded("llama-gqa")
     space = loaded.supernet().space
-    sub = SubNetwork(embed_dim=space.choices["embed_dim"][-1], num_heads=space.choices["num_heads"][0],
-                     ffn_dim=space.choices["ffn_dim"][0], num_layers=space.choices["num_layers"][-1])
+    sub = SubNetwork(
+        embed_dim=space.choices["embed_dim"][-1],
+        num_heads=space.choices["num_heads"][0],
+        ffn_dim=space.choices["ffn_dim"][0],
+        num_layers=space.choices["num_layers"][-1],
+    )
     calib = _windows(n=16)
     model, report = repair_model(loaded, sub, calib, RepairConfig(tokens=512, seq_len=32))
     assert report.bias  # Llama's config can declare the compensation biases
@@ -69,8 +73,12 @@ def test_repair_never_increases_calibration_error_and_helps_the_pruned_model():
 def test_repaired_checkpoint_loads_in_plain_transformers(tmp_path):
     loaded = _loaded("llama-gqa")
     space = loaded.supernet().space
-    sub = SubNetwork(space.choices["embed_dim"][0], space.choices["num_heads"][0], space.choices["ffn_dim"][0],
-                     space.choices["num_layers"][0])
+    sub = SubNetwork(
+        space.choices["embed_dim"][0],
+        space.choices["num_heads"][0],
+        space.choices["ffn_dim"][0],
+        space.choices["num_layers"][0],
+    )
     model, _ = repair_model(loaded, sub, _windows(n=16), RepairConfig(tokens=512, seq_len=32))
     path = save_model_dir(model, None, ModelMeta(), tmp_path / "repaired")
     again = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -83,8 +91,12 @@ def test_repaired_checkpoint_loads_in_plain_transformers(tmp_path):
 def test_families_without_bias_fields_refit_weights_only():
     loaded = _loaded("qwen2")
     space = loaded.supernet().space
-    sub = SubNetwork(space.choices["embed_dim"][-1], space.choices["num_heads"][0], space.choices["ffn_dim"][0],
-                     space.choices["num_layers"][-1])
+    sub = SubNetwork(
+        space.choices["embed_dim"][-1],
+        space.choices["num_heads"][0],
+        space.choices["ffn_dim"][0],
+        space.choices["num_layers"][-1],
+    )
     model, report = repair_model(loaded, sub, _windows(n=16), RepairConfig(tokens=512, seq_len=32))
     assert not report.bias and all(p.choice != "bias" for p in report.projections)
     assert all(p.fit_error_after <= p.fit_error_before + 1e-9 for p in report.projections)

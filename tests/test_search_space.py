@@ -13,8 +13,16 @@ from compressor.workload import Workload
 
 def smollm2_space() -> SearchSpace:
     """SmolLM2-135M's space from its config alone (meta device: no weights needed)."""
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
-                         head_dim=64, intermediate_size=1536, num_hidden_layers=30, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return SearchSpace.from_model(family_for(config), model)
@@ -44,8 +52,12 @@ def test_every_offered_config_is_accepted_by_transformers():
 
 def test_invalid_configs_give_one_line_errors():
     space = smollm2_space()
-    for bad in [SubNetwork(500, 9, 1536, 30), SubNetwork(576, 4, 1536, 30), SubNetwork(576, 9, 1000, 30),
-                SubNetwork(576, 9, 1536, 31)]:
+    for bad in [
+        SubNetwork(500, 9, 1536, 30),
+        SubNetwork(576, 4, 1536, 30),
+        SubNetwork(576, 9, 1000, 30),
+        SubNetwork(576, 9, 1536, 31),
+    ]:
         with pytest.raises(NaspruneError) as e:
             space.validate(bad)
         assert "\n" not in str(e.value) and "not one of" in str(e.value)

@@ -18,15 +18,41 @@ from profilers.store import ProfileStore
 
 def fake_record(i: int, engine: str = "onnxruntime", workload: str = "prefill:1x8") -> dict:
     return {
-        "schema": "nasprune-profile/1", "key": f"k{i:05d}-{engine}-{workload}",
+        "schema": "nasprune-profile/1",
+        "key": f"k{i:05d}-{engine}-{workload}",
         "model": {"source": "tiny", "sha256": "0" * 64},
         "arch": {"embed_dim": 64, "num_heads": 4, "ffn_dim": 96, "num_layers": 1 + i % 4},
-        "params": 1000 + i, "workload": workload, "engine": engine, "device": "cpu",
-        "provider": "CPUExecutionProvider" if engine == "onnxruntime" else None, "precision": "fp32",
-        "recipe_id": "r1", "export_recipe": {"format": "x"}, "fingerprint_id": "f1", "fingerprint": {"host": {}},
-        "stats_ms": {"min": 1.0, "median": 1.5, "mean": 1.6, "p90": 2.0, "p99": 2.2, "std": 0.1, "cv": 0.06, "count": 10},
-        "tokens_per_s": None, "peak_memory_bytes": 1, "graph_bytes": 2, "kv_cache_bytes": 3,
-        "env": {"load_before": 0.1, "load_after": 0.2, "ref_score_before": 10.0, "ref_score_after": 10.1, "remeasured": 0},
+        "params": 1000 + i,
+        "workload": workload,
+        "engine": engine,
+        "device": "cpu",
+        "provider": "CPUExecutionProvider" if engine == "onnxruntime" else None,
+        "precision": "fp32",
+        "recipe_id": "r1",
+        "export_recipe": {"format": "x"},
+        "fingerprint_id": "f1",
+        "fingerprint": {"host": {}},
+        "stats_ms": {
+            "min": 1.0,
+            "median": 1.5,
+            "mean": 1.6,
+            "p90": 2.0,
+            "p99": 2.2,
+            "std": 0.1,
+            "cv": 0.06,
+            "count": 10,
+        },
+        "tokens_per_s": None,
+        "peak_memory_bytes": 1,
+        "graph_bytes": 2,
+        "kv_cache_bytes": 3,
+        "env": {
+            "load_before": 0.1,
+            "load_after": 0.2,
+            "ref_score_before": 10.0,
+            "ref_score_after": 10.1,
+            "remeasured": 0,
+        },
         "created_at": "2026-01-01T00:00:00+00:00",
     }
 
@@ -112,9 +138,11 @@ def test_writer_killed_mid_stream_leaves_whole_records(tmp_path):
     """SIGKILL a process appending as fast as it can: the store stays intact, every row decodes."""
     path = tmp_path / "p.sqlite"
     ProfileStore(path)
-    code = ("import sys; sys.path.insert(0, sys.argv[2]); from tests.test_store import fake_record; "
-            "from profilers.store import ProfileStore; s = ProfileStore(sys.argv[1])\n"
-            "for i in range(100000): s.add(fake_record(i))")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); from tests.test_store import fake_record; "
+        "from profilers.store import ProfileStore; s = ProfileStore(sys.argv[1])\n"
+        "for i in range(100000): s.add(fake_record(i))"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), root])
     deadline = time.time() + 60

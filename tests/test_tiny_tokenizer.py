@@ -10,8 +10,11 @@ def test_tiny_tokenizer_matches_the_tiny_model_and_renders_chat():
     tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     cfg = tiny_llama_config(TINY_VOCAB)
     assert len(tok) == cfg.vocab_size == TINY_VOCAB
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (cfg.bos_token_id, cfg.eos_token_id,
-                                                                      cfg.pad_token_id)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+        cfg.bos_token_id,
+        cfg.eos_token_id,
+        cfg.pad_token_id,
+    )
     text = "Catherine Morland — 17 years old, café & “novels”\n\tend."
     ids = tok(text, add_special_tokens=False).input_ids
     assert tok.decode(ids) == text and max(ids) < TINY_VOCAB  # byte-level: any text round-trips

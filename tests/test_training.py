@@ -64,7 +64,9 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 def test_lora_supernet_merges_to_plain_model_equal_to_unmerged(untie, tmp_path):
     loaded = _loaded()
     emb = loaded.model.model.embed_tokens.weight.detach().clone()
-    tr = Trainer(loaded, _data(), TrainConfig(strategy="random", steps=2, lora=True, lr=1e-2, untie_lm_head=untie), tmp_path)
+    tr = Trainer(
+        loaded, _data(), TrainConfig(strategy="random", steps=2, lora=True, lr=1e-2, untie_lm_head=untie), tmp_path
+    )
     tr.run(progress=False)
     assert ("lm_head" in tr.lora_targets) == untie
     for n, p in tr.supernet.model.named_parameters():

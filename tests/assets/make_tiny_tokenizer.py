@@ -26,10 +26,25 @@ VOCAB_SIZE = 1024
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(__file__).resolve().parent / "tiny_tokenizer"
 CORPUS = [ROOT / "compressor" / "data" / "northanger_abbey.txt"]  # named, so new data files change nothing
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>", "<file_sep>",
-                  "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>",
-                  "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>", "<jupyter_script>",
-                  "<empty_output>"]
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<repo_name>",
+    "<reponame>",
+    "<file_sep>",
+    "<filename>",
+    "<gh_stars>",
+    "<issue_start>",
+    "<issue_comment>",
+    "<issue_closed>",
+    "<jupyter_start>",
+    "<jupyter_text>",
+    "<jupyter_code>",
+    "<jupyter_output>",
+    "<jupyter_script>",
+    "<empty_output>",
+]
 # SmolLM2-135M-Instruct's template (Apache-2.0), verbatim
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -37,8 +52,12 @@ CHAT_TEMPLATE = (
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-SPECIAL_MAP = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
-               "unk_token": "<|endoftext|>"}
+SPECIAL_MAP = {
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+    "pad_token": "<|im_end|>",
+    "unk_token": "<|endoftext|>",
+}
 
 
 def build() -> Tokenizer:
@@ -46,8 +65,13 @@ def build() -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     # one line at a time, in a fixed order: the word counts (and so the merges) do not depend on threads
     lines = [line for path in CORPUS for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
@@ -76,9 +100,12 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     tok = build()
     (OUT / "tokenizer.json").write_text(to_json(tok), encoding="utf-8")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-              **SPECIAL_MAP,
-              "chat_template": CHAT_TEMPLATE}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        **SPECIAL_MAP,
+        "chat_template": CHAT_TEMPLATE,
+    }
     (OUT / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (OUT / "special_tokens_map.json").write_text(json.dumps(SPECIAL_MAP, indent=2) + "\n", encoding="utf-8")
     sizes = ", ".join(f"{p.name} {p.stat().st_size:,} B" for p in sorted(OUT.iterdir()))
