@@ -13,7 +13,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from compressor.console import STATE, console, handles_errors, load_for_cli
+from compressor.console import STATE, console, handles_errors, load_for_cli, quiet_transformers
 from compressor.errors import NaspruneError
 from compressor.outputs import claim_output
 
@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
     app.command("train")(handles_errors(train))
     app.command("eval")(handles_errors(evaluate))
     app.command("refine")(handles_errors(refine))
+    app.command("distill-blocks")(handles_errors(distill_blocks))
 
 
 def info(
@@ -346,6 +347,7 @@ def refine(
     from compressor.refine import refine as run_refine
     from compressor.search_space import SubNetwork
 
+    quiet_transformers()
     sub = SubNetwork.parse(arch)
     cfg = RefineConfig(
         minutes=minutes, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, repair=not no_repair
@@ -372,4 +374,51 @@ def refine(
     console.print(
         f"wrote {out}: {sub}, {record['training']['steps']} steps in {record['training']['seconds']:.0f}s"
         + (f"; validation perplexity {shown}" if shown else "")
+    )
+
+
+def distill_blocks(
+    model: str = typer.Argument(..., help="the importance-permuted super-network (model dir)"),
+    data: str = typer.Option(
+        ..., "--data", help="calibration text (.txt or Alpaca .jsonl) for the teacher activations"
+    ),
+    out: Path = typer.Option(..., "--out", help="output nasprune model dir (same shapes, every block trained)"),
+    steps: int = typer.Option(100, "--steps", help="optimizer steps per block"),
+    processes: int = typer.Option(1, "--processes", help="processes the blocks are split over (no communication)"),
+    tokens: int = typer.Option(8192, "--tokens", help="calibration tokens whose teacher activations are cached"),
+    batch_size: int = typer.Option(4, help="windows per step"),
+    seq_len: int = typer.Option(256, help="tokens per window"),
+    lr: float = typer.Option(1e-4),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
+):
+    """Block-local distillation: every width of every block learns the original block's output."""
+    from dataclasses import asdict as _asdict
+
+    from compressor.bld import BlockDistillConfig
+    from compressor.bld import distill_blocks as run_bld
+    from compressor.modeldir import ModelMeta, save_model_dir
+    from compressor.repair import RepairConfig, calibration_windows
+
+    cfg = BlockDistillConfig(
+        steps=steps, batch_size=batch_size, seq_len=seq_len, tokens=tokens, lr=lr, processes=processes
+    )
+    claim_output(out, "model", overwrite=overwrite)
+    work = out.parent / f"{out.name}.blocks"
+    claim_output(work, "training", resume=True)
+    loaded = load_for_cli(model)
+    windows = calibration_windows(loaded.tokenizer, data, RepairConfig(tokens=tokens, seq_len=seq_len), STATE["online"])
+    trained, report = run_bld(str(loaded.path), windows, work, cfg, log=console.print)
+    meta = ModelMeta(
+        **{
+            **_asdict(loaded.meta),
+            "provenance": {**loaded.meta.provenance, "block_distillation": {"data": data, **report}},
+        }
+    )
+    meta.provenance.pop("created_at", None)
+    path = save_model_dir(trained.model, loaded.tokenizer, meta, out, overwrite=overwrite)
+    worst = max(report["blocks"], key=lambda r: r["loss_last"])
+    console.print(
+        f"wrote {path}: {len(report['blocks'])} blocks x {steps} steps in {report['seconds']:.0f}s "
+        f"({processes} process(es)); worst block {worst['layer']}: loss {worst['loss_first']:.4f} -> "
+        f"{worst['loss_last']:.4f}"
     )

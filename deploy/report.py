@@ -13,6 +13,51 @@ def _fmt(x, spec=".1f", none="–"):
     return none if x is None else format(x, spec)
 
 
+BASELINE_PREFIX = "original"
+
+
+def front_points(bundles: dict[str, dict], workload: str) -> list[dict]:
+    """(name, variant, latency, test perplexity) of every measured engine of every bundle.
+
+    fp32 uses the checkpoint's test perplexity; another variant scales it by that engine's measured
+    perplexity ratio to the fp32 engine on the same tokens (the engines are scored on a shorter
+    prefix, token by token), so quantization's cost is measured on what ships."""
+    points = []
+    for name, m in bundles.items():
+        acc = m.get("accuracy", {})
+        eng = acc.get("engine_ppl", {})
+        for variant, per_workload in m.get("latency", {}).get("measured", {}).items():
+            ms = per_workload.get(workload, {}).get("stats_ms", {}).get("median")
+            ppl = acc.get("ppl")
+            if variant != "fp32":
+                ppl = ppl * eng[variant] / eng["fp32"] if ppl and eng.get(variant) and eng.get("fp32") else None
+            if ms is not None and ppl is not None:
+                points.append(
+                    {
+                        "name": name,
+                        "variant": variant,
+                        "ms": ms,
+                        "ppl": ppl,
+                        "baseline": name.startswith(BASELINE_PREFIX),
+                    }
+                )
+    return points
+
+
+def dominance(points: list[dict]) -> list[dict]:
+    """For each baseline point, the nasprune points that dominate it (no slower, no worse, one strictly)."""
+    ours = [p for p in points if not p["baseline"]]
+    rows = []
+    for b in (p for p in points if p["baseline"]):
+        by = [
+            f"{p['name']} {p['variant']}"
+            for p in ours
+            if p["ms"] <= b["ms"] and p["ppl"] <= b["ppl"] and (p["ms"] < b["ms"] or p["ppl"] < b["ppl"])
+        ]
+        rows.append({**b, "dominated_by": by})
+    return rows
+
+
 def write_report(pipeline) -> Path:
     run = Path(pipeline.run)
     state = pipeline.state
@@ -78,6 +123,42 @@ def write_report(pipeline) -> Path:
             f"| {_fmt(int8.get('stats_ms', {}).get('median'))} |"
             + "".join(f" {_acc(acc, t)} |" for t in _task_names(evals))
         )
+    w = pipeline.cfg.export.workloads[0]
+    manifests = {}
+    for b in sorted(bundles.iterdir()) if bundles.exists() else []:
+        if (b / "manifest.json").is_file():
+            manifests[b.name] = read_manifest(b)
+    rows = dominance(front_points(manifests, w))
+    if rows:
+        lines += [
+            "",
+            "## Does the front beat what the user would do instead?",
+            "",
+            f"The original model at each engine precision, against every exported nasprune point (`{w}`, measured; "
+            "test perplexity, INT8 scaled by its engine's measured ratio to fp32 on the same tokens):",
+            "",
+            "| baseline | measured ms | test ppl | dominated by |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['name']} {r['variant']} | {r['ms']:.1f} | {r['ppl']:.2f} | "
+            f"{', '.join(r['dominated_by']) or '**no nasprune point** (not dominated)'} |"
+            for r in rows
+        ]
+    refine = state["stages"].get("refine", {}).get("points")
+    if refine:
+        lines += [
+            "",
+            "## Refine (validation perplexity, before and after)",
+            "",
+            "| point | one-shot | repaired | refined | steps |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {_fmt(r.get('ppl_one_shot'), '.2f')} | {_fmt(r.get('ppl_repaired'), '.2f')} "
+            f"| {_fmt(r.get('ppl_refined'), '.2f')} | {(r.get('training') or {}).get('steps', '–')} |"
+            for name, r in refine.items()
+        ]
     agree = evals.get("validation_vs_test")
     if agree:
         lines += [

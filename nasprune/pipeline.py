@@ -96,6 +96,8 @@ class ExportConfig:
     verify: bool = True
     workloads: list[str] = field(default_factory=lambda: ["prefill:1x128"])
     threads: int = 1
+    # also export the unpruned original at every precision: the user's alternative, measured the same way
+    baseline: bool = True
 
 
 @dataclass
@@ -482,6 +484,22 @@ class Pipeline:
         c = self.cfg.export
         picks = self.picks()
         refined = self.cfg.refine.enabled and self.state["stages"].get("refine", {}).get("enabled", False)
+        baseline = []
+        if c.baseline:  # the original (permuted: same function) as a bundle at every precision, name "original-..."
+            original = load_model(str(self.importance_dir))
+            baseline = export_bundles(
+                original,
+                [("original", original.supernet().space.largest(), None)],
+                self.bundles_dir,
+                c.precisions,
+                self.predictor_dir,
+                c.workloads,
+                c.verify,
+                c.threads,
+                log=self.log,
+                overwrite=True,
+            )
+            del original
         if not refined:
             paths = export_bundles(
                 load_model(str(self.supernet_dir)),
@@ -495,7 +513,7 @@ class Pipeline:
                 log=self.log,
                 overwrite=True,
             )
-            return {"bundles": [str(p) for p in paths], "refined": False}
+            return {"bundles": [str(p) for p in paths], "baseline": [str(p) for p in baseline], "refined": False}
         paths = []
         for name, sub, row in picks:  # each refined model is a standalone checkpoint whose largest is ``sub``
             paths += export_bundles(
@@ -510,7 +528,7 @@ class Pipeline:
                 log=self.log,
                 overwrite=True,
             )
-        return {"bundles": [str(p) for p in paths], "refined": True}
+        return {"bundles": [str(p) for p in paths], "baseline": [str(p) for p in baseline], "refined": True}
 
     def stage_evaluate(self) -> dict:
         from deploy.evaluate_bundle import evaluate_run

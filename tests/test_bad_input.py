@@ -717,6 +717,17 @@ CASES = [
         write("notes.txt", "my notes\n"),
     ),
     Case(
+        "distill-blocks-zero-steps",
+        ["distill-blocks", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/b", "--steps", "0"],
+        "steps must be >= 1",
+    ),
+    Case(
+        "distill-blocks-out-foreign-dir",
+        ["distill-blocks", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/mine"],
+        "files nasprune did not write",
+        FOREIGN,
+    ),
+    Case(
         "refine-out-foreign-dir",
         ["refine", "{fx}/model", "--arch", ARCH, "--data", "{fx}/heldout.txt", "--out", "{tmp}/mine"],
         "files nasprune did not write",

@@ -68,3 +68,27 @@ def test_overlapping_data_roles_are_refused(tmp_path):
         "builtin:sense_and_sensibility_validation",
         "builtin:persuasion_heldout",
     )
+
+
+def test_dominance_table_marks_what_beats_each_baseline():
+    from deploy.report import dominance, front_points
+
+    def bundle(ms32, ms8, ppl, eng32, eng8):
+        return {
+            "accuracy": {"ppl": ppl, "engine_ppl": {"fp32": eng32, "int8": eng8}},
+            "latency": {
+                "measured": {
+                    "fp32": {"w": {"stats_ms": {"median": ms32}}},
+                    "int8": {"w": {"stats_ms": {"median": ms8}}},
+                }
+            },
+        }
+
+    points = front_points(
+        {"original-x": bundle(400, 220, 40.0, 41.0, 65.6), "0-small": bundle(200, 90, 60.0, 60, 66)}, "w"
+    )
+    by_name = {(p["name"], p["variant"]): p for p in points}
+    assert abs(by_name[("original-x", "int8")]["ppl"] - 64.0) < 1e-9  # 40 x 65.6 / 41
+    rows = {f"{r['name']} {r['variant']}": r["dominated_by"] for r in dominance(points)}
+    assert rows["original-x fp32"] == []  # nothing is as good as the original in fp32
+    assert rows["original-x int8"] == ["0-small fp32"]  # its int8 (ppl 66) is faster but worse than 64

@@ -1,0 +1,219 @@
+"""Block-local distillation (BLD) of the elastic super-network: every width of every block in one pass.
+
+NVIDIA Puzzle / Model-Optimizer's "Matryoshka elastic bypass": each transformer block learns, from
+the *original* model's hidden state entering it, to reproduce the original block's output; a
+prefix width (embedding channels, heads in whole KV groups, FFN neurons) is sampled per block per
+step, so all widths of all blocks train at once. Blocks never see each other, so the work splits
+over processes (or machines) with no communication; the result is the same whatever the split,
+because block ``i`` draws its widths and batches from its own RNG seeded by ``(seed, i)``.
+
+Loss (Puzzle's normalized MSE, on the block's *contribution* to the residual stream)::
+
+    L_i = ||(y - x) - (t - x)||^2 / ||t - x||^2      on the first k_embed channels
+
+``x`` is the original residual entering block ``i`` (its first k channels are the student's
+input), ``t`` the original residual after it, ``y`` the student block's output. Normalizing the
+whole residual instead would be dominated by ``x`` itself, which passes through unchanged.
+
+Teacher activations are computed once (one forward of the original over the calibration tokens)
+and kept on disk as fp16 ``.npy`` files (``allow_pickle=False``) that every process memory-maps;
+recomputing them on the fly would cost a teacher forward of up to ``i`` blocks per step of block
+``i`` (measured in ``benchmarks/recovery.py``'s notes). Layer dropping is not trained here (a block
+cannot learn to stand in for a missing one from local signals): the end-to-end distillation stage
+after BLD handles the depth choices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor.errors import NaspruneError
+
+
+@dataclass
+class BlockDistillConfig:
+    steps: int = 100  # optimizer steps per block
+    batch_size: int = 4  # windows per step
+    seq_len: int = 256
+    tokens: int = 8192  # calibration tokens whose teacher activations are cached
+    lr: float = 1e-4
+    processes: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "tokens", "processes"):
+            if int(getattr(self, name)) < 1:
+                raise NaspruneError(f"block distillation {name} must be >= 1 (got {getattr(self, name)})")
+        if self.tokens < self.seq_len * self.batch_size:
+            raise NaspruneError(
+                f"block distillation needs tokens >= seq_len x batch_size ({self.seq_len * self.batch_size})"
+            )
+        if not self.lr > 0:
+            raise NaspruneError(f"block distillation lr must be > 0 (got {self.lr})")
+
+
+# ---- teacher activations ------------------------------------------------------------------
+def cache_teacher_activations(supernet, windows: torch.Tensor, directory: Path) -> dict:
+    """Residual entering every block and after the last one, of the full model, as fp16 .npy files."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path = directory / "meta.json"
+    if meta_path.exists():
+        return json.loads(meta_path.read_text())
+    start = time.perf_counter()
+    sn = supernet.eval()
+    n_layers = len(sn.family.layers(sn.model))
+    n, t = windows.shape
+    d = sn.family.dims.hidden_size
+    arrays = [
+        np.lib.format.open_memmap(directory / f"h{i}.npy", mode="w+", dtype=np.float16, shape=(n, t, d))
+        for i in range(n_layers + 1)
+    ]
+    with torch.no_grad(), sn.selected(sn.space.largest()):
+        for b in range(0, n, 4):
+            ids = windows[b : b + 4]
+            x, cos_sin = sn._embed(ids)
+            arrays[0][b : b + len(ids)] = x.numpy().astype(np.float16)
+            for i, layer in enumerate(sn.family.layers(sn.model)):
+                x = sn.family.block(layer, x, cos_sin, None, sn._shape)
+                arrays[i + 1][b : b + len(ids)] = x.numpy().astype(np.float16)
+    for a in arrays:
+        a.flush()
+    meta = {"windows": n, "seq_len": t, "hidden": d, "layers": n_layers, "seconds": time.perf_counter() - start}
+    tmp = meta_path.with_name(f".meta.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta))
+    os.replace(tmp, meta_path)  # written last: a directory with meta.json is complete
+    return meta
+
+
+def _open(directory: Path, i: int) -> np.ndarray:
+    return np.load(Path(directory) / f"h{i}.npy", mmap_mode="r", allow_pickle=False)
+
+
+# ---- one block ----------------------------------------------------------------------------
+def block_loss(supernet, layer_index: int, x: torch.Tensor, t: torch.Tensor, sub) -> torch.Tensor:
+    """Normalized MSE of block ``layer_index`` at the widths of ``sub`` on teacher input ``x`` / output ``t``."""
+    sn = supernet
+    shape = sn._shape_of(sub)
+    k = sub.embed_dim
+    xk, tk = x[..., :k], t[..., :k]
+    positions = torch.arange(x.shape[1])[None].expand(x.shape[0], -1)
+    cos_sin = sn.family.rotary(sn.model)(xk, positions)
+    y = sn.family.block(sn.family.layers(sn.model)[layer_index], xk, cos_sin, None, shape)
+    target = tk - xk
+    return ((y - xk) - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
+
+
+def train_block(supernet, layer_index: int, acts: Path, cfg: BlockDistillConfig) -> dict:
+    """Train one block over sampled widths; returns its loss curve summary. Deterministic in (seed, block)."""
+    sn = supernet
+    space = sn.space
+    rng = np.random.default_rng([cfg.seed, layer_index])
+    torch.manual_seed(cfg.seed * 100_003 + layer_index)
+    x_all, t_all = _open(acts, layer_index), _open(acts, layer_index + 1)
+    n = x_all.shape[0]
+    layer = sn.family.layers(sn.model)[layer_index]
+    params = [p for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    bounds = space.gene_upper_bounds()
+    first, last = [], []
+    layer.train()
+    for step in range(cfg.steps):
+        idx = np.sort(rng.choice(n, size=min(cfg.batch_size, n), replace=False))
+        x = torch.from_numpy(np.asarray(x_all[idx], dtype=np.float32))
+        t = torch.from_numpy(np.asarray(t_all[idx], dtype=np.float32))
+        genes = [int(rng.integers(0, b + 1)) for b in bounds]
+        sub = space.decode(genes)
+        loss = block_loss(sn, layer_index, x, t, sub)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        (first if step < max(1, cfg.steps // 10) else last).append(float(loss.detach()))
+    layer.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return {"layer": layer_index, "loss_first": float(np.mean(first)), "loss_last": float(np.mean(last or first))}
+
+
+# ---- all blocks, split over processes -----------------------------------------------------
+def _worker(model_dir: str, acts: str, cfg: BlockDistillConfig, rank: int, out: str, threads: int) -> None:
+    from safetensors.torch import save_file
+
+    from compressor.modeldir import load_model
+
+    torch.set_num_threads(threads)
+    loaded = load_model(model_dir)
+    sn = loaded.supernet()
+    n_layers = len(sn.family.layers(sn.model))
+    mine = [i for i in range(n_layers) if i % cfg.processes == rank]
+    reports = [train_block(sn, i, Path(acts), cfg) for i in mine]
+    state = {}
+    for i in mine:
+        prefix = f"{i}."
+        for name, p in sn.family.layers(sn.model)[i].named_parameters():
+            state[prefix + name] = p.detach().contiguous()
+    save_file(state, f"{out}/blocks-r{rank}.safetensors")
+    Path(f"{out}/blocks-r{rank}.json").write_text(json.dumps(reports))
+
+
+def distill_blocks(model_dir: str, windows: torch.Tensor, work: Path, cfg: BlockDistillConfig, log=print):
+    """BLD of every block of the super-network at ``model_dir``; returns (loaded model with trained blocks, report).
+
+    ``work`` holds the teacher activations (reused by later runs on the same windows) and the
+    per-process results. With ``cfg.processes > 1`` the blocks are trained in that many spawned
+    processes (torch.multiprocessing), one CPU thread each share of the machine's cores."""
+    from safetensors.torch import load_file
+
+    from compressor.modeldir import load_model
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(model_dir)
+    sn = loaded.supernet()
+    acts = work / "teacher"
+    fill = cache_teacher_activations(sn, windows, acts)
+    log(f"teacher activations: {fill['windows']} windows x {fill['seq_len']} tokens, {fill['layers'] + 1} states")
+    start = time.perf_counter()
+    threads = max(1, (os.cpu_count() or 1) // cfg.processes)
+    if cfg.processes == 1:
+        _worker(model_dir, str(acts), cfg, 0, str(work), torch.get_num_threads())
+    else:
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        procs = [
+            ctx.Process(target=_worker, args=(model_dir, str(acts), cfg, r, str(work), threads))
+            for r in range(cfg.processes)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+        if failed:
+            raise NaspruneError(f"block distillation worker(s) {failed} failed; see their output above")
+    seconds = time.perf_counter() - start
+    layers = sn.family.layers(sn.model)
+    reports = []
+    for r in range(cfg.processes):
+        for key, value in load_file(str(work / f"blocks-r{r}.safetensors")).items():
+            i, name = key.split(".", 1)
+            layers[int(i)].get_parameter(name).data.copy_(value)
+        reports += json.loads((work / f"blocks-r{r}.json").read_text())
+    report = {
+        "config": asdict(cfg),
+        "seconds": seconds,
+        "teacher_fill_seconds": fill["seconds"],
+        "blocks": sorted(reports, key=lambda r: r["layer"]),
+    }
+    return loaded, report
