@@ -276,6 +276,111 @@ def run_sandwich(args, results, ev, imp, paths, method):
             )
 
 
+def run_bld(args, results, ev, imp, paths):
+    """Block-local distillation alone, then + end-to-end KD (from the original) for the rest of the budget."""
+    from compressor.bld import BlockDistillConfig, distill_blocks
+    from compressor.extract import extract
+    from compressor.modeldir import load_model, save_model_dir
+    from compressor.repair import RepairConfig, calibration_windows
+    from compressor.train import TrainConfig, run_training
+
+    parent = load_model(str(imp))
+    windows = calibration_windows(parent.tokenizer, str(paths["train"]), RepairConfig(tokens=8192, seq_len=256))
+    bld_dir = args.work / "bld-model"
+    if not any(r["method"] == "bld" for r in results.data["rows"]):
+        cfg = BlockDistillConfig(
+            steps=args.bld_steps, batch_size=4, seq_len=256, tokens=8192, lr=args.lr, processes=args.bld_processes
+        )
+        t = time.perf_counter()
+        trained, report = distill_blocks(str(imp), windows, args.work / "bld", cfg, log=print)
+        minutes = (time.perf_counter() - t) / 60
+        save_model_dir(trained.model, trained.tokenizer, trained.meta, bld_dir, overwrite=True)
+        sn = trained.supernet()
+        for name, sub in ARCHS.items():
+            results.add(
+                method="bld",
+                arch=name,
+                minutes=minutes,
+                params=sn.space.num_params(sub),
+                bld={k: report[k] for k in ("seconds", "teacher_fill_seconds")},
+                **ev.model(extract(sn, sub), with_mc=True),
+            )
+    bld_minutes = next(r["minutes"] for r in results.data["rows"] if r["method"] == "bld")
+    if any(r["method"] == "bld+kd" for r in results.data["rows"]):
+        return
+    remaining = max(0.5, args.minutes - bld_minutes)
+    cfg = TrainConfig(
+        strategy="importance-random",
+        steps=args.steps,
+        max_minutes=remaining,
+        batch_size=args.batch_size,
+        seq_len=256,
+        lr=args.lr,
+        warmup_steps=3,
+        checkpoint_every=5,
+        seed=args.seed,
+        distill="logits",
+    )
+    out = args.work / "bld+kd"
+    run_training(
+        str(bld_dir),
+        str(paths["train"]),
+        out,
+        cfg,
+        overwrite=True,
+        log=lambda *_: None,
+        teacher_cache_dir=args.work / "teacher",
+        teacher=str(imp),
+    )
+    trained = load_model(str(out))
+    info = trained.meta.provenance["training"]
+    sn = trained.supernet()
+    for name, sub in ARCHS.items():
+        results.add(
+            method="bld+kd",
+            arch=name,
+            minutes=bld_minutes + info["seconds"] / 60,
+            params=sn.space.num_params(sub),
+            steps=info["steps"],
+            tokens=info["tokens"],
+            **ev.model(extract(sn, sub), with_mc=True),
+        )
+
+
+def run_bld_speed(args, results, imp, paths):
+    """BLD throughput with 1 and 2 processes on the same cached activations and work (teacher fill excluded)."""
+    from compressor.bld import BlockDistillConfig, distill_blocks
+    from compressor.modeldir import load_model
+    from compressor.repair import RepairConfig, calibration_windows
+
+    if "bld_speed" in results.data["meta"]:
+        return
+    parent = load_model(str(imp))
+    windows = calibration_windows(parent.tokenizer, str(paths["train"]), RepairConfig(tokens=8192, seq_len=256))
+    speed = {}
+    for processes in (1, 2):
+        work = args.work / f"bld-speed-{processes}"
+        (work).mkdir(parents=True, exist_ok=True)
+        teacher = work / "teacher"
+        if not teacher.exists():
+            teacher.symlink_to((args.work / "bld" / "teacher").resolve())  # the same cached activations
+        cfg = BlockDistillConfig(
+            steps=args.bld_speed_steps, batch_size=4, seq_len=256, tokens=8192, lr=args.lr, processes=processes
+        )
+        _, report = distill_blocks(str(imp), windows, work, cfg, log=lambda *_: None)
+        speed[processes] = report["seconds"]
+        print(
+            f"  BLD {processes} process(es): {report['seconds']:.1f} s for 30 blocks x {args.bld_speed_steps} steps",
+            flush=True,
+        )
+    results.data["meta"]["bld_speed"] = {
+        "seconds": speed,
+        "speedup_2_vs_1": speed[1] / speed[2],
+        "steps_per_block": args.bld_speed_steps,
+    }
+    results.save()
+
+
 def run_refine(args, results, ev, imp, paths):
     from compressor.modeldir import load_model
     from compressor.refine import RefineConfig, refine
@@ -389,7 +494,7 @@ def report(results: Results, out_png: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(ARCHS), figsize=(5 * len(ARCHS), 4), squeeze=False)
     for ax, arch in zip(axes[0], ARCHS):
-        for method in ["one-shot", "repair", *SANDWICH, "refine"]:
+        for method in ["one-shot", "repair", *SANDWICH, "refine", "bld", "bld+kd"]:
             pts = sorted((r["minutes"], r["persuasion"]) for r in rows if r["method"] == method and r["arch"] == arch)
             if method in SANDWICH:
                 base = [(0.0, r["persuasion"]) for r in rows if r["method"] == "one-shot" and r["arch"] == arch]
@@ -417,7 +522,9 @@ def main():
     ap.add_argument("--importance", help="an importance-permuted model dir to reuse (default: computed in --work)")
     ap.add_argument("--minutes", type=float, default=10.0, help="budget per training method")
     ap.add_argument("--segments", type=int, default=2, help="evaluation points along each training run")
-    ap.add_argument("--methods", default="references,one-shot,repair,sandwich-ce,sandwich-kd,inplace-kd,refine")
+    ap.add_argument(
+        "--methods", default="references,one-shot,repair,sandwich-ce,sandwich-kd,inplace-kd,refine,bld,bld-speed"
+    )
     ap.add_argument("--steps", type=int, default=120, help="cosine schedule length (the time budget stops first)")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -429,6 +536,9 @@ def main():
     ap.add_argument("--mc-limit", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-int8", action="store_true")
+    ap.add_argument("--bld-steps", type=int, default=100, help="block-local distillation steps per block")
+    ap.add_argument("--bld-processes", type=int, default=2)
+    ap.add_argument("--bld-speed-steps", type=int, default=20)
     args = ap.parse_args()
     args.mc_tasks = [t for t in args.mc_tasks.split(",") if t]
     torch.set_num_threads(args.threads)
@@ -458,6 +568,10 @@ def main():
             run_sandwich(args, results, ev, imp, paths, method)
     if "refine" in methods:
         run_refine(args, results, ev, imp, paths)
+    if "bld" in methods:
+        run_bld(args, results, ev, imp, paths)
+    if "bld-speed" in methods:
+        run_bld_speed(args, results, imp, paths)
     report(results, args.out.with_suffix(".png"))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 

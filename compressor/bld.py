@@ -180,7 +180,12 @@ def distill_blocks(model_dir: str, windows: torch.Tensor, work: Path, cfg: Block
     work.mkdir(parents=True, exist_ok=True)
     loaded = load_model(model_dir)
     sn = loaded.supernet()
-    acts = work / "teacher"
+    # keyed by the calibration tokens and the teacher's weights: a stale cache is never read
+    from compressor.distill import state_dict_hash
+    from compressor.hashing import sha256_parts
+
+    key = sha256_parts([windows.numpy().tobytes(), state_dict_hash(sn.model)]).hexdigest()[:16]
+    acts = work / "teacher" / key
     fill = cache_teacher_activations(sn, windows, acts)
     log(f"teacher activations: {fill['windows']} windows x {fill['seq_len']} tokens, {fill['layers'] + 1} states")
     start = time.perf_counter()

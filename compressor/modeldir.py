@@ -193,23 +193,28 @@ def refuse_remote_code(directory: Path) -> None:
             )
 
 
+def read_config(directory: Path, hint: str = "pass a model dir, a .gguf file, a hub id with --online, or 'default'"):
+    """The HF config of a checkpoint dir, refusing remote code; every problem is one line."""
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        raise NaspruneError(f"{directory} is not a Hugging Face checkpoint (no config.json); {hint}")
+    refuse_remote_code(directory)
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except Exception as e:  # noqa: BLE001 - any parse error is the same user problem
+        raise NaspruneError(
+            f"{directory}/config.json cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from None
+
+
 def _load_dir(directory: Path, dtype) -> tuple:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compressor.architectures import family_for
 
-    if not (directory / "config.json").exists():
-        raise NaspruneError(
-            f"{directory} is not a Hugging Face checkpoint (no config.json); pass a model dir, a .gguf file, "
-            "a hub id with --online, or 'default'"
-        )
-    refuse_remote_code(directory)
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except Exception as e:  # noqa: BLE001 - any parse error is the same user problem
-        raise NaspruneError(
-            f"{directory}/config.json cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
+    config = read_config(directory)
     family_for(config)  # fail fast, one line, before loading weights
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)

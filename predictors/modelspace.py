@@ -19,21 +19,11 @@ def describe_model(spec: str, online: bool = False) -> dict:
 
     A directory (or ``default``, once converted) is read without loading weights.
     """
-    from compressor.modeldir import ModelMeta, default_model_dir, load_model, refuse_remote_code
+    from compressor.modeldir import ModelMeta, default_model_dir, load_model, read_config
 
     path = default_model_dir() if spec == "default" else Path(spec).expanduser()
     if path.is_dir():
-        from transformers import AutoConfig
-
-        if not (path / "config.json").exists():
-            raise NaspruneError(f"{path} is not a Hugging Face checkpoint (no config.json); pass the profiled model")
-        refuse_remote_code(path)
-        try:
-            config = AutoConfig.from_pretrained(path)
-        except Exception as e:  # noqa: BLE001 - any parse error is the same user problem
-            raise NaspruneError(
-                f"{path}/config.json cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-            ) from None
+        config = read_config(path, hint="pass the profiled model")
         meta = ModelMeta.read(path)
     else:
         loaded = load_model(spec, online=online)

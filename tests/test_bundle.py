@@ -78,16 +78,15 @@ def test_check_command_baseline_then_gate(tiny_model, tmp_path):
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "--update-baseline" in r.output  # no baseline yet
     assert runner.invoke(app, args + ["--update-baseline"]).exit_code == 0
-    # A/A with a threshold far above any machine noise must pass (exit 0, never "regression")
-    r = runner.invoke(app, args + ["--threshold", "300%"])
-    assert r.exit_code == 0, r.output
-    assert (bundle / "check" / "check.json").exists() and (bundle / "check" / "check.junit.xml").exists()
+    # (a stored A/A verdict depends on how loaded the machine is between the two runs -- seen +800 % on a
+    # machine running benchmarks -- so the A/A "must pass" is asserted in paired mode below)
     data = json.loads(baseline.read_text())
-    # the same bundle against a baseline that claims it ran 5x faster: a regression, exit 1
-    fast = {**data, "blocks": [[x / 5 for x in block] for block in data["blocks"]]}
+    # the same bundle against a baseline that claims it ran 1000x faster: a regression, exit 1
+    fast = {**data, "blocks": [[x / 1000 for x in block] for block in data["blocks"]]}
     baseline.write_text(json.dumps(fast))
     r = runner.invoke(app, args)
     assert r.exit_code == 1 and "REGRESSION" in r.output, r.output
+    assert (bundle / "check" / "check.json").exists() and (bundle / "check" / "check.junit.xml").exists()
     data["identity"]["fingerprint_id"] = "another-machine"
     baseline.write_text(json.dumps(data))
     r = runner.invoke(app, args)

@@ -19,8 +19,9 @@ from compressor.search_space import SubNetwork
 from profilers import standalone
 from profilers.api import choose_subnetworks, profile_subnetworks
 from profilers.base import get_engine, list_engines
+from profilers.records import REQUIRED
 from profilers.standalone import Protocol, fingerprint_id, make_fingerprint, measure, summarize, timed
-from profilers.store import REQUIRED, ProfileStore
+from profilers.store import ProfileStore
 from tests.conftest import make_tiny
 
 FAST = Protocol(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0, max_remeasure=0, probe_seconds=0.02)
