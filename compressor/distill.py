@@ -63,7 +63,8 @@ from compressor.errors import NaspruneError
 
 CACHE_FORMAT = "nasprune-teacher-cache/1"
 VALUE_DTYPES = ("float16", "float32")
-DEFAULT_CHUNK_WINDOWS = 64  # windows per fill chunk (the unit of progress and of DDP sharding)
+DEFAULT_CHUNK_WINDOWS = 1  # windows per chunk (the unit of progress and of DDP sharding): training reads
+# windows in a random order, so a coarser chunk would make the fill compute many windows never read
 
 
 # ---- losses -------------------------------------------------------------------------------------
@@ -374,9 +375,11 @@ class TeacherCache:
                     f"teacher cache: computing {len(mine)} of {len(needed)} chunks ({self.chunk} windows each) "
                     f"in {self.dir}"
                 )
-            for c in mine:
-                self._fill_chunk(c, teacher, batch_size, device)
-                recorded.add(c)
+            per_group = max(1, batch_size // self.chunk)  # one teacher forward fills several (scattered) chunks
+            for g in range(0, len(mine), per_group):
+                group = mine[g : g + per_group]
+                self._fill_chunks(group, teacher, batch_size, device)
+                recorded.update(group)
                 _write_json_atomic(own, {"done_chunks": sorted(recorded), "chunk_windows": self.chunk})
         self._arrays = None
         self.barrier()
@@ -397,22 +400,22 @@ class TeacherCache:
             "seconds": round(time.perf_counter() - t0, 3),
         }
 
-    def _fill_chunk(self, c: int, teacher, batch_size: int, device) -> None:
+    def _fill_chunks(self, chunks: list[int], teacher, batch_size: int, device) -> None:
         a = self._arrays
-        lo, hi = c * self.chunk, min(self.n, (c + 1) * self.chunk)
-        for s in range(lo, hi, batch_size):
-            e = min(hi, s + batch_size)
-            ids = self.input_ids[s:e].to(device)
-            mask = self.attention_mask[s:e].to(device)
+        rows = np.concatenate([np.arange(c * self.chunk, min(self.n, (c + 1) * self.chunk)) for c in chunks])
+        for s in range(0, len(rows), batch_size):
+            sel = rows[s : s + batch_size]
+            ids = self.input_ids[torch.as_tensor(sel)].to(device)
+            mask = self.attention_mask[torch.as_tensor(sel)].to(device)
             with torch.no_grad():
                 logits = teacher(ids, mask)
                 idx, values, tail = topk_targets(logits, self.k, self.temperature)
-            self.teacher_windows += e - s
-            a["topk_idx"][s:e] = idx.to("cpu", torch.int32).numpy()
-            a["topk_logprob"][s:e] = values.to("cpu").numpy().astype(self.value_dtype)
-            a["tail_logprob"][s:e] = tail.to("cpu", torch.float32).numpy()
+            self.teacher_windows += len(sel)
+            a["topk_idx"][sel] = idx.to("cpu", torch.int32).numpy()
+            a["topk_logprob"][sel] = values.to("cpu").numpy().astype(self.value_dtype)
+            a["tail_logprob"][sel] = tail.to("cpu", torch.float32).numpy()
         for arr in a.values():
-            arr.flush()  # rows on disk before the chunk is recorded as done
+            arr.flush()  # rows on disk before the chunks are recorded as done
 
     # -- reading
     def fetch(self, idx, device: torch.device | str = "cpu"):
