@@ -215,10 +215,28 @@ def run_repair(args, results, ev, imp, paths):
         )
 
 
+def sandwich_config(args, minutes: float, **distill):
+    """The one training recipe every end-to-end method shares (only the loss differs)."""
+    from compressor.train import TrainConfig
+
+    return TrainConfig(
+        strategy="importance-random",
+        steps=args.steps,
+        max_minutes=minutes,
+        batch_size=args.batch_size,
+        seq_len=256,
+        lr=args.lr,
+        warmup_steps=3,
+        checkpoint_every=5,
+        seed=args.seed,
+        **distill,
+    )
+
+
 def run_sandwich(args, results, ev, imp, paths, method):
     from compressor.extract import extract
     from compressor.modeldir import load_model
-    from compressor.train import TrainConfig, run_training
+    from compressor.train import run_training
 
     out = args.work / method
     segment = args.minutes / args.segments
@@ -227,18 +245,7 @@ def run_sandwich(args, results, ev, imp, paths, method):
         done = [r for r in results.data["rows"] if r["method"] == method]
         if any(r.get("budget") == budget for r in done) or any(r.get("schedule_done") for r in done):
             continue
-        cfg = TrainConfig(
-            strategy="importance-random",
-            steps=args.steps,
-            max_minutes=segment,
-            batch_size=args.batch_size,
-            seq_len=256,
-            lr=args.lr,
-            warmup_steps=3,
-            checkpoint_every=5,
-            seed=args.seed,
-            **SANDWICH[method],
-        )
+        cfg = sandwich_config(args, segment, **SANDWICH[method])
         resume = (args.work / f"{method}.train" / "checkpoint.pt").exists()
         t = time.perf_counter()
         run_training(
@@ -282,7 +289,7 @@ def run_bld(args, results, ev, imp, paths):
     from compressor.extract import extract
     from compressor.modeldir import load_model, save_model_dir
     from compressor.repair import RepairConfig, calibration_windows
-    from compressor.train import TrainConfig, run_training
+    from compressor.train import run_training
 
     parent = load_model(str(imp))
     windows = calibration_windows(parent.tokenizer, str(paths["train"]), RepairConfig(tokens=8192, seq_len=256))
@@ -309,18 +316,7 @@ def run_bld(args, results, ev, imp, paths):
     if any(r["method"] == "bld+kd" for r in results.data["rows"]):
         return
     remaining = max(0.5, args.minutes - bld_minutes)
-    cfg = TrainConfig(
-        strategy="importance-random",
-        steps=args.steps,
-        max_minutes=remaining,
-        batch_size=args.batch_size,
-        seq_len=256,
-        lr=args.lr,
-        warmup_steps=3,
-        checkpoint_every=5,
-        seed=args.seed,
-        distill="logits",
-    )
+    cfg = sandwich_config(args, remaining, distill="logits")
     out = args.work / "bld+kd"
     run_training(
         str(bld_dir),
