@@ -15,7 +15,7 @@ from rich.table import Table
 
 from compressor.console import STATE, console, handles_errors, load_for_cli, quiet_transformers
 from compressor.errors import NaspruneError
-from compressor.outputs import claim_output
+from compressor.outputs import claim_output, mark_output
 
 
 def register(app: typer.Typer) -> None:
@@ -405,6 +405,8 @@ def distill_blocks(
     claim_output(out, "model", overwrite=overwrite)
     work = out.parent / f"{out.name}.blocks"
     claim_output(work, "training", resume=True)
+    work.mkdir(parents=True, exist_ok=True)
+    mark_output(work, "training")  # a rerun (--overwrite) reuses its cached teacher activations
     loaded = load_for_cli(model)
     windows = calibration_windows(loaded.tokenizer, data, RepairConfig(tokens=tokens, seq_len=seq_len), STATE["online"])
     trained, report = run_bld(str(loaded.path), windows, work, cfg, log=console.print)

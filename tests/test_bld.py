@@ -71,3 +71,36 @@ def test_blocks_in_two_processes_equal_one_process(tiny_dir, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert len(report["blocks"]) == 4
+
+
+def test_distill_blocks_command_reruns_with_overwrite(tiny_model, tmp_path):
+    """The CLI writes OUT and its own work dir OUT.blocks; a rerun with --overwrite reuses that work dir."""
+    from typer.testing import CliRunner
+
+    from compressor.data import PACKAGE_DATA
+    from nasprune.cli import app
+
+    data = tmp_path / "d.txt"
+    data.write_text((PACKAGE_DATA / "northanger_abbey.txt").read_text()[:20_000])
+    args = [
+        "distill-blocks",
+        str(tiny_model),
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "b"),
+        "--steps",
+        "2",
+        "--tokens",
+        "256",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+    ]
+    runner = CliRunner()
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert runner.invoke(app, args + ["--overwrite"]).exit_code == 0
