@@ -352,7 +352,6 @@ def refine(
     cfg = RefineConfig(
         minutes=minutes, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, repair=not no_repair
     )
-    claim_output(out, "model", overwrite=overwrite or resume)
     record = run_refine(
         model,
         sub,
