@@ -8,9 +8,12 @@ A family answers three questions for the rest of nasprune:
 * how to run one decoder block on *views* of the shared weights (the super-network forward);
 * how to write the config of a smaller model that plain ``transformers`` can load.
 
-Supported: Llama-style (Llama 2/3, SmolLM, Mistral, Qwen2; GQA/MQA), Phi (phi-1/2), Phi-3 and
-GPT-NeoX (Pythia). Dropout is not applied in the super-network forward (LLM fine-tuning runs
-without it); sliding-window attention is treated as full attention (exact below the window).
+Supported: Llama-style (Llama 2/3, SmolLM, Mistral, Qwen2; GQA/MQA), Qwen3, OLMo 2, Gemma 2,
+Gemma 3 (text), Phi (phi-1/2), Phi-3 and GPT-NeoX (Pythia). Dropout is not applied in the
+super-network forward (LLM fine-tuning runs without it). Sliding-window attention is real: each
+layer attends within its own window (``layer_types`` / ``sliding_window`` of the config, as HF
+dispatches it), so sequences longer than the window are exact too; dropping layers keeps every
+kept layer's own attention type (the extracted config's ``layer_types`` are sliced with the layers).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from compressor import quant_sim
 from compressor.errors import NaspruneError
 
 # Axis roles. ``None`` means the axis is never sliced (vocabulary, head-internal dims).
@@ -124,7 +128,7 @@ def elastic_linear(module: torch.nn.Module, x: torch.Tensor, rows: slice, cols: 
     """
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
     bias = base.bias[rows] if base.bias is not None else None
-    out = F.linear(x, base.weight[rows, :cols], bias)
+    out = quant_sim.linear(base, x, base.weight[rows, :cols], bias)  # F.linear unless a quantization is simulated
     if (
         hasattr(module, "lora_A")
         and not getattr(module, "merged", False)
@@ -157,20 +161,35 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return rope(q), rope(k)
 
 
-def attention(q, k, v, attention_mask, scale):
-    """Causal SDPA with GQA. q: [B,H,T,D], k/v: [B,G,T,D]; attention_mask: optional [B,T] padding mask."""
+def attention(q, k, v, attention_mask, scale, window: int | None = None, softcap: float | None = None):
+    """Causal attention with GQA. q: [B,H,T,D], k/v: [B,G,T,D]; attention_mask: optional [B,T] padding mask.
+
+    ``window``: sliding-window attention as Hugging Face defines it, a query at position i sees keys
+    j with i - window < j <= i. ``softcap``: Gemma 2's tanh soft-capping of the attention logits
+    (``cap * tanh(logits / cap)`` before the mask), which SDPA cannot express, so that path runs eagerly.
+    """
+    t = q.shape[-2]
     mask = None
-    if attention_mask is not None:
-        t = q.shape[-2]
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        mask = causal[None, None] & attention_mask.bool()[:, None, None, :]
-        # a padded query row may see nothing; let it see itself so no NaN reaches the gradients
-        mask = mask | torch.eye(t, dtype=torch.bool, device=q.device)[None, None]
+    if attention_mask is not None or window is not None or softcap is not None:
+        pos = torch.arange(t, device=q.device)
+        mask = pos[None, :] <= pos[:, None]
+        if window is not None:
+            mask = mask & (pos[None, :] > pos[:, None] - window)
+        mask = mask[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask.bool()[:, None, None, :]
+            # a padded query row may see nothing; let it see itself so no NaN reaches the gradients
+            mask = mask | torch.eye(t, dtype=torch.bool, device=q.device)[None, None]
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 class Family:
@@ -183,11 +202,81 @@ class Family:
     #: regex on a parameter name (layer index stripped to ``{i}``) -> axis roles
     roles: dict[str, tuple[str | None, ...]] = {}
     layers_path: str = ""
+    #: RMSNorm multiplies by ``offset + weight`` (Gemma stores ``weight`` around 0, so offset 1).
+    norm_offset: float = 0.0
 
     def __init__(self, config):
         self.config = config
         self.dims = self.read_dims(config)
         self._compiled = [(re.compile(p + "$"), r) for p, r in self.roles.items()]
+        self.layer_types = self.read_layer_types(config)
+
+    # ---- attention pattern ------------------------------------------------------------------
+    def read_layer_types(self, config) -> list[str]:
+        """Per layer ``full_attention`` or ``sliding_attention``, as the HF model dispatches its masks.
+
+        Configs with ``layer_types`` (Qwen2/3, Gemma 2/3) say it per layer; Mistral and Phi-3 apply
+        ``sliding_window`` to every layer when it is set.
+        """
+        n = config.num_hidden_layers
+        types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None)
+        if not types:
+            types = ["sliding_attention" if window else "full_attention"] * n
+        types = list(types)
+        unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if len(types) != n or unknown:
+            raise NaspruneError(
+                f"{self.name}: unsupported attention layer types {unknown or types} "
+                "(nasprune handles full_attention and sliding_attention)"
+            )
+        if "sliding_attention" in types and not window:
+            raise NaspruneError(f"{self.name}: config has sliding_attention layers but no sliding_window")
+        return types
+
+    def window(self, layer_index: int | None) -> int | None:
+        """Sliding-window size of a layer (by its index in the full model), None for full attention."""
+        if "sliding_attention" not in self.layer_types:
+            return None
+        if layer_index is None:
+            raise NaspruneError(f"{self.name}: cannot tell which layer a block is, so not its attention window")
+        return self.config.sliding_window if self.layer_types[layer_index] == "sliding_attention" else None
+
+    def attention_pattern(self, layers: list[int] | None = None) -> str:
+        """Human-readable attention pattern of the given (kept) layers, e.g. ``5 sliding(512) + 1 full: SSSSSF``."""
+        types = [self.layer_types[i] for i in (range(len(self.layer_types)) if layers is None else layers)]
+        n_sliding = types.count("sliding_attention")
+        if not n_sliding:
+            return f"{len(types)} full"
+        code = "".join("S" if t == "sliding_attention" else "F" for t in types)
+        return f"{n_sliding} sliding(window {self.config.sliding_window}) + {len(types) - n_sliding} full: {code}"
+
+    def elastic_dimensions(self) -> list[str]:
+        """What a sub-network may shrink, and the couplings between dimensions (for ``nasprune info``)."""
+        d = self.dims
+        out = [
+            f"embed_dim: residual width, sliced in the embedding, every norm and projection (full {d.hidden_size})",
+            f"num_heads: query heads in whole KV groups of {d.q_per_group} (num_kv_heads = num_heads / "
+            f"{d.q_per_group}); head_dim {d.head_dim} is fixed",
+            f"ffn_dim: FFN neurons, one value for all layers (full {d.intermediate_size})",
+            "num_layers: top-ranked layers kept in order, each with its own attention type",
+        ]
+        out += self.couplings()
+        return out
+
+    def couplings(self) -> list[str]:
+        if self.couples_embed_to_heads:
+            return [f"coupled: embed_dim = num_heads x {self.dims.head_dim} (the config fixes head size)"]
+        return []
+
+    @staticmethod
+    def layer_index_of(layer) -> int | None:
+        """A block's index in the full model (HF attention modules know it; dropping layers does not renumber)."""
+        idx = getattr(layer, "layer_idx", None)
+        if idx is None:
+            attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+            idx = getattr(attn, "layer_idx", None)
+        return idx
 
     # ---- layout -----------------------------------------------------------------------------
     def read_dims(self, config) -> ModelDims:
@@ -262,16 +351,37 @@ class Family:
             bias = module.bias[:n] if module.bias is not None else None
             return F.layer_norm(x, (n,), module.weight[:n], bias, module.eps)
         eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", 1e-6)
+        if self.norm_offset:  # Gemma: (x * (1 + w)) in fp32, then cast
+            w = module.weight[:n].float() + self.norm_offset
+            return (F.rms_norm(x.float(), (n,), None, eps) * w).to(x.dtype)
         return F.rms_norm(x.float(), (n,), None, eps).to(x.dtype) * module.weight[:n]
 
-    def _attend(self, q, k, v, cos_sin, attention_mask, s: ActiveShape, out_module, embed: int):
+    def _attend(
+        self,
+        q,
+        k,
+        v,
+        cos_sin,
+        attention_mask,
+        s: ActiveShape,
+        out_module,
+        embed: int,
+        window: int | None = None,
+        softcap: float | None = None,
+        scale: float | None = None,
+        head_norms=None,
+    ):
+        """``head_norms``: (q_norm, k_norm) applied per head over head_dim (Qwen3, Gemma 3), before rotary."""
         b, t = q.shape[:2]
         hd = self.dims.head_dim
-        q = q.view(b, t, s.heads, hd).transpose(1, 2)
-        k = k.view(b, t, s.kv_heads, hd).transpose(1, 2)
+        q = q.view(b, t, s.heads, hd)
+        k = k.view(b, t, s.kv_heads, hd)
+        if head_norms is not None:
+            q, k = self._norm(head_norms[0], q, hd), self._norm(head_norms[1], k, hd)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, t, s.kv_heads, hd).transpose(1, 2)
         q, k = apply_rotary(q, k, *cos_sin)
-        y = attention(q, k, v, attention_mask, hd**-0.5)
+        y = attention(q, k, v, attention_mask, hd**-0.5 if scale is None else scale, window, softcap)
         y = y.transpose(1, 2).reshape(b, t, s.heads * hd)
         return elastic_linear(out_module, y, slice(0, embed), s.heads * hd)
 
@@ -315,16 +425,164 @@ class LlamaFamily(Family):
         up = elastic_linear(mlp.up_proj, h, slice(0, s.ffn), s.embed)
         return elastic_linear(mlp.down_proj, ACT2FN[self.config.hidden_act](gate) * up, slice(0, s.embed), s.ffn)
 
+    #: q_norm / k_norm per head over head_dim (Qwen3, Gemma 3): never sliced
+    head_norms: bool = False
+
+    def _cos_sin(self, cos_sin, layer_index: int):
+        """The rotary (cos, sin) of a layer; one pair for all layers unless the family has several bases."""
+        return cos_sin
+
+    def _attention_options(self, layer_index: int) -> dict:
+        """Per-layer attention settings: the sliding window (and, for Gemma, scale and soft-cap)."""
+        return {"window": self.window(layer_index)}
+
+    def _self_attention(self, layer, h, cos_sin, attention_mask, s):
+        """Attention branch of a block (before any post-norm): projections, norms, rotary, window."""
+        attn, i = layer.self_attn, self.layer_index_of(layer)
+        return self._attend(
+            *self._qkv(attn, h, s),
+            self._cos_sin(cos_sin, i),
+            attention_mask,
+            s,
+            attn.o_proj,
+            s.embed,
+            head_norms=(attn.q_norm, attn.k_norm) if self.head_norms else None,
+            **self._attention_options(i),
+        )
+
     def block(self, layer, x, cos_sin, attention_mask, s):
         h = self._norm(layer.input_layernorm, x, s.embed)
-        attn = layer.self_attn
-        x = x + self._attend(*self._qkv(attn, h, s), cos_sin, attention_mask, s, attn.o_proj, s.embed)
+        x = x + self._self_attention(layer, h, cos_sin, attention_mask, s)
         h = self._norm(layer.post_attention_layernorm, x, s.embed)
         return x + self._mlp(layer.mlp, h, s)
 
     def head(self, model, x, s):
         x = self._norm(model.model.norm, x, s.embed)
         return elastic_linear(model.lm_head, x, slice(None), s.embed)
+
+
+_LLAMA_ROLES = dict(LlamaFamily.roles)
+_HEAD_NORMS = {r"model\.layers\.\{i\}\.self_attn\.[qk]_norm\.weight": (None,)}  # over head_dim: never sliced
+
+
+class Qwen3Family(LlamaFamily):
+    """Qwen3: Qwen2 + per-head RMSNorm of q and k over head_dim (head pruning leaves those weights whole)."""
+
+    name = "qwen3"
+    hf_classes = ("Qwen3ForCausalLM",)
+    roles = {**_LLAMA_ROLES, **_HEAD_NORMS}
+    head_norms = True
+
+    def couplings(self) -> list[str]:
+        return ["q_norm/k_norm act per head over head_dim: head pruning keeps their weights whole"]
+
+
+class Olmo2Family(LlamaFamily):
+    """OLMo 2: norms *after* attention and FFN (no pre-norms), q/k RMSNorm over the whole projection.
+
+    The q/k norm weights span ``heads x head_dim`` rows, so they carry the Q / KV roles and are
+    sliced and permuted with the heads; RMS over the kept heads' rows is what the extracted model
+    (whose q_norm has ``heads x head_dim`` weights) computes.
+    """
+
+    name = "olmo2"
+    hf_classes = ("Olmo2ForCausalLM",)
+    roles = {
+        **{k: v for k, v in _LLAMA_ROLES.items() if "layernorm" not in k},
+        r"model\.layers\.\{i\}\.self_attn\.q_norm\.weight": (Q,),
+        r"model\.layers\.\{i\}\.self_attn\.k_norm\.weight": (KV,),
+        r"model\.layers\.\{i\}\.(post_attention|post_feedforward)_layernorm\.weight": (EMBED,),
+    }
+
+    def couplings(self) -> list[str]:
+        return ["q_norm/k_norm span num_heads x head_dim: their weights are sliced and permuted with the heads"]
+
+    def _qkv(self, attn, h, s):
+        q, k, v = super()._qkv(attn, h, s)
+        hd = self.dims.head_dim
+        return self._norm(attn.q_norm, q, s.heads * hd), self._norm(attn.k_norm, k, s.kv_heads * hd), v
+
+    def block(self, layer, x, cos_sin, attention_mask, s):
+        x = x + self._norm(
+            layer.post_attention_layernorm, self._self_attention(layer, x, cos_sin, attention_mask, s), s.embed
+        )
+        return x + self._norm(layer.post_feedforward_layernorm, self._mlp(layer.mlp, x, s), s.embed)
+
+
+class Gemma2Family(LlamaFamily):
+    """Gemma 2: scaled embedding, (1 + w) RMSNorms before and after attention and FFN, soft-capping.
+
+    The embedding is multiplied by sqrt(hidden_size). HF computes that factor from the config, so
+    an extracted model of width ``embed_dim`` scales by sqrt(embed_dim); the super-network uses the
+    *active* width too, so every sub-network equals its extracted model exactly.
+    Attention logits are scaled by ``query_pre_attn_scalar ** -0.5`` (not head_dim) and soft-capped
+    (``attn_logit_softcapping``); the final logits by ``final_logit_softcapping``. Layers alternate
+    sliding-window and global attention per ``layer_types``.
+    """
+
+    name = "gemma2"
+    hf_classes = ("Gemma2ForCausalLM",)
+    norm_offset = 1.0
+    roles = {
+        **_LLAMA_ROLES,
+        r"model\.layers\.\{i\}\.(input|post_attention|pre_feedforward|post_feedforward)_layernorm\.weight": (EMBED,),
+    }
+
+    def couplings(self) -> list[str]:
+        out = ["the embedding is scaled by sqrt(embed_dim) of the sub-network (HF derives it from hidden_size)"]
+        if self.head_norms:
+            out.append("q_norm/k_norm act per head over head_dim: head pruning keeps their weights whole")
+        return out
+
+    def embed(self, model, input_ids, s):
+        w = model.model.embed_tokens.weight[:, : s.embed]
+        return F.embedding(input_ids, w) * torch.tensor(s.embed**0.5, dtype=w.dtype)
+
+    def _mlp(self, mlp, h, s):
+        gate = elastic_linear(mlp.gate_proj, h, slice(0, s.ffn), s.embed)
+        up = elastic_linear(mlp.up_proj, h, slice(0, s.ffn), s.embed)
+        act = ACT2FN[self.config.hidden_activation]
+        return elastic_linear(mlp.down_proj, act(gate) * up, slice(0, s.embed), s.ffn)
+
+    def _attention_options(self, layer_index: int) -> dict:
+        return {
+            "window": self.window(layer_index),
+            "softcap": getattr(self.config, "attn_logit_softcapping", None),
+            "scale": self.config.query_pre_attn_scalar**-0.5,
+        }
+
+    def block(self, layer, x, cos_sin, attention_mask, s):
+        a = self._self_attention(layer, self._norm(layer.input_layernorm, x, s.embed), cos_sin, attention_mask, s)
+        x = x + self._norm(layer.post_attention_layernorm, a, s.embed)
+        m = self._mlp(layer.mlp, self._norm(layer.pre_feedforward_layernorm, x, s.embed), s)
+        return x + self._norm(layer.post_feedforward_layernorm, m, s.embed)
+
+    def head(self, model, x, s):
+        logits = super().head(model, x, s)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap is not None else logits
+
+
+class Gemma3Family(Gemma2Family):
+    """Gemma 3 text: Gemma 2's block plus per-head (1 + w) q/k norms over head_dim, and two rotary
+    bases: ``sliding_attention`` layers use the local base, ``full_attention`` layers the global one."""
+
+    name = "gemma3"
+    hf_classes = ("Gemma3ForCausalLM",)
+    roles = {**Gemma2Family.roles, **_HEAD_NORMS}
+    head_norms = True
+
+    def __init__(self, config):
+        if getattr(config, "use_bidirectional_attention", False):
+            raise NaspruneError("Gemma 3 with use_bidirectional_attention=True (an encoder) is not supported")
+        super().__init__(config)
+
+    def rotary(self, model):
+        rope, types = model.model.rotary_emb, sorted(set(self.layer_types))
+        return lambda x, positions: {t: rope(x, positions, t) for t in types}
+
+    def _cos_sin(self, cos_sin, layer_index: int):
+        return cos_sin[self.layer_types[layer_index]]
 
 
 class Phi3Family(LlamaFamily):
@@ -475,7 +733,16 @@ class GPTNeoXFamily(Family):
         return elastic_linear(out, x, slice(None), s.embed)
 
 
-FAMILIES: tuple[type[Family], ...] = (LlamaFamily, PhiFamily, Phi3Family, GPTNeoXFamily)
+FAMILIES: tuple[type[Family], ...] = (
+    LlamaFamily,
+    Qwen3Family,
+    Olmo2Family,
+    Gemma2Family,
+    Gemma3Family,
+    PhiFamily,
+    Phi3Family,
+    GPTNeoXFamily,
+)
 SUPPORTED = tuple(c for f in FAMILIES for c in f.hf_classes)
 
 
@@ -487,6 +754,10 @@ def family_for(config) -> Family:
         "llama": LlamaFamily,
         "mistral": LlamaFamily,
         "qwen2": LlamaFamily,
+        "qwen3": Qwen3Family,
+        "olmo2": Olmo2Family,
+        "gemma2": Gemma2Family,
+        "gemma3_text": Gemma3Family,
         "phi": PhiFamily,
         "phi3": Phi3Family,
         "gpt_neox": GPTNeoXFamily,

@@ -222,3 +222,35 @@ def distill_blocks(model_dir: str, windows: torch.Tensor, work: Path, cfg: Block
         "blocks": sorted(reports, key=lambda r: r["layer"]),
     }
     return loaded, report
+
+
+def distill_blocks_to(
+    model_dir: str, data: str, out: Path, cfg: BlockDistillConfig, online: bool = False, log=print, overwrite=False
+) -> tuple[Path, dict]:
+    """BLD of the model dir ``model_dir`` on calibration ``data``, written as the nasprune model dir ``out``
+    (``OUT.blocks/`` keeps the teacher activations, reused by a rerun on the same tokens). Shared by
+    ``nasprune distill-blocks`` and the ``blocks:`` stage of ``nasprune compress``."""
+    from compressor.modeldir import ModelMeta, load_model, save_model_dir
+    from compressor.outputs import claim_output, mark_output
+    from compressor.repair import RepairConfig, calibration_windows
+
+    out = Path(out)
+    claim_output(out, "model", overwrite=overwrite)
+    work = out.parent / f"{out.name}.blocks"
+    claim_output(work, "training", resume=True)
+    loaded = load_model(model_dir, online=online)
+    if loaded.path is None or loaded.tokenizer is None:
+        raise NaspruneError(f"block distillation needs a local model dir with a tokenizer (got {model_dir})")
+    windows = calibration_windows(loaded.tokenizer, data, RepairConfig(tokens=cfg.tokens, seq_len=cfg.seq_len), online)
+    work.mkdir(parents=True, exist_ok=True)
+    mark_output(work, "training")  # a rerun (--overwrite) reuses its cached teacher activations
+    trained, report = distill_blocks(str(loaded.path), windows, work, cfg, log=log)
+    meta = ModelMeta(
+        **{
+            **asdict(loaded.meta),
+            "provenance": {**loaded.meta.provenance, "block_distillation": {"data": data, **report}},
+            "block_scores": None,  # measured on the weights before BLD: stale now
+        }
+    )
+    meta.provenance.pop("created_at", None)
+    return save_model_dir(trained.model, loaded.tokenizer, meta, out, overwrite=overwrite), report

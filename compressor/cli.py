@@ -15,7 +15,7 @@ from rich.table import Table
 
 from compressor.console import STATE, console, handles_errors, load_for_cli, quiet_transformers
 from compressor.errors import NaspruneError
-from compressor.outputs import claim_output, mark_output
+from compressor.outputs import claim_output
 
 
 def register(app: typer.Typer) -> None:
@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(handles_errors(evaluate))
     app.command("refine")(handles_errors(refine))
     app.command("distill-blocks")(handles_errors(distill_blocks))
+    app.command("block-scores")(handles_errors(block_scores))
 
 
 def info(
@@ -44,6 +45,13 @@ def info(
         "family": sn.family.name,
         "dims": dims.__dict__,
         "gqa": {"query_heads_per_kv_group": dims.q_per_group, "kv_groups": dims.num_kv_heads},
+        "elastic_dimensions": sn.family.elastic_dimensions(),
+        "attention": {
+            "layer_types": sn.family.layer_types,
+            "sliding_window": getattr(loaded.model.config, "sliding_window", None),
+            "pattern": sn.family.attention_pattern(),
+            "smallest_pattern": sn.family.attention_pattern(space.kept_layers(smallest)),
+        },
         "search_space": space.to_dict(),
         "layer_ranking": space.layer_ranking,
         "importance_permuted": loaded.meta.importance is not None,
@@ -75,6 +83,11 @@ def info(
     console.print(table)
     console.print(f"  sub-networks: {space.size:,}   params: {data['params']['min']:,} .. {data['params']['max']:,}")
     console.print(f"  layer ranking: {'importance' if loaded.meta.layer_ranking else 'identity (no importance yet)'}")
+    att = data["attention"]
+    console.print(f"  attention: {att['pattern']}   (smallest sub-network: {att['smallest_pattern']})")
+    console.print("  elastic dimensions:")
+    for line in data["elastic_dimensions"]:
+        console.print(f"    {line}")
     for note in space.notes:
         console.print(f"  note: {note}")
 
@@ -391,35 +404,92 @@ def distill_blocks(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
     """Block-local distillation: every width of every block learns the original block's output."""
-    from dataclasses import asdict as _asdict
-
-    from compressor.bld import BlockDistillConfig
-    from compressor.bld import distill_blocks as run_bld
-    from compressor.modeldir import ModelMeta, save_model_dir
-    from compressor.repair import RepairConfig, calibration_windows
+    from compressor.bld import BlockDistillConfig, distill_blocks_to
 
     cfg = BlockDistillConfig(
         steps=steps, batch_size=batch_size, seq_len=seq_len, tokens=tokens, lr=lr, processes=processes
     )
-    claim_output(out, "model", overwrite=overwrite)
-    work = out.parent / f"{out.name}.blocks"
-    claim_output(work, "training", resume=True)
-    work.mkdir(parents=True, exist_ok=True)
-    mark_output(work, "training")  # a rerun (--overwrite) reuses its cached teacher activations
-    loaded = load_for_cli(model)
-    windows = calibration_windows(loaded.tokenizer, data, RepairConfig(tokens=tokens, seq_len=seq_len), STATE["online"])
-    trained, report = run_bld(str(loaded.path), windows, work, cfg, log=console.print)
-    meta = ModelMeta(
-        **{
-            **_asdict(loaded.meta),
-            "provenance": {**loaded.meta.provenance, "block_distillation": {"data": data, **report}},
-        }
+    path, report = distill_blocks_to(
+        model, data, out, cfg, online=STATE["online"], log=console.print, overwrite=overwrite
     )
-    meta.provenance.pop("created_at", None)
-    path = save_model_dir(trained.model, loaded.tokenizer, meta, out, overwrite=overwrite)
     worst = max(report["blocks"], key=lambda r: r["loss_last"])
     console.print(
         f"wrote {path}: {len(report['blocks'])} blocks x {steps} steps in {report['seconds']:.0f}s "
         f"({processes} process(es)); worst block {worst['layer']}: loss {worst['loss_first']:.4f} -> "
         f"{worst['loss_last']:.4f}"
     )
+
+
+def _widths(flag: str, text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise NaspruneError(f"{flag} must be comma-separated widths like 3,6 (got {text})") from None
+    if not values:
+        raise NaspruneError(f"{flag} names no width")
+    return values
+
+
+def block_scores(
+    model: str = typer.Argument(..., help="an importance-permuted (or BLD-trained) super-network (model dir)"),
+    data: str = typer.Option(
+        ..., "--data", help="validation text (.txt or Alpaca .jsonl): never the calibration/training text"
+    ),
+    out: Path = typer.Option(..., "--out", help="output nasprune model dir (same weights + block_scores)"),
+    tokens: int = typer.Option(2048, "--tokens", help="validation tokens every variant is scored on"),
+    seq_len: int = typer.Option(128, "--seq-len"),
+    choices: int = typer.Option(3, "--choices", help="widths scored per dimension (spread over the space)"),
+    heads: Optional[str] = typer.Option(None, "--heads", help="explicit head widths, e.g. 3,6 (whole KV groups)"),
+    ffn: Optional[str] = typer.Option(None, "--ffn", help="explicit FFN widths, e.g. 512,1024"),
+    embed: Optional[str] = typer.Option(None, "--embed", help="explicit embedding widths (whole-network scores)"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
+):
+    """Puzzle's "replace one block" scores: validation-loss change per block per width, stored in nasprune.json."""
+    from dataclasses import asdict as _asdict
+
+    from compressor.block_scores import BlockScoreConfig, compute_block_scores, scored_widths
+    from compressor.evaluate import token_windows
+    from compressor.modeldir import ModelMeta, save_model_dir
+    from compressor.repair import calibration_text
+
+    cfg = BlockScoreConfig(
+        tokens=tokens,
+        seq_len=seq_len,
+        choices=choices,
+        num_heads=_widths("--heads", heads),
+        ffn_dim=_widths("--ffn", ffn),
+        embed_dim=_widths("--embed", embed),
+        batch_size=batch_size,
+    )
+    claim_output(out, "model", overwrite=overwrite)
+    loaded = load_for_cli(model)
+    sn = loaded.supernet()
+    scored_widths(sn.space, cfg)  # bad widths: one line before the long pass
+    if loaded.tokenizer is None:
+        raise NaspruneError(f"{model} has no tokenizer; block scores need one to read --data")
+    windows = token_windows(loaded.tokenizer, calibration_text(data, STATE["online"]), seq_len, tokens)
+    with console.status(f"scoring {len(sn.family.layers(sn.model))} blocks on {windows.numel():,} tokens ..."):
+        scores = compute_block_scores(sn, windows, cfg)
+    scores["data"] = data
+    meta = ModelMeta(**{**_asdict(loaded.meta), "block_scores": scores})
+    meta.provenance.pop("created_at", None)
+    path = save_model_dir(loaded.model, loaded.tokenizer, meta, out, overwrite=overwrite)
+    table = Table(title=f"loss change per block (base loss {scores['base_loss']:.4f})")
+    table.add_column("width")
+    table.add_column("mean")
+    table.add_column("most sensitive blocks")
+    for dim in ("num_heads", "ffn_dim"):
+        for w, per_layer in scores["delta"][dim].items():
+            worst = sorted(range(len(per_layer)), key=lambda i: -per_layer[i])[:3]
+            table.add_row(
+                f"{dim}={w}",
+                f"{sum(per_layer) / len(per_layer):+.4f}",
+                ", ".join(f"{i} ({per_layer[i]:+.3f})" for i in worst),
+            )
+    for w, d in scores["delta"]["embed_dim"].items():
+        table.add_row(f"embed_dim={w}", f"{d:+.4f}", "(whole network)")
+    console.print(table)
+    console.print(f"wrote {path} ({scores['seconds']:.0f}s)")

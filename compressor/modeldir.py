@@ -66,6 +66,9 @@ class ModelMeta:
     subnetwork: dict | None = None
     provenance: dict = field(default_factory=dict)
     format: str = FORMAT
+    # per-block "replace one block" validation-loss deltas (compressor/block_scores.py), tied to the
+    # weights they were measured on by a state-dict hash
+    block_scores: dict | None = None
 
     @property
     def space_config(self) -> SearchSpaceConfig:
@@ -235,11 +238,61 @@ def _load_dir(directory: Path, dtype) -> tuple:
     return model.eval(), tokenizer
 
 
+#: GGUF ``general.architecture`` values whose model nasprune supports (Gemma 3's loads as gemma3_text)
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+
+
+def gguf_architecture(gguf: Path) -> str | None:
+    """``general.architecture`` of a GGUF file (header only, memory-mapped), None if unreadable."""
+    try:
+        from gguf import GGUFReader
+
+        return str(GGUFReader(str(gguf)).fields["general.architecture"].contents())
+    except Exception:  # noqa: BLE001 - the full load below reports what is wrong with the file
+        return None
+
+
+def _transformers_gguf_archs() -> list[str]:
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:
+        return []
+    return list(GGUF_SUPPORTED_ARCHITECTURES)
+
+
+def gguf_supported() -> list[str]:
+    """GGUF architectures that this transformers reads *and* nasprune supports."""
+    readable = _transformers_gguf_archs()
+    return [a for a in GGUF_ARCHITECTURES if a in readable]
+
+
+def check_gguf_architecture(gguf: Path) -> None:
+    """Refuse, in one line and before the slow dequantizing load, a GGUF that cannot become a supported model.
+
+    transformers reads only some GGUF architectures (5.24: not OLMo 2, Phi-1/2 or GPT-NeoX), so
+    a family nasprune supports may still need its Hugging Face checkpoint."""
+    import transformers
+
+    arch = gguf_architecture(gguf)
+    if arch is None or arch in gguf_supported():
+        return
+    why = (
+        "nasprune does not support this architecture"
+        if arch in _transformers_gguf_archs()
+        else f"transformers {transformers.__version__} cannot read '{arch}' GGUF files"
+    )
+    raise NaspruneError(
+        f"GGUF {gguf} has architecture '{arch}': {why}; GGUF input works for {', '.join(gguf_supported())} "
+        "(other supported families, e.g. OLMo 2, load from a Hugging Face checkpoint dir)"
+    )
+
+
 def convert_gguf(gguf: Path, out: Path, source: str) -> Path:
     """GGUF -> fp32 safetensors dir. ``save_pretrained`` refuses GGUF-loaded models, so the
     dequantized state dict is copied into a model built ``from_config``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_architecture(gguf)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

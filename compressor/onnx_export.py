@@ -44,6 +44,7 @@ RECIPE_FORMAT = "nasprune-onnx/1"
 EXPORTERS = ("torchscript", "dynamo")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 GRAPH_FILE = "model.onnx"
+GRAPH_KINDS = ("prefill", "decode", "logits")  # logits: full-sequence, for quality through an engine
 # Allowed max abs diff = atol + rtol * max|torch value|. fp32 kernels reorder sums: SmolLM2 logits
 # (|x| up to ~30) differ by ~1e-4; an export bug (wrong positions, a frozen shape) differs by O(1).
 TOLERANCE = {"fp32": (1e-3, 1e-4), "fp16": (5e-2, 1e-2)}
@@ -139,6 +140,22 @@ def _flat_cache(cache) -> list[torch.Tensor]:
     return out
 
 
+def _new_cache(config):
+    """An empty KV cache for the graphs.
+
+    Models with sliding-window layers get a plain cache that keeps every position: HF's sliding
+    cache layer drops keys outside the window with Python control flow on the length, which
+    tracing would freeze at the traced length (and it would change the ``present`` layout). The
+    model's sliding-window *mask* still applies, so the graph stays exact for prompts longer than
+    the window, at the memory of a full cache.
+    """
+    from transformers import DynamicCache
+
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()) or getattr(config, "sliding_window", None):
+        return DynamicCache()
+    return DynamicCache(config=config)
+
+
 class PrefillGraph(torch.nn.Module):
     """Prompt in, last-position logits and the KV cache out (time to first token)."""
 
@@ -147,16 +164,26 @@ class PrefillGraph(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask):
-        from transformers import DynamicCache
-
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             use_cache=True,
-            cache=DynamicCache(config=self.model.config),
+            cache=_new_cache(self.model.config),
             logits_to_keep=1,
         )
         return (out.logits[:, -1, :], *_flat_cache(out.cache))
+
+
+class LogitsGraph(torch.nn.Module):
+    """Every position's logits, no cache: the graph that measures a model's quality through an engine
+    (perplexity of what a quantized engine computes), never timed as serving latency."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
 class DecodeGraph(torch.nn.Module):
@@ -167,9 +194,7 @@ class DecodeGraph(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, *past):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
+        cache = _new_cache(self.model.config)
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(
@@ -256,6 +281,12 @@ def export_prefill(model, path: Path, recipe: ExportRecipe) -> None:
     _export(PrefillGraph(model), (ids, mask), path, ["input_ids", "attention_mask"], ["logits", *present], axes, recipe)
 
 
+def export_logits(model, path: Path, recipe: ExportRecipe) -> None:
+    ids, mask = _sample_inputs(model, recipe.trace_batch, recipe.trace_seq)
+    axes = {name: {0: "batch", 1: "seq"} for name in ("input_ids", "attention_mask", "logits")}
+    _export(LogitsGraph(model), (ids, mask), path, ["input_ids", "attention_mask"], ["logits"], axes, recipe)
+
+
 def export_decode(model, path: Path, recipe: ExportRecipe) -> None:
     n = num_layers(model)
     b, p = recipe.trace_batch, recipe.trace_past
@@ -302,15 +333,15 @@ def export_graphs(
     """
     recipe = recipe or ExportRecipe()
     directory = Path(directory)
-    unknown = set(graphs) - {"prefill", "decode"}
+    unknown = set(graphs) - set(GRAPH_KINDS)
     if unknown:
-        raise NaspruneError(f"unknown graph(s) {sorted(unknown)}; choose prefill and/or decode")
+        raise NaspruneError(f"unknown graph(s) {sorted(unknown)}; choose from {', '.join(GRAPH_KINDS)}")
     check_free_disk(directory, model, len(graphs))
     model = model.eval()
     if next(model.parameters()).dtype != PRECISIONS[recipe.precision]:
         model = _copy_in(model, PRECISIONS[recipe.precision])
     paths, seconds = {}, {}
-    exporters = {"prefill": export_prefill, "decode": export_decode}
+    exporters = {"prefill": export_prefill, "decode": export_decode, "logits": export_logits}
     try:
         for name in graphs:
             paths[name] = directory / name / GRAPH_FILE
@@ -358,15 +389,22 @@ def check_parity(
     """
     if precision == "fp16" and not providers:
         return {}  # ORT's CPU provider lacks fp16 kernels for these graphs; checked where a GPU provider runs
-    found: dict[str, list[tuple[float, float]]] = {"prefill_logits": [], "prefill_kv": [], "decode_logits": []}
+    found: dict[str, list[tuple[float, float]]] = {
+        "prefill_logits": [],
+        "prefill_kv": [],
+        "decode_logits": [],
+        "all_logits": [],
+    }
     pre = _session(graphs.paths["prefill"], providers) if "prefill" in graphs.paths else None
     dec = _session(graphs.paths["decode"], providers) if "decode" in graphs.paths else None
+    full_graph = _session(graphs.paths["logits"], providers) if "logits" in graphs.paths else None
     n = num_layers(model)
     for batch, seq in shapes:
         ids, mask = _sample_inputs(model, batch, seq + 1, seed=batch * 100 + seq)
         with torch.no_grad():
             ref = PrefillGraph(model)(ids[:, :seq], mask[:, :seq])
-            full = model(input_ids=ids, attention_mask=mask).logits[:, -1].float().numpy()
+            every = model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+            full = every[:, -1]
         ref = [t.float().numpy() for t in ref]
         if pre is not None:
             got = pre.run(None, {"input_ids": ids[:, :seq].numpy(), "attention_mask": mask[:, :seq].numpy()})
@@ -375,6 +413,9 @@ def check_parity(
             past = got[1:]
         else:
             past = [r.astype(np.float16) if precision == "fp16" else r for r in ref[1:]]
+        if full_graph is not None:
+            got_all = full_graph.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+            found["all_logits"].append(_compare(got_all, every, precision))
         if dec is not None:
             feed = {"input_ids": ids[:, seq:].numpy(), "attention_mask": mask.numpy(), **dict(zip(past_names(n), past))}
             found["decode_logits"].append(_compare(dec.run(None, feed)[0], full, precision))

@@ -79,6 +79,36 @@ class RefineConfig:
         )
 
 
+def time_step(model, cfg: RefineConfig, vocab: int) -> float:
+    """Seconds of one training step of ``model`` (forward, log-softmax over the vocabulary, backward) on a
+    ``batch_size x seq_len`` batch; the second of two (the first pays one-off allocation). The model's
+    weights are not changed (no optimizer step)."""
+    import time
+
+    import torch
+
+    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=torch.Generator().manual_seed(cfg.seed))
+    model.train()
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        seconds.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    model.eval()
+    return seconds[-1]
+
+
+def planned_steps(cfg: RefineConfig, step_seconds: float, margin: float = 1.25) -> int:
+    """The step count the ``minutes`` budget affords at ``step_seconds`` a step (plus a margin, since the
+    budget, not the count, should end the run), capped by ``cfg.steps``. It bounds the cosine schedule
+    (which then actually decays within the budget) and the windows whose teacher logits are cached:
+    with the cap alone (100,000) every refine filled the teacher cache for the whole training text."""
+    return max(1, min(cfg.steps, math.ceil(cfg.minutes * 60 / max(step_seconds, 1e-6) * margin)))
+
+
 def _validation_ppl(model, tokenizer, text: str | None, cfg: RefineConfig) -> float | None:
     if text is None:
         return None
@@ -152,24 +182,38 @@ def refine(
             repair = {"data": str(data), **report.summary()}
             record["ppl_repaired"] = _validation_ppl(model, parent_loaded.tokenizer, val_text, cfg)
         save_extracted(parent_loaded, sn, sub, student_dir, overwrite=True, model=model, repair=repair)
+        record["step_seconds_timed"] = time_step(model, cfg, model.config.vocab_size)
+        record["steps_planned"] = planned_steps(cfg, record["step_seconds_timed"])
+        log(
+            f"  one step {record['step_seconds_timed']:.2f}s: {record['steps_planned']} steps planned for "
+            f"{cfg.minutes:g} min"
+        )
+        del plain, model
         write_json_atomic(student_dir / "refine_start.json", record)
     else:
         import json
 
         record = json.loads((student_dir / "refine_start.json").read_text())
         log(f"resuming the refine of {sub} from {student_dir}")
+    from dataclasses import replace
+
+    steps = int(record.get("steps_planned") or cfg.steps)  # a resumed run keeps the plan it started with
+    train_cfg = cfg.train_config()
+    train_cfg = replace(train_cfg, steps=steps, checkpoint_every=max(1, min(train_cfg.checkpoint_every, steps)))
+    del sn, parent_loaded  # only the teacher is needed from here on
     run_training(
         str(student_dir),
         data,
         out,
-        cfg.train_config(),
+        train_cfg,
         resume=resume,
         online=online,
         log=log,
         overwrite=overwrite,
-        teacher=str(teacher),
+        teacher=teacher_loaded,  # loaded once: the one repair used (run_training would load it again)
         teacher_cache_dir=teacher_cache_dir,
     )
+    del teacher_loaded
     refined = load_model(str(out))
     record["ppl_refined"] = _validation_ppl(refined.model, refined.tokenizer, val_text, cfg)
     record["training"] = {k: refined.meta.provenance.get("training", {}).get(k) for k in ("steps", "seconds", "tokens")}

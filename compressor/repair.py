@@ -185,20 +185,76 @@ def _choose(
     return best, w, b, scores["keep"], scores[best]
 
 
-def calibration_windows(tokenizer, data: str, cfg: RepairConfig, online: bool = False) -> torch.Tensor:
-    """Full windows ``[N, seq_len]`` of calibration tokens from a .txt or Alpaca .jsonl (rows joined as text)."""
+def calibration_text(data: str, online: bool) -> str:
     from compressor.data import read_source, resolve_data
-    from compressor.evaluate import token_windows
 
     kind, content = read_source(resolve_data(data), online)
     if kind != "text":
         content = "\n\n".join(
             "\n".join(str(r.get(k, "")) for k in ("instruction", "input", "output") if r.get(k)) for r in content
         )
-    windows = token_windows(tokenizer, content, cfg.seq_len, cfg.tokens)
-    if len(windows) < 2:
+    return content
+
+
+def calibration_windows(tokenizer, data: str, cfg: RepairConfig, online: bool = False) -> torch.Tensor:
+    """Full windows ``[N, seq_len]`` of calibration tokens from a .txt or Alpaca .jsonl (rows joined as text)."""
+    return calibration_and_heldout(tokenizer, data, cfg, online, 0)[0]
+
+
+def calibration_and_heldout(
+    tokenizer, data: str, cfg: RepairConfig, online: bool = False, eval_tokens: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(calibration windows, held-out windows or None): the first ``cfg.tokens`` tokens of ``data``
+    calibrate; the next ``eval_tokens`` (never fitted on) measure perplexity before/after repair
+    when no separate validation text is given. None when ``data`` has no window left over."""
+    from compressor.evaluate import token_windows
+
+    windows = token_windows(tokenizer, calibration_text(data, online), cfg.seq_len, cfg.tokens + eval_tokens)
+    n_cal = cfg.tokens // cfg.seq_len
+    calib, heldout = windows[:n_cal], windows[n_cal:]
+    if len(calib) < 2:
         raise NaspruneError(f"repair data {data} has fewer than two windows of {cfg.seq_len} tokens; give more text")
-    return windows
+    return calib, (heldout if len(heldout) else None)
+
+
+def check_repairable(parent_loaded) -> None:
+    """Refuse (one line, before any long work) a family repair does not support."""
+    family = parent_loaded.supernet().family.name
+    if family not in TARGETS:
+        raise NaspruneError(
+            f"repair is not available for the {family} family yet (supported: {', '.join(TARGETS)}); "
+            "export without repair"
+        )
+
+
+def repair_and_measure(
+    parent_loaded,
+    sub: SubNetwork,
+    windows: torch.Tensor,
+    cfg: RepairConfig,
+    eval_windows: torch.Tensor | None,
+    eval_source: str,
+    data: str,
+    log=None,
+    teacher_loaded=None,
+) -> tuple[object, dict]:
+    """:func:`repair_model`, plus perplexity of the plain and the repaired extraction on ``eval_windows``
+    (text never fitted on). Returns (repaired model, the record bundles and model dirs store)."""
+    from compressor.evaluate import hf_logits, perplexity
+    from compressor.extract import extract
+
+    model, report = repair_model(parent_loaded, sub, windows, cfg, log=log, teacher_loaded=teacher_loaded)
+    record: dict = {"applied": "at export", "data": str(data), **report.summary()}
+    if eval_windows is None:
+        record.update(ppl_before=None, ppl_after=None, ppl_on=f"not measured: {eval_source}")
+        return model, record
+    plain = extract(parent_loaded.supernet(), sub).eval()
+    record["ppl_before"] = perplexity(hf_logits(plain), eval_windows)
+    record["ppl_after"] = perplexity(hf_logits(model.eval()), eval_windows)
+    record["ppl_on"] = f"{eval_source} ({eval_windows.numel():,} tokens, windows of {eval_windows.shape[1]})"
+    if log:
+        log(f"  perplexity {record['ppl_before']:.2f} -> {record['ppl_after']:.2f} after repair on {record['ppl_on']}")
+    return model, record
 
 
 def repair_model(

@@ -2,7 +2,11 @@
 
 Objectives (minimized): the sub-network's mean next-token loss on held-out text through the
 trained super-network (fixed token budget, cached per sub-network), the predicted latency from a
-per-device predictor, and optionally parameters as a third objective. Constraints: maximum
+per-device predictor, and optionally parameters as a third objective. With
+``SearchConfig.precisions`` the genome gains a precision gene: a candidate is (sub-network,
+precision), its loss is measured with that precision's quantization simulated
+(``compressor.quant_sim``) and its latency comes from that precision's predictor; only the
+precisions given (those with a fitted predictor on an engine that runs them) can be proposed. Constraints: maximum
 latency and/or parameters. Integer genes index each dimension's choice list; SBX/PM work on
 floats with a rounding repair (pymoo's documented recipe for integer variables), duplicates
 are eliminated, the run is seeded.
@@ -32,13 +36,17 @@ class QualityOracle:
 
     def __init__(self, supernet, windows, batch_size: int = 8):
         self.supernet, self.windows, self.batch_size = supernet.eval(), windows, batch_size
-        self.cache: dict[SubNetwork, float] = {}
+        self.cache: dict[tuple[SubNetwork, str], float] = {}
 
-    def __call__(self, sub: SubNetwork) -> float:
-        if sub not in self.cache:
-            with self.supernet.selected(sub):
-                self.cache[sub] = mean_loss(self.supernet, self.windows, self.batch_size)
-        return self.cache[sub]
+    def __call__(self, sub: SubNetwork, precision: str = "fp32") -> float:
+        """Loss of ``sub`` at ``precision`` (a quantization recipe is simulated in the forward)."""
+        from compressor.quant_sim import simulate
+
+        key = (sub, precision)
+        if key not in self.cache:
+            with self.supernet.selected(sub), simulate(precision, self.supernet.model):
+                self.cache[key] = mean_loss(self.supernet, self.windows, self.batch_size)
+        return self.cache[key]
 
 
 @dataclass
@@ -49,6 +57,7 @@ class SearchConfig:
     max_latency_ms: float | None = None
     max_params: int | None = None
     params_objective: bool = False
+    precisions: list[str] | None = None  # None: architecture only (quality/latency take no precision)
 
 
 @dataclass
@@ -58,10 +67,12 @@ class Evaluated:
     predicted_ms: float
     params: int
     generation: int
+    precision: str | None = None
 
     def row(self) -> dict:
         return {
             "arch": self.arch.to_dict(),
+            **({"precision": self.precision} if self.precision is not None else {}),
             "params": self.params,
             "loss": self.loss,
             "ppl": math.exp(self.loss),
@@ -92,24 +103,42 @@ class SubnetworkProblem(Problem):
         cfg: SearchConfig,
     ):
         self.space, self.quality, self.latency, self.cfg = space, quality, latency, cfg
+        self.precisions: list[str | None] = list(cfg.precisions) if cfg.precisions else [None]
+        if len(set(self.precisions)) != len(self.precisions):
+            raise NaspruneError(f"search precisions repeat: {self.precisions}")
+        self.precision_gene = len(self.precisions) > 1
         n_constr = int(cfg.max_latency_ms is not None) + int(cfg.max_params is not None)
+        upper = list(space.gene_upper_bounds()) + ([len(self.precisions) - 1] if self.precision_gene else [])
         super().__init__(
-            n_var=len(space.free_dimensions),
+            n_var=len(upper),
             n_obj=3 if cfg.params_objective else 2,
             n_ieq_constr=n_constr,
-            xl=np.zeros(len(space.free_dimensions)),
-            xu=np.array(space.gene_upper_bounds()),
+            xl=np.zeros(len(upper)),
+            xu=np.array(upper),
             vtype=int,
         )
-        self.evaluated: dict[SubNetwork, Evaluated] = {}
+        self.evaluated: dict[tuple[SubNetwork, str | None], Evaluated] = {}
         self.generation = 0
 
-    def objectives(self, subs: list[SubNetwork]) -> tuple[np.ndarray, np.ndarray]:
-        lat = np.asarray(self.latency(subs), dtype=float)
-        loss = np.array([self.quality(s) for s in subs])
+    def decode(self, row) -> tuple[SubNetwork, str | None]:
+        row = np.asarray(row)
+        if not self.precision_gene:
+            return self.space.decode(row), self.precisions[0]
+        return self.space.decode(row[:-1]), self.precisions[int(round(float(row[-1])))]
+
+    def objectives(
+        self, subs: list[SubNetwork], precisions: list[str | None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        precs = precisions if precisions is not None else [self.precisions[0]] * len(subs)
+        lat = np.zeros(len(subs))
+        for prec in set(precs):  # one predictor call per precision
+            idx = [i for i, p in enumerate(precs) if p == prec]
+            group = [subs[i] for i in idx]
+            lat[idx] = np.asarray(self.latency(group) if prec is None else self.latency(group, prec), dtype=float)
+        loss = np.array([self.quality(s) if p is None else self.quality(s, p) for s, p in zip(subs, precs)])
         params = np.array([self.space.num_params(s) for s in subs], dtype=float)
-        for s, lo, la, p in zip(subs, loss, lat, params):
-            self.evaluated.setdefault(s, Evaluated(s, float(lo), float(la), int(p), self.generation))
+        for s, pr, lo, la, p in zip(subs, precs, loss, lat, params):
+            self.evaluated.setdefault((s, pr), Evaluated(s, float(lo), float(la), int(p), self.generation, pr))
         cols = [loss, lat] + ([params / 1e6] if self.cfg.params_objective else [])
         cons = []
         if self.cfg.max_latency_ms is not None:
@@ -119,8 +148,8 @@ class SubnetworkProblem(Problem):
         return np.column_stack(cols), (np.column_stack(cons) if cons else np.zeros((len(subs), 0)))
 
     def _evaluate(self, x, out, *args, **kwargs):
-        subs = [self.space.decode(row) for row in np.asarray(x)]
-        f, g = self.objectives(subs)
+        pairs = [self.decode(row) for row in np.asarray(x)]
+        f, g = self.objectives([s for s, _ in pairs], [p for _, p in pairs])
         out["F"] = f
         if self.n_ieq_constr:
             out["G"] = g
@@ -142,10 +171,13 @@ def pareto_front(points: list[Evaluated], cfg: SearchConfig) -> list[Evaluated]:
 
 
 def reference_point(space: SearchSpace, quality, latency, cfg: SearchConfig) -> np.ndarray:
-    """Fixed before the search (worst loss = smallest model, worst latency = largest), +5%."""
+    """Fixed before the search (worst loss = smallest model, worst latency = largest, over the
+    precisions searched), +5%."""
     small, big = space.smallest(), space.largest()
-    lat = np.asarray(latency([big]), dtype=float)[0]
-    ref = [quality(small) * 1.05, lat * 1.05]
+    precs = cfg.precisions or [None]
+    lat = max(float(np.asarray(latency([big]) if p is None else latency([big], p), dtype=float)[0]) for p in precs)
+    worst = max(quality(small) if p is None else quality(small, p) for p in precs)
+    ref = [worst * 1.05, lat * 1.05]
     if cfg.params_objective:
         ref.append(space.num_params(big) / 1e6 * 1.05)
     return np.array(ref)
@@ -218,17 +250,18 @@ def run_random(space: SearchSpace, quality, latency, cfg: SearchConfig, evaluati
     rng = np.random.default_rng(cfg.seed)
     problem = SubnetworkProblem(space, quality, latency, cfg)
     ref = reference_point(space, quality, latency, cfg)
-    seen: list[SubNetwork] = []
+    seen: list[tuple[SubNetwork, str | None]] = []
     tries = 0
-    while len(seen) < min(evaluations, space.size) and tries < 100 * evaluations:
-        s = space.sample(rng)
+    while len(seen) < min(evaluations, space.size * len(problem.precisions)) and tries < 100 * evaluations:
+        s = (space.sample(rng), problem.precisions[int(rng.integers(len(problem.precisions)))])
         tries += 1
         if s not in seen:
             seen.append(s)
     hv = []
     for gen in range(0, len(seen), cfg.population):
         problem.generation = gen // cfg.population
-        problem.objectives(seen[gen : gen + cfg.population])
+        batch = seen[gen : gen + cfg.population]
+        problem.objectives([s for s, _ in batch], [p for _, p in batch])
         hv.append(hypervolume(list(problem.evaluated.values()), ref, cfg))
     evaluated = list(problem.evaluated.values())
     return SearchResult(pareto_front(evaluated, cfg), evaluated, hv, ref.tolist(), time.perf_counter() - start, cfg)
@@ -242,20 +275,47 @@ def write_results(
     original: Evaluated | None,
     extra: dict | None = None,
     overwrite: bool = False,
+    baselines: dict[str, Evaluated] | None = None,
 ) -> None:
     """pareto.json + pareto.csv + history.json + pareto.png in ``out``, written atomically under the
-    ownership rule (an existing search output is replaced only with ``overwrite``)."""
+    ownership rule (an existing search output is replaced only with ``overwrite``).
+
+    ``baselines``: what the user would do instead (e.g. the original model at each precision),
+    scored by the same objectives; pareto.json lists them with the front points that dominate
+    each one, and the plot shows them."""
     from pathlib import Path
 
     from compressor.modeldir import atomic_dir_write
 
     atomic_dir_write(
-        Path(out), lambda tmp: _write_search_files(result, tmp, space, workload, original, extra), "search", overwrite
+        Path(out),
+        lambda tmp: _write_search_files(result, tmp, space, workload, original, extra, baselines or {}),
+        "search",
+        overwrite,
     )
 
 
+def dominates(a: Evaluated, b: Evaluated) -> bool:
+    """``a`` is no worse than ``b`` in loss and latency and better in one."""
+    no_worse = a.loss <= b.loss and a.predicted_ms <= b.predicted_ms
+    return no_worse and (a.loss < b.loss or a.predicted_ms < b.predicted_ms)
+
+
+def baseline_rows(front: list[Evaluated], baselines: dict[str, Evaluated]) -> list[dict]:
+    return [
+        {"label": label, **b.row(), "dominated_by": [i for i, p in enumerate(front) if dominates(p, b)]}
+        for label, b in baselines.items()
+    ]
+
+
 def _write_search_files(
-    result: SearchResult, out, space: SearchSpace, workload: Workload, original: Evaluated | None, extra: dict | None
+    result: SearchResult,
+    out,
+    space: SearchSpace,
+    workload: Workload,
+    original: Evaluated | None,
+    extra: dict | None,
+    baselines: dict[str, Evaluated] | None = None,
 ) -> None:
     import csv
 
@@ -271,6 +331,7 @@ def _write_search_files(
             "config": asdict(result.config),
             "pareto": rows,
             "original": original.row() if original else None,
+            "baselines": baseline_rows(result.pareto, baselines or {}),
             **(extra or {}),
         },
     )
@@ -284,6 +345,7 @@ def _write_search_files(
                 "num_kv_heads",
                 "ffn_dim",
                 "num_layers",
+                "precision",
                 "params",
                 "loss",
                 "ppl",
@@ -300,6 +362,7 @@ def _write_search_files(
                     r["num_kv_heads"],
                     a["ffn_dim"],
                     a["num_layers"],
+                    r.get("precision", ""),
                     r["params"],
                     f"{r['loss']:.5f}",
                     f"{r['ppl']:.3f}",
@@ -315,10 +378,16 @@ def _write_search_files(
             "evaluated": [e.row() for e in result.evaluated],
         },
     )
-    plot_front(result, original, out / "pareto.png", workload)
+    plot_front(result, original, out / "pareto.png", workload, baselines)
 
 
-def plot_front(result: SearchResult, original: Evaluated | None, path, workload: Workload) -> None:
+def plot_front(
+    result: SearchResult,
+    original: Evaluated | None,
+    path,
+    workload: Workload,
+    baselines: dict[str, Evaluated] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,8 +401,25 @@ def plot_front(result: SearchResult, original: Evaluated | None, path, workload:
         [e.predicted_ms for e in front], [math.exp(e.loss) for e in front], "o-", c="tab:blue", label="Pareto front"
     )
     for i, e in enumerate(front):
-        ax.annotate(str(i), (e.predicted_ms, math.exp(e.loss)), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    if original is not None:
+        label = str(i) if e.precision is None else f"{i} {e.precision}"
+        ax.annotate(label, (e.predicted_ms, math.exp(e.loss)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    originals = {k: b for k, b in (baselines or {}).items() if not k.startswith("one-shot")}
+    one_shot = [b for k, b in (baselines or {}).items() if k.startswith("one-shot")]
+    for label, b in originals.items():
+        ax.scatter([b.predicted_ms], [math.exp(b.loss)], marker="X", s=80, c="tab:orange")
+        ax.annotate(label, (b.predicted_ms, math.exp(b.loss)), fontsize=7, xytext=(4, -9), textcoords="offset points")
+    if originals:
+        ax.scatter([], [], marker="X", s=80, c="tab:orange", label="original model at each precision")
+    if one_shot:
+        ax.scatter(
+            [b.predicted_ms for b in one_shot],
+            [math.exp(b.loss) for b in one_shot],
+            marker="v",
+            s=25,
+            c="tab:gray",
+            label="one-shot pruning (no training), same architectures",
+        )
+    if original is not None and not baselines:
         ax.scatter(
             [original.predicted_ms],
             [math.exp(original.loss)],

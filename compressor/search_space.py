@@ -27,7 +27,9 @@ from compressor.errors import NaspruneError
 from compressor.workload import Workload
 
 DIMENSIONS = ("embed_dim", "num_heads", "ffn_dim", "num_layers")
-BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
+# weight bytes per parameter by precision (quantization recipes of compressor.quantize included;
+# int8-mixed keeps the FFN down-projections and the head in fp32, so ~1.7 bytes on SmolLM2)
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int8-pc": 1, "int8-mixed": 1.7, "w8": 1, "w4": 0.5}
 
 
 @dataclass(frozen=True, order=True)
@@ -308,7 +310,7 @@ class SearchSpace:
         return float(prefill(workload.seq) + sum(decode(workload.seq + i) for i in range(workload.new_tokens)))
 
     def weight_bytes(self, sub: SubNetwork, precision: str = "fp32") -> int:
-        return self.num_params(sub) * BYTES_PER_PARAM[precision]
+        return int(self.num_params(sub) * BYTES_PER_PARAM[precision])
 
     def kv_cache_bytes(self, sub: SubNetwork, workload: Workload, precision: str = "fp32") -> int:
         ctx = workload.seq + (workload.new_tokens if workload.kind == "generate" else 1)

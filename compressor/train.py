@@ -585,7 +585,7 @@ def run_training(
     log=print,
     overwrite: bool = False,
     teacher_cache_dir: Path | None = None,
-    teacher: str | None = None,
+    teacher: str | LoadedModel | None = None,
 ) -> Path:
     """Train, checkpointing to ``OUT.train/``, then write the model dir ``OUT`` atomically.
 
@@ -632,7 +632,7 @@ def _train_into(
     log,
     overwrite: bool,
     teacher_cache_dir: Path | None = None,
-    teacher: str | None = None,
+    teacher: str | LoadedModel | None = None,
 ) -> Path:
     torch.manual_seed(cfg.seed)
     loaded = load_model(model, online=online)
@@ -641,7 +641,10 @@ def _train_into(
     if STRATEGIES[cfg.strategy][0] and loaded.meta.importance is None:
         calib = load_data(loaded.tokenizer, calib_data or data, 512, 65536, online, cfg.prompt_format)
     loaded = prepare_model(loaded, cfg, calib, log)
-    teacher_loaded = load_model(teacher, online=online) if teacher is not None else None
+    # a caller that already holds the teacher (refine: it repaired against it) passes it instead of a path
+    teacher_loaded = teacher
+    if teacher is not None and not isinstance(teacher, LoadedModel):
+        teacher_loaded = load_model(teacher, online=online)
     if teacher_loaded is not None and teacher_loaded.model.config.vocab_size != loaded.model.config.vocab_size:
         raise NaspruneError(
             f"teacher {teacher} has another vocabulary than {model}; distillation needs the same tokenizer"

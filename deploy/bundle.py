@@ -9,7 +9,8 @@
                              LICENSE/NOTICE of the source), loads with AutoModelForCausalLM
       onnx/fp32/{prefill,decode}/model.onnx   the shared export recipe, then ONNX Runtime's
                                               graph optimizer (fusions for the target provider)
-      onnx/int8/...          dynamic INT8 quantization (CPU), on request
+      onnx/<recipe>/...      a quantization recipe of compressor.quantize (int8, int8-pc, int8-mixed,
+                             w8, w4; CPU), on request: the very function profiling timed
       onnx/fp16/...          FP16 conversion (GPU providers), on request
       tensorrt/*.plan        TensorRT engines, when TensorRT is installed
 
@@ -25,11 +26,12 @@ from compressor.errors import NaspruneError
 from compressor.hashing import sha256_file
 from compressor.modeldir import atomic_dir_write, now, versions, write_json_atomic
 from compressor.outputs import MARKER
+from compressor.quantize import RECIPES, quantize_graph
 from compressor.search_space import SubNetwork
 
 MANIFEST = "manifest.json"
 GRAPHS = ("prefill", "decode")
-VARIANTS = ("fp32", "int8", "fp16")
+VARIANTS = ("fp32", "fp16", *RECIPES)
 KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "Apache-2.0"}
 
 
@@ -55,31 +57,6 @@ def optimize_graph(src: Path, dst: Path, provider: str = "CPUExecutionProvider")
     opts.optimized_model_filepath = str(dst)
     opts.log_severity_level = 3
     ort.InferenceSession(str(src), opts, providers=[provider])
-
-
-def quantize_int8(src: Path, dst: Path) -> str:
-    """Dynamic INT8 (weights int8, activations quantized at run time): the CPU recipe.
-
-    The graph is first pre-processed as ONNX Runtime recommends (symbolic shape inference), so
-    the quantizer sees every tensor's shape; if that fails the raw graph is quantized and the
-    manifest says so. Returns the pre-processing actually done.
-    """
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    pre = dst.with_name("preprocessed.onnx")
-    try:
-        quant_pre_process(str(src), str(pre), skip_optimization=True)
-        source, done = pre, "symbolic shape inference"
-    except Exception as e:  # noqa: BLE001 - an unusual graph: quantize it as it is
-        source, done = src, f"none (pre-processing failed: {type(e).__name__})"
-    logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice was followed above
-    quantize_dynamic(str(source), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
-    pre.unlink(missing_ok=True)
-    return done
 
 
 def convert_fp16(src: Path, dst: Path) -> None:
@@ -122,30 +99,39 @@ def build_bundle(
     search_row: dict | None = None,
     log=print,
     overwrite: bool = False,
+    model=None,
+    repair: dict | None = None,
 ) -> Path:
     """Extract ``sub``, write the checkpoint and every requested engine variant, and the manifest.
 
+    ``model``: an already extracted model of ``sub`` to ship instead (the closed-form repaired one);
+    ``repair``: what was done about repair (:func:`compressor.repair.repair_and_measure`'s record, or
+    why not), stored as the manifest's ``repair`` section.
     Written atomically under the ownership rule: an existing bundle is replaced only with ``overwrite``.
     """
     check_variants(variants)
     supernet.space.validate(sub)
     return atomic_dir_write(
         Path(out),
-        lambda tmp: _write_bundle(loaded, supernet, sub, tmp, variants, providers, search_row, log),
+        lambda tmp: _write_bundle(loaded, supernet, sub, tmp, variants, providers, search_row, log, model, repair),
         "bundle",
         overwrite,
     )
 
 
-def _write_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants, providers, search_row, log) -> None:
+def _write_bundle(
+    loaded, supernet, sub: SubNetwork, out: Path, variants, providers, search_row, log, model=None, repair=None
+) -> None:
     import tempfile
 
     from compressor.extract import extract, save_extracted
-    from compressor.onnx_export import ExportRecipe, export_graphs
+    from compressor.onnx_export import ExportRecipe, export_graphs, recipe_id
 
-    model_dir, n_params = save_extracted(loaded, supernet, sub, out / "model")
+    model_dir, n_params = save_extracted(
+        loaded, supernet, sub, out / "model", model=model, repair=repair if model is not None else None
+    )
     (model_dir / "LICENSE").write_text(_license_text(loaded.meta.provenance))
-    small = extract(supernet, sub)
+    small = extract(supernet, sub) if model is None else model.eval()
     engines: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         raw = export_graphs(small, Path(tmp) / "raw", ExportRecipe())
@@ -158,13 +144,14 @@ def _write_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants, provid
             "parity": raw.parity,
             "optimization": f"ORT_ENABLE_EXTENDED for {providers[0]}",
         }
-        if "int8" in variants:
-            pre = {g: quantize_int8(raw.paths[g], graph_paths(out, "int8")[g]) for g in GRAPHS}
-            engines["int8"] = {
-                "recipe": raw.recipe,
-                "recipe_id": raw.recipe_id,
-                "quantization": "onnxruntime quantize_dynamic QInt8 (MatMul, Gemm)",
-                "preprocessing": pre,
+        for variant in (v for v in variants if v in RECIPES):  # the profiled recipe, applied to the shipped weights
+            done = {g: quantize_graph(raw.paths[g], graph_paths(out, variant)[g], variant) for g in GRAPHS}
+            recipe = {**raw.recipe, "quantization": RECIPES[variant].to_dict()}
+            engines[variant] = {
+                "recipe": recipe,
+                "recipe_id": recipe_id(recipe),
+                "quantization": RECIPES[variant].summary,
+                "nodes_kept_float": {g: d["nodes_kept_float"] for g, d in done.items()},
             }
         if "fp16" in variants:
             for g in GRAPHS:
@@ -181,6 +168,7 @@ def _write_bundle(loaded, supernet, sub: SubNetwork, out: Path, variants, provid
             **{k: loaded.meta.provenance.get(k) for k in ("source", "source_sha256")},
         },
         "search": search_row,
+        "repair": repair,
         "engines": engines,
         "latency": {"predicted": {}, "measured": {}},
         "accuracy": {},

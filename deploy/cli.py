@@ -77,15 +77,47 @@ def export(
     workload: List[str] = typer.Option(["prefill:1x128"], "--workload", help="workloads to predict/measure"),
     threads: int = typer.Option(1, help="intra-op threads for --verify"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing nasprune bundles at the targets"),
+    repair: Optional[str] = typer.Option(
+        None,
+        "--repair",
+        metavar="DATA",
+        help="closed-form repair of every exported sub-network on this calibration data (.txt or Alpaca .jsonl)",
+    ),
+    repair_tokens: int = typer.Option(4096, "--repair-tokens", help="calibration tokens for --repair"),
+    repair_eval: Optional[str] = typer.Option(
+        None,
+        "--repair-eval",
+        metavar="TEXT",
+        help="held-out text for perplexity before/after repair (default: the DATA tokens after the calibration ones)",
+    ),
+    repair_eval_tokens: int = typer.Option(2048, "--repair-eval-tokens", help="tokens for that perplexity"),
 ):
     """Export chosen sub-networks as engine bundles (HF checkpoint, optimized ONNX, INT8/FP16, TensorRT)."""
+    from compressor.console import STATE
     from compressor.console import load_for_cli as _load
-    from deploy.pipeline_steps import export_bundles
+    from deploy.pipeline_steps import export_bundles, repair_for_export
 
     picks = chosen_archs(arch, pareto, pick)
+    if repair is None and (repair_eval is not None):
+        raise NaspruneError("--repair-eval measures a repair: add --repair DATA")
     loaded = _load(model)
+    fix = None
+    if repair:
+        fix = repair_for_export(
+            loaded, repair, repair_tokens, repair_eval, repair_eval_tokens, STATE["online"], log=_console().print
+        )
     paths = export_bundles(
-        loaded, picks, out, precision, predictor, workload, verify, threads, log=_console().print, overwrite=overwrite
+        loaded,
+        picks,
+        out,
+        precision,
+        predictor,
+        workload,
+        verify,
+        threads,
+        log=_console().print,
+        overwrite=overwrite,
+        repair=fix,
     )
     for p in paths:
         _console().print(f"wrote bundle {p}")

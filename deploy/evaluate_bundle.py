@@ -1,8 +1,13 @@
 """Evaluation of the chosen models: the original, every bundle's checkpoint and its engines.
 
 * perplexity on held-out text (torch, the plain HF checkpoint of each bundle);
-* perplexity *through each engine* (fp32 and INT8 ONNX graphs, token by token) on a shorter
-  prefix, so the cost of quantization is measured on what ships;
+* perplexity *through each quantized engine* on the same test windows: the bundle's weights
+  exported as the full-logits graph and quantized by the very recipe its engine was built with
+  (``compressor.engine_quality``), so the cost of quantization is measured on what ships (the
+  fp32 engine equals torch within the export's parity tolerance, so its perplexity is torch's);
+* the one-shot baseline: the untrained pruned model (importance-permuted original) at each
+  bundle's architecture, through the same engines — what pruning without nasprune's training
+  would ship at the same latency;
 * lm-eval tasks (standard names with --online, local multiple-choice jsonl files offline).
 
 Results land in each bundle's manifest (``accuracy``) and in ``RUN/eval.json``.
@@ -10,13 +15,10 @@ Results land in each bundle's manifest (``accuracy``) and in ``RUN/eval.json``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-import numpy as np
-
 from compressor.evaluate import hf_logits, lm_eval_tasks, perplexity, token_windows, write_local_tasks
-from deploy.bundle import graph_paths, read_manifest, update_manifest
+from deploy.bundle import read_manifest, update_manifest
 
 
 def evaluate_model(model, tokenizer, windows, cfg, task_dir: Path | None, task_names: list[str]) -> dict:
@@ -26,11 +28,18 @@ def evaluate_model(model, tokenizer, windows, cfg, task_dir: Path | None, task_n
     return out
 
 
-def engine_ppl(bundle: Path, variant: str, ids: np.ndarray) -> float:
-    from deploy.generate import OnnxGenerator, onnx_mean_nll
+def engine_ppls(model, windows, variants, log=None) -> dict[str, float]:
+    """Test perplexity through each quantized engine variant (fp32/fp16 are not quantized: skipped)."""
+    from compressor.engine_quality import engine_quality
+    from compressor.quantize import RECIPES
 
-    p = graph_paths(bundle, variant)
-    return math.exp(onnx_mean_nll(OnnxGenerator(p["prefill"], p["decode"]), ids))
+    out = {}
+    for v in variants:
+        if v in RECIPES:
+            out[v] = engine_quality(model, windows, v).ppl
+            if log:
+                log(f"    {v} engine: ppl {out[v]:.2f}")
+    return out
 
 
 def evaluate_run(pipeline, cfg) -> dict:
@@ -43,11 +52,9 @@ def evaluate_run(pipeline, cfg) -> dict:
     tok = original.tokenizer
     _, text = read_source(resolve_data(pipeline.cfg.data.test))
     windows = token_windows(tok, text, cfg.seq_len, cfg.ppl_tokens)
-    onnx_ids = tok(text, return_tensors="np", add_special_tokens=False).input_ids[:, : cfg.onnx_ppl_tokens]
     results = {
         "test": pipeline.cfg.data.test,
         "ppl_tokens": int(windows.numel()),
-        "onnx_ppl_tokens": int(onnx_ids.shape[1]),
         "models": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,6 +67,9 @@ def evaluate_run(pipeline, cfg) -> dict:
             **evaluate_model(original.model, tok, windows, cfg, task_dir, names),
         }
         del original
+        one_shot_sn = None
+        if Path(pipeline.importance_dir).is_dir():  # the untrained pruned model: the one-shot baseline
+            one_shot_sn = load_model(str(pipeline.importance_dir)).supernet().eval()
         for bundle in sorted(Path(pipeline.bundles_dir).iterdir()):
             if not (bundle / "manifest.json").exists():
                 continue
@@ -67,24 +77,42 @@ def evaluate_run(pipeline, cfg) -> dict:
             manifest = read_manifest(bundle)
             loaded = load_model(str(bundle / "model"))
             acc = evaluate_model(loaded.model, loaded.tokenizer, windows, cfg, task_dir, names)
-            acc["engine_ppl"] = {
-                v: engine_ppl(bundle, v, onnx_ids) for v in manifest["engines"] if v in ("fp32", "int8")
-            }
+            acc["engine_ppl"] = {"fp32": acc["ppl"], **engine_ppls(loaded.model, windows, manifest["engines"])}
             acc["params"] = manifest["params"]
+            if not bundle.name.startswith("original") and one_shot_sn is not None:
+                results.setdefault("one_shot", {})[bundle.name] = one_shot_of(
+                    one_shot_sn, manifest, windows, pipeline.log
+                )
             update_manifest(
                 bundle,
                 accuracy={
                     **acc,
                     "test": pipeline.cfg.data.test,
                     "ppl_tokens": int(windows.numel()),
-                    "engine_ppl_tokens": int(onnx_ids.shape[1]),
+                    "engine_ppl_tokens": int(windows.numel()),
                 },
             )
             results["models"][bundle.name] = acc
+            del loaded
     if cfg.rank_points:
         pipeline.log(f"  validation vs test ranking of up to {cfg.rank_points} searched sub-networks")
         results["validation_vs_test"] = rank_agreement(pipeline, tok, text, cfg)
     return results
+
+
+def one_shot_of(supernet, manifest: dict, windows, log=None) -> dict:
+    """Test perplexity of the one-shot pruned model at a bundle's architecture, torch and every
+    quantized engine variant of that bundle (same recipes, so same latency as the bundle's engines)."""
+    from compressor.extract import extract
+    from compressor.search_space import SubNetwork
+
+    sub = SubNetwork.from_dict(manifest["arch"])
+    model = extract(supernet, sub).eval()
+    out = {"arch": manifest["arch"], "ppl": perplexity(hf_logits(model), windows)}
+    out["engine_ppl"] = {"fp32": out["ppl"], **engine_ppls(model, windows, manifest["engines"])}
+    if log:
+        log(f"    one-shot {sub}: ppl {out['ppl']:.2f}")
+    return out
 
 
 def rank_agreement(pipeline, tokenizer, test_text: str, cfg) -> dict:

@@ -11,20 +11,35 @@ from compressor.workload import Workload
 from deploy.bundle import build_bundle, check_variants, read_manifest, update_manifest
 
 
-def predictions(predictor, predictor_dir, sub, workloads: list[Workload], variants, recipe_ids: dict[str, str]) -> dict:
-    """Predicted ms per variant/workload where a predictor for that precision + recipe exists."""
-    if predictor is None:
+def load_predictors(predictor_dir) -> dict:
+    """``{dir: predictor}`` for one predictor dir, a list of them, or None (no predictions)."""
+    from predictors import load_predictor
+
+    if predictor_dir is None:
         return {}
-    group = predictor.group
+    dirs = list(predictor_dir) if isinstance(predictor_dir, (list, tuple)) else [predictor_dir]
+    return {str(d): load_predictor(d) for d in dirs}
+
+
+def predictions(predictors: dict, sub, workloads: list[Workload], variants, recipe_ids: dict[str, str]) -> dict:
+    """Predicted ms per variant/workload where a predictor for that precision + recipe exists."""
+    if not predictors:
+        return {}
     out = {}
     for variant in variants:
-        if group["precision"] != variant or group["recipe_id"] != recipe_ids.get(variant):
+        match = [
+            (d, p)
+            for d, p in predictors.items()
+            if p.group["precision"] == variant and p.group["recipe_id"] == recipe_ids.get(variant)
+        ]
+        if not match:
             out[variant] = {"note": f"no predictor for {variant} with this export recipe: measured, not predicted"}
             continue
+        directory, predictor = match[0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out[variant] = {str(w): float(predictor.predict_ms([sub], w)[0]) for w in workloads}
-        out[variant]["predictor"] = {"dir": str(predictor_dir), **group}
+        out[variant]["predictor"] = {"dir": directory, **predictor.group}
     return out
 
 
@@ -70,8 +85,12 @@ def export_bundles(
     threads: int = 1,
     log=print,
     overwrite: bool = False,
+    repair=None,
 ) -> list[Path]:
     """One bundle at ``out`` (a single --arch), or one per pick under the bundles dir ``out``.
+
+    ``repair``: None, or ``repair(sub) -> (model or None, record)``: the model to ship instead of the
+    plain extraction (closed-form repaired) and the manifest's ``repair`` section.
 
     Every input is checked and every target claimed before the first (minutes-long) export, so a
     refusal costs nothing and leaves nothing behind."""
@@ -83,11 +102,7 @@ def export_bundles(
     sn = loaded.supernet()
     for _, sub, _ in picks:
         sn.space.validate(sub)
-    predictor = None
-    if predictor_dir is not None:
-        from predictors import load_predictor
-
-        predictor = load_predictor(predictor_dir)
+    predictors = load_predictors(predictor_dir)
     single = len(picks) == 1 and not picks[0][0]
     if not single:
         claim_output(out, "bundles", resume=True)  # a bundles dir collects bundles over several exports
@@ -100,14 +115,67 @@ def export_bundles(
     paths = []
     for (_name, sub, row), target in zip(picks, targets):
         log(f"bundle {target}: {sub}")
+        model, record = repair(sub) if repair is not None else (None, None)
         bundle = build_bundle(
-            loaded, sn, sub, target, variants=tuple(variants), search_row=row, log=log, overwrite=overwrite
+            loaded,
+            sn,
+            sub,
+            target,
+            variants=tuple(variants),
+            search_row=row,
+            log=log,
+            overwrite=overwrite,
+            model=model,
+            repair=record,
         )
         manifest = read_manifest(bundle)
         recipe_ids = {v: e.get("recipe_id") for v, e in manifest["engines"].items()}
-        predicted = predictions(predictor, predictor_dir, sub, ws, variants, recipe_ids)
+        predicted = predictions(predictors, sub, ws, variants, recipe_ids)
         update_manifest(bundle, latency={"predicted": predicted})
         if do_verify:
             update_manifest(bundle, latency={"measured": verify(bundle, ws, variants, threads, predicted, log)})
         paths.append(bundle)
     return paths
+
+
+def repair_for_export(
+    loaded, data: str, tokens: int, eval_text: str | None, eval_tokens: int, online: bool, teacher=None, log=None
+):
+    """``repair(sub) -> (model, record)`` for :func:`export_bundles`: closed-form repair on the calibration
+    ``data`` (targets from ``teacher``, default the parent itself), perplexity before/after on
+    ``eval_text`` (or the ``data`` tokens after the calibration ones). Every input is read and checked
+    here, before any bundle is claimed or exported."""
+    from compressor.data import resolve_data
+    from compressor.evaluate import token_windows
+    from compressor.repair import (
+        RepairConfig,
+        calibration_and_heldout,
+        calibration_text,
+        check_repairable,
+        repair_and_measure,
+    )
+
+    if eval_tokens < 0:
+        raise NaspruneError(f"--repair-eval-tokens must be >= 0, not {eval_tokens}")
+    check_repairable(loaded)
+    if loaded.tokenizer is None:
+        raise NaspruneError("repair needs the model's tokenizer; the model dir has none")
+    if eval_text is not None and resolve_data(eval_text) == resolve_data(data):
+        raise NaspruneError(f"--repair-eval {eval_text} is the repair data; give text repair never fits on")
+    cfg = RepairConfig(tokens=tokens)
+    own = eval_tokens if eval_text is None else 0  # held-out share of DATA only without a separate text
+    windows, heldout = calibration_and_heldout(loaded.tokenizer, data, cfg, online, own)
+    source = f"held-out tokens of {data} after the {windows.numel():,} calibration tokens"
+    if eval_tokens == 0:
+        heldout, source = None, "--repair-eval-tokens 0"
+    elif eval_text is not None:
+        heldout = token_windows(loaded.tokenizer, calibration_text(eval_text, online), cfg.seq_len, eval_tokens)
+        source = str(eval_text)
+    elif heldout is None:
+        source = f"{data} has no text left after the calibration tokens (give --repair-eval)"
+    log = log or print
+
+    def fix(sub):
+        return repair_and_measure(loaded, sub, windows, cfg, heldout, source, data, log=log, teacher_loaded=teacher)
+
+    return fix

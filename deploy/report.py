@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from compressor.modeldir import write_json_atomic
 from deploy.bundle import read_manifest
 
 
@@ -16,21 +17,32 @@ def _fmt(x, spec=".1f", none="–"):
 BASELINE_PREFIX = "original"
 
 
-def front_points(bundles: dict[str, dict], workload: str) -> list[dict]:
-    """(name, variant, latency, test perplexity) of every measured engine of every bundle.
+def _variant_ppl(acc: dict, variant: str) -> float | None:
+    """Test perplexity of one engine variant: measured through that engine on the test windows
+    (older manifests scored engines on a shorter prefix: their ratio to fp32 scales the torch value)."""
+    ppl, eng = acc.get("ppl"), acc.get("engine_ppl", {})
+    if variant == "fp32" or ppl is None:
+        return ppl
+    if eng.get(variant) is None:
+        return None
+    if acc.get("engine_ppl_tokens") is not None and acc.get("engine_ppl_tokens") == acc.get("ppl_tokens"):
+        return eng[variant]
+    return ppl * eng[variant] / eng["fp32"] if eng.get("fp32") else None
 
-    fp32 uses the checkpoint's test perplexity; another variant scales it by that engine's measured
-    perplexity ratio to the fp32 engine on the same tokens (the engines are scored on a shorter
-    prefix, token by token), so quantization's cost is measured on what ships."""
+
+def front_points(bundles: dict[str, dict], workload: str, one_shot: dict | None = None) -> list[dict]:
+    """(name, variant, latency, test perplexity, kind) of every measured engine of every bundle.
+
+    ``kind``: "nasprune" (an exported point), "original" (the unpruned model's bundle, a baseline) or
+    "one-shot" (``one_shot``: the untrained pruned model at a bundle's architecture through the same
+    engine recipe, so at that bundle's measured latency; a baseline)."""
     points = []
     for name, m in bundles.items():
         acc = m.get("accuracy", {})
-        eng = acc.get("engine_ppl", {})
         for variant, per_workload in m.get("latency", {}).get("measured", {}).items():
             ms = per_workload.get(workload, {}).get("stats_ms", {}).get("median")
-            ppl = acc.get("ppl")
-            if variant != "fp32":
-                ppl = ppl * eng[variant] / eng["fp32"] if ppl and eng.get(variant) and eng.get("fp32") else None
+            ppl = _variant_ppl(acc, variant)
+            kind = "original" if name.startswith(BASELINE_PREFIX) else "nasprune"
             if ms is not None and ppl is not None:
                 points.append(
                     {
@@ -38,7 +50,21 @@ def front_points(bundles: dict[str, dict], workload: str) -> list[dict]:
                         "variant": variant,
                         "ms": ms,
                         "ppl": ppl,
-                        "baseline": name.startswith(BASELINE_PREFIX),
+                        "baseline": kind != "nasprune",
+                        "kind": kind,
+                    }
+                )
+            shot = (one_shot or {}).get(name)
+            shot_ppl = (shot or {}).get("engine_ppl", {}).get(variant)
+            if ms is not None and shot_ppl is not None:
+                points.append(
+                    {
+                        "name": f"one-shot {name}",
+                        "variant": variant,
+                        "ms": ms,
+                        "ppl": shot_ppl,
+                        "baseline": True,
+                        "kind": "one-shot",
                     }
                 )
     return points
@@ -64,87 +90,103 @@ def write_report(pipeline) -> Path:
     pareto = json.loads((run / "search" / "pareto.json").read_text())
     evals = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {"models": {}}
     shutil.copy(run / "search" / "pareto.png", run / "pareto.png")
+    preds = pareto.get("predictors") or {
+        (pareto.get("predictor_group") or {}).get("precision"): pareto.get("predictor_group") or {}
+    }
+    engine = next(iter(preds.values()), {}).get("engine")
     lines = [
         f"# nasprune run: {pipeline.model}",
         "",
-        f"Workload for search: `{pareto['workload']}`; predictor: `{pareto.get('predictor')}` "
-        f"({pareto.get('predictor_group', {}).get('engine')}, {pareto.get('predictor_group', {}).get('precision')}).",
+        f"Workload for search: `{pareto['workload']}`; predictors ({engine}): {', '.join(map(str, preds))}"
+        + (" — the search chose the precision of each point too." if len(preds) > 1 else "."),
         "",
         "![Pareto front](pareto.png)",
         "",
-        "## Pareto front (super-network quality vs predicted latency)",
+        "## Pareto front (super-network quality on validation text vs predicted latency)",
         "",
-        "| # | arch (e-h-f-l) | params | ppl (super-net) | predicted ms |",
-        "|---|---|---|---|---|",
+        "Quantized candidates are scored with their recipe simulated in the super-network forward "
+        "(`compressor.quant_sim`); exported bundles are measured through the real engines below.",
+        "",
+        "| # | arch (e-h-f-l) | precision | params | ppl (super-net) | predicted ms |",
+        "|---|---|---|---|---|---|",
     ]
-    orig = pareto.get("original")
-    if orig:
-        a = orig["arch"]
-        lines.append(
-            f"| original | {a['embed_dim']}-{a['num_heads']}-{a['ffn_dim']}-{a['num_layers']} "
-            f"| {orig['params'] / 1e6:.1f}M "
-            f"| {orig['ppl']:.2f} | {orig['predicted_ms']:.1f} |"
-        )
     for i, r in enumerate(pareto["pareto"]):
-        a = r["arch"]
         lines.append(
-            f"| {i} | {a['embed_dim']}-{a['num_heads']}-{a['ffn_dim']}-{a['num_layers']} | {r['params'] / 1e6:.1f}M "
+            f"| {i} | {_arch(r['arch'])} | {r.get('precision', '–')} | {r['params'] / 1e6:.1f}M "
             f"| {r['ppl']:.2f} | {r['predicted_ms']:.1f} |"
         )
+    base = pareto.get("baselines") or []
+    if base:
+        lines += [
+            "",
+            "Baselines scored by the same objectives (original model at each precision; one-shot pruning "
+            "without training at the front's architectures):",
+            "",
+            "| baseline | precision | ppl | predicted ms | dominated by front points |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {b['label']} | {b.get('precision', '–')} | {b['ppl']:.2f} | {b['predicted_ms']:.1f} "
+            f"| {', '.join(map(str, b['dominated_by'])) or '**none**'} |"
+            for b in base
+        ]
+    w = pipeline.cfg.export.workloads[0]
     lines += [
         "",
-        "## Exported bundles",
+        "## Exported bundles (test text)",
         "",
-        "| bundle | params | ppl (torch) | ppl fp32 engine | ppl int8 engine | predicted ms | measured fp32 ms "
-        "| error | measured int8 ms |" + "".join(f" {t} |" for t in _task_names(evals)),
-        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(_task_names(evals)),
+        f"One row per engine variant; perplexity through that engine on the test windows; latency `{w}`.",
+        "",
+        "| bundle | variant | params | test ppl | one-shot ppl (same arch) | predicted ms | measured ms | error |"
+        + "".join(f" {t} |" for t in _task_names(evals)),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(_task_names(evals)),
     ]
     o = evals["models"].get("original")
     if o:
         lines.append(
-            f"| original | {o['params'] / 1e6:.1f}M | {o['ppl']:.2f} | – | – | – | – | – | – |"
+            f"| original (torch) | fp32 | {o['params'] / 1e6:.1f}M | {o['ppl']:.2f} | – | – | – | – |"
             + "".join(f" {_acc(o, t)} |" for t in _task_names(evals))
         )
     bundles = run / "bundles"
-    for b in sorted(bundles.iterdir()) if bundles.exists() else []:
-        if not (b / "manifest.json").exists():
-            continue
-        m = read_manifest(b)
-        w = pipeline.cfg.export.workloads[0]
-        meas = m["latency"].get("measured", {})
-        fp32 = meas.get("fp32", {}).get(w, {})
-        int8 = meas.get("int8", {}).get(w, {})
-        acc = m.get("accuracy", {})
-        eng = acc.get("engine_ppl", {})
-        lines.append(
-            f"| {b.name} | {m['params'] / 1e6:.1f}M | {_fmt(acc.get('ppl'), '.2f')} | {_fmt(eng.get('fp32'), '.2f')} "
-            f"| {_fmt(eng.get('int8'), '.2f')} | {_fmt(fp32.get('predicted_ms'))} "
-            f"| {_fmt(fp32.get('stats_ms', {}).get('median'))} | {_fmt(fp32.get('error'), '+.1%')} "
-            f"| {_fmt(int8.get('stats_ms', {}).get('median'))} |"
-            + "".join(f" {_acc(acc, t)} |" for t in _task_names(evals))
-        )
-    w = pipeline.cfg.export.workloads[0]
     manifests = {}
     for b in sorted(bundles.iterdir()) if bundles.exists() else []:
         if (b / "manifest.json").is_file():
             manifests[b.name] = read_manifest(b)
-    rows = dominance(front_points(manifests, w))
+    one_shot = evals.get("one_shot") or {}
+    for name, m in manifests.items():
+        acc = m.get("accuracy", {})
+        for variant, per_workload in m["latency"].get("measured", {}).items():
+            meas = per_workload.get(w, {})
+            shot = (one_shot.get(name) or {}).get("engine_ppl", {}).get(variant)
+            lines.append(
+                f"| {name} | {variant} | {m['params'] / 1e6:.1f}M | {_fmt(_variant_ppl(acc, variant), '.2f')} "
+                f"| {_fmt(shot, '.2f')} | {_fmt(meas.get('predicted_ms'))} "
+                f"| {_fmt(meas.get('stats_ms', {}).get('median'))} | {_fmt(meas.get('error'), '+.1%')} |"
+                + "".join(f" {_acc(acc, t)} |" for t in _task_names(evals))
+            )
+    points = front_points(manifests, w, one_shot)
+    rows = dominance(points)
+    write_json_atomic(run / "front.json", {"workload": w, "points": points, "dominance": rows})
     if rows:
         lines += [
             "",
             "## Does the front beat what the user would do instead?",
             "",
-            f"The original model at each engine precision, against every exported nasprune point (`{w}`, measured; "
-            "test perplexity, INT8 scaled by its engine's measured ratio to fp32 on the same tokens):",
+            f"Every baseline point — the original model at each engine precision, and one-shot pruning "
+            f"(no training) at each exported architecture and precision — against every exported nasprune "
+            f"point (`{w}`, measured latency; test perplexity through the engine):",
             "",
-            "| baseline | measured ms | test ppl | dominated by |",
-            "|---|---|---|---|",
+            "| baseline | variant | measured ms | test ppl | dominated by |",
+            "|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['name']} {r['variant']} | {r['ms']:.1f} | {r['ppl']:.2f} | "
+            f"| {r['name']} | {r['variant']} | {r['ms']:.1f} | {r['ppl']:.2f} | "
             f"{', '.join(r['dominated_by']) or '**no nasprune point** (not dominated)'} |"
             for r in rows
         ]
+        beaten = sum(bool(r["dominated_by"]) for r in rows if r["kind"] == "original")
+        total = sum(r["kind"] == "original" for r in rows)
+        lines += ["", f"Original-model baselines dominated: **{beaten} of {total}**."]
     refine = state["stages"].get("refine", {}).get("points")
     if refine:
         lines += [
@@ -168,8 +210,8 @@ def write_report(pipeline) -> Path:
         ]
     lines += [
         "",
-        f"Perplexity on `{evals.get('test')}` ({evals.get('ppl_tokens')} tokens; engines token by token on "
-        f"the first {evals.get('onnx_ppl_tokens')}). Latency: median, `{pipeline.cfg.export.workloads[0]}`, "
+        f"Perplexity on `{evals.get('test')}` ({evals.get('ppl_tokens')} tokens, every engine on the same "
+        f"windows). Latency: median, `{pipeline.cfg.export.workloads[0]}`, "
         f"{pipeline.cfg.export.threads} thread(s), this machine.",
         "",
         "## Stage times",
@@ -181,6 +223,10 @@ def write_report(pipeline) -> Path:
     path = run / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _arch(a: dict) -> str:
+    return f"{a['embed_dim']}-{a['num_heads']}-{a['ffn_dim']}-{a['num_layers']}"
 
 
 def _task_names(evals) -> list[str]:

@@ -42,7 +42,14 @@ def _global(
 
 def search(
     model: str = typer.Argument(..., help="the trained super-network (nasprune model dir)"),
-    predictor: Path = typer.Option(..., "--predictor", help="latency predictor dir (nasprune predictor fit)"),
+    predictor: List[Path] = typer.Option(
+        ...,
+        "--predictor",
+        help="latency predictor dir (nasprune predictor fit); repeat with one per precision to search precision too",
+    ),
+    precision: List[str] = typer.Option(
+        [], "--precision", help="precisions to search (default: every precision a --predictor was fitted for)"
+    ),
     workload: str = typer.Option("prefill:1x128", "--workload", help="the workload latency is predicted for"),
     data: str = typer.Option(..., "--data", help="held-out text for the quality objective"),
     out: Path = typer.Option(..., "--out", help="output dir: pareto.json, pareto.csv, history.json, pareto.png"),
@@ -56,6 +63,9 @@ def search(
     seed: int = typer.Option(0),
     strict: bool = typer.Option(False, "--strict", help="refuse sub-networks outside the predictor's training ranges"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune search output at --out"),
+    calibrate: bool = typer.Option(
+        False, "--calibrate/--no-calibrate", help="re-measure the predictor's anchor; scale predictions by the drift"
+    ),
 ):
     """NSGA-II over super-network quality and predicted latency; writes the Pareto front."""
     from compressor.search import SearchConfig
@@ -68,10 +78,11 @@ def search(
         max_latency_ms=max_latency_ms,
         max_params=max_params,
         params_objective=params_objective,
+        precisions=list(precision) or None,
     )
     result = run_search_cli(
         load_for_cli(model),
-        predictor,
+        predictor[0] if len(predictor) == 1 else list(predictor),
         workload,
         data,
         out,
@@ -81,6 +92,7 @@ def search(
         STATE["online"],
         strict,
         overwrite,
+        calibrate=calibrate,
     )
     console.print(
         f"{len(result.evaluated)} sub-networks evaluated in {result.seconds:.0f}s; "

@@ -19,7 +19,7 @@ from compressor.errors import NaspruneError
 from compressor.modeldir import write_json_atomic
 from compressor.outputs import claim_output, mark_output
 
-STAGES = ("importance", "train", "profile", "predictor", "search", "refine", "export", "evaluate", "report")
+STAGES = ("importance", "blocks", "train", "profile", "predictor", "search", "refine", "export", "evaluate", "report")
 
 
 @dataclass
@@ -45,9 +45,13 @@ class ImportanceConfig:
 
 @dataclass
 class ProfileConfig:
+    """Each precision (``fp32``, or a quantization recipe of ``compressor.quantize`` on onnxruntime cpu)
+    is profiled on the same sub-networks and gets its own predictor; the search's precision gene
+    chooses among them."""
+
     engine: str = "onnxruntime"
     device: str = "cpu"
-    precision: str = "fp32"
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
     workloads: list[str] = field(default_factory=lambda: ["prefill:1x128"])
     samples: int = 24
     sampler: str = "grid-params"
@@ -72,6 +76,25 @@ class SearchStageConfig:
     max_latency_ms: float | None = None
     max_params: int | None = None
     seed: int = 0
+    precisions: list[str] | None = None  # default: every profiled precision (the precision gene)
+    one_shot_baseline: bool = True  # score the untrained pruned model at the front's architectures too
+    calibrate: bool = False  # re-measure the predictor's anchor first: predictions follow the machine's drift
+
+
+@dataclass
+class BlocksStageConfig:
+    """Block-local distillation (:mod:`compressor.bld`) of the importance-permuted super-network on
+    ``data.calibration`` before ``train``: every width of every block learns the original block's
+    output from cached teacher activations; ``train`` then starts from those weights (its KD teacher
+    stays the original). Off by default."""
+
+    enabled: bool = False
+    steps: int = 100  # per block
+    batch_size: int = 4
+    seq_len: int = 256
+    tokens: int = 8192
+    lr: float = 1e-4
+    processes: int = 1
 
 
 @dataclass
@@ -98,12 +121,17 @@ class ExportConfig:
     threads: int = 1
     # also export the unpruned original at every precision: the user's alternative, measured the same way
     baseline: bool = True
+    # closed-form repair (compressor/repair.py) of each exported point on data.calibration, perplexity
+    # before/after on data.validation in the manifest; points the refine stage refined are never
+    # repaired again (refine repairs before training; the manifest says so)
+    repair: bool = False
+    repair_tokens: int = 4096
+    repair_eval_tokens: int = 2048
 
 
 @dataclass
 class EvalConfig:
     ppl_tokens: int = 8192
-    onnx_ppl_tokens: int = 512
     seq_len: int = 256
     tasks: list[str] = field(default_factory=list)
     task_files: list[str] = field(default_factory=list)
@@ -121,6 +149,7 @@ class PipelineConfig:
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
     search: SearchStageConfig = field(default_factory=SearchStageConfig)
     refine: RefineStageConfig = field(default_factory=RefineStageConfig)
+    blocks: BlocksStageConfig = field(default_factory=BlocksStageConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
 
@@ -157,6 +186,13 @@ class PipelineConfig:
         cfg = PipelineConfig(**kwargs)
         cfg.validate(path)
         return cfg
+
+    def blocks_config(self):
+        from dataclasses import asdict as _asdict
+
+        from compressor.bld import BlockDistillConfig
+
+        return BlockDistillConfig(**{k: v for k, v in _asdict(self.blocks).items() if k != "enabled"})
 
     def refine_config(self):
         from compressor.refine import RefineConfig
@@ -211,7 +247,9 @@ class PipelineConfig:
             ),
             ("importance", lambda: layer_metric(self.importance.layer_metric)),
             ("profile", lambda: [Workload.parse(str(w)) for w in p.workloads]),
-            ("profile", lambda: get_engine(p.engine).check(p.device, p.precision)),
+            ("profile", lambda: [get_engine(p.engine).check(p.device, prec) for prec in p.precisions]),
+            ("profile", lambda: _at_least_one_precision(p.precisions)),
+            ("search", lambda: _subset_of(self.search.precisions, p.precisions)),
             ("profile", lambda: protocol(p.protocol)),
             ("profile", lambda: (at_least_one("threads", p.threads), at_least_one("samples", p.samples))),
             (
@@ -225,12 +263,31 @@ class PipelineConfig:
             ("export", lambda: [Workload.parse(str(w)) for w in x.workloads]),
             ("export", lambda: (at_least_one("threads", x.threads), at_least_one("points", x.points))),
             ("refine", lambda: self.refine_config()),
+            ("blocks", lambda: self.blocks_config()),
+            ("export", lambda: _repair_config(x.repair_tokens) if x.repair else None),
         ]
         for section, check in checks:
             try:
                 check()
             except NaspruneError as e:
                 raise NaspruneError(f"{path}: section '{section}': {e}") from None
+
+
+def _at_least_one_precision(precisions: list[str]) -> None:
+    if not precisions or len(set(precisions)) != len(precisions):
+        raise NaspruneError(f"precisions must list distinct precisions, at least one, not {precisions}")
+
+
+def _subset_of(searched: list[str] | None, profiled: list[str]) -> None:
+    missing = [p for p in searched or [] if p not in profiled]
+    if missing:
+        raise NaspruneError(f"precisions {missing} are not profiled (profile.precisions: {profiled})")
+
+
+def _repair_config(tokens: int):
+    from compressor.repair import RepairConfig
+
+    return RepairConfig(tokens=tokens)
 
 
 def _check_type(path, key: str, value, default, optional: bool) -> None:
@@ -279,7 +336,14 @@ class Pipeline:
 
     @property
     def predictor_dir(self):
-        return self.run / "predictor"
+        """The first profiled precision's predictor (``fp32`` in every shipped config)."""
+        return self.predictor_dirs[self.cfg.profile.precisions[0]]
+
+    @property
+    def predictor_dirs(self) -> dict:
+        """precision -> predictor dir (``predictor`` for the first precision, ``predictor-<precision>``)."""
+        precs = self.cfg.profile.precisions
+        return {p: self.run / ("predictor" if i == 0 else f"predictor-{p}") for i, p in enumerate(precs)}
 
     @property
     def search_dir(self):
@@ -338,13 +402,38 @@ class Pipeline:
         save_importance(loaded, permute(sn, scores), ranking, self.importance_dir, overwrite=True)
         return {"layer_ranking": ranking, "importance_seconds": scores.info["seconds_total"]}
 
+    @property
+    def blocks_dir(self):
+        return self.run / "blocks"
+
+    def stage_blocks(self) -> dict:
+        """BLD of the permuted super-network (skipped unless ``blocks: enabled: true``)."""
+        if not self.cfg.blocks.enabled:
+            return {"enabled": False}
+        from compressor.bld import distill_blocks_to
+
+        _, report = distill_blocks_to(
+            str(self.importance_dir),
+            resolve_data(self.cfg.data.calibration),
+            self.blocks_dir,
+            self.cfg.blocks_config(),
+            online=self.online,
+            log=self.log,
+            overwrite=True,
+        )
+        worst = max(report["blocks"], key=lambda r: r["loss_last"])
+        self.log(f"  {len(report['blocks'])} blocks in {report['seconds']:.0f}s; worst block {worst['layer']}")
+        return {"enabled": True, "bld_seconds": report["seconds"], "blocks": report["blocks"]}
+
     def stage_train(self) -> dict:
         from compressor.train import TrainConfig, run_training
 
         cfg = TrainConfig.load(None, self.cfg.train)
         resume = (self.run / "supernet.train" / "checkpoint.pt").exists()
+        bld = self.state["stages"].get("blocks", {}).get("enabled", False) and self.blocks_dir.is_dir()
+        original_teaches = bld and cfg.distill == "logits" and cfg.teacher == "original"
         run_training(
-            str(self.importance_dir),
+            str(self.blocks_dir if bld else self.importance_dir),
             resolve_data(self.cfg.data.train),
             self.supernet_dir,
             cfg,
@@ -353,6 +442,7 @@ class Pipeline:
             online=self.online,
             log=self.log,
             overwrite=True,
+            teacher=str(self.importance_dir) if original_teaches else None,  # KD from the original, not BLD's
         )
         meta = json.loads((self.supernet_dir / "nasprune.json").read_text())
         return {"training": {k: meta["provenance"]["training"][k] for k in ("steps", "seconds", "tokens")}}
@@ -366,19 +456,23 @@ class Pipeline:
         c = self.cfg.profile
         loaded = load_model(str(self.supernet_dir))
         subs = choose_subnetworks(loaded.supernet().space, sampler=c.sampler, samples=c.samples)
-        records = profile_subnetworks(
-            loaded,
-            subs,
-            c.workloads,
-            engine=c.engine,
-            device=c.device,
-            precision=c.precision,
-            store=self.store,
-            threads=c.threads,
-            protocol=Protocol.from_dict(c.protocol),
-            workdir=self.run / "profile_work",
-        )
-        return {"records": len(records)}
+        counts = {}
+        for precision in c.precisions:  # same sub-networks at every precision (the store resumes per group)
+            self.log(f"  profiling {len(subs)} sub-networks at {precision}")
+            records = profile_subnetworks(
+                loaded,
+                subs,
+                c.workloads,
+                engine=c.engine,
+                device=c.device,
+                precision=precision,
+                store=self.store,
+                threads=c.threads,
+                protocol=Protocol.from_dict(c.protocol),
+                workdir=self.run / "profile_work",
+            )
+            counts[precision] = len(records)
+        return {"records": counts}
 
     def stage_predictor(self) -> dict:
         from predictors.dataset import read_store, select_group
@@ -386,17 +480,23 @@ class Pipeline:
         from predictors.modelspace import describe_model
 
         c = self.cfg.predictor
-        records = select_group(read_store(self.store))
-        result = fit_predictor(
-            records,
-            describe_model(str(self.supernet_dir)),
-            FitConfig(folds=c.folds, seed=c.seed, candidates=tuple(c.models)),
-        )
-        result.predictor.save(self.predictor_dir, overwrite=True)
-        cv = result.predictor.manifest["cv"]
-        sel = cv["models"][cv["selected"]]
-        self.log(f"  predictor: {cv['selected']}, CV MAPE {sel['mape']:.2f}%, within ±10% {sel['acc10']:.1%}")
-        return {"selected": cv["selected"], "cv": sel}
+        store = read_store(self.store)
+        info = {}
+        for precision, directory in self.predictor_dirs.items():
+            result = fit_predictor(
+                select_group(store, precision=precision, engine=self.cfg.profile.engine),
+                describe_model(str(self.supernet_dir)),
+                FitConfig(folds=c.folds, seed=c.seed, candidates=tuple(c.models)),
+            )
+            result.predictor.save(directory, overwrite=True)
+            cv = result.predictor.manifest["cv"]
+            sel = cv["models"][cv["selected"]]
+            self.log(
+                f"  predictor {precision}: {cv['selected']}, CV MAPE {sel['mape']:.2f}%, within ±10% {sel['acc10']:.1%}"
+            )
+            info[precision] = {"selected": cv["selected"], "cv": sel}
+        first = info[self.cfg.profile.precisions[0]]
+        return {**first, "precisions": info}
 
     def stage_search(self) -> dict:
         from compressor.modeldir import load_model
@@ -410,10 +510,11 @@ class Pipeline:
             seed=c.seed,
             max_latency_ms=c.max_latency_ms,
             max_params=c.max_params,
+            precisions=list(c.precisions or self.cfg.profile.precisions),
         )
         result = run_search_cli(
             load_model(str(self.supernet_dir)),
-            self.predictor_dir,
+            list(self.predictor_dirs.values()),
             c.workload,
             resolve_data(self.cfg.data.validation),
             self.search_dir,
@@ -421,6 +522,8 @@ class Pipeline:
             c.eval_tokens,
             c.seq_len,
             overwrite=True,
+            calibrate=c.calibrate,
+            one_shot=load_model(str(self.importance_dir)) if c.one_shot_baseline else None,
         )
         return {
             "evaluated": len(result.evaluated),
@@ -477,6 +580,12 @@ class Pipeline:
             }
         return {"enabled": True, "points": records}
 
+    def export_variants(self, picks=None) -> list[str]:
+        """Engine variants of the bundles: the configured ones plus every precision the exported points
+        were chosen at (``picks`` None: the original baseline, at every profiled precision too)."""
+        chosen = [row.get("precision") for _, _, row in picks or [] if row] or list(self.cfg.profile.precisions)
+        return list(dict.fromkeys([*self.cfg.export.precisions, *(p for p in chosen if p)]))
+
     def stage_export(self) -> dict:
         from compressor.modeldir import load_model
         from deploy.pipeline_steps import export_bundles
@@ -491,8 +600,8 @@ class Pipeline:
                 original,
                 [("original", original.supernet().space.largest(), None)],
                 self.bundles_dir,
-                c.precisions,
-                self.predictor_dir,
+                self.export_variants(None),
+                list(self.predictor_dirs.values()),
                 c.workloads,
                 c.verify,
                 c.threads,
@@ -501,34 +610,81 @@ class Pipeline:
             )
             del original
         if not refined:
+            supernet, fix = load_model(str(self.supernet_dir)), None
+            if c.repair:  # targets from the original (same permutation), never the trained super-network
+                from deploy.pipeline_steps import repair_for_export
+
+                fix = repair_for_export(
+                    supernet,
+                    resolve_data(self.cfg.data.calibration),
+                    c.repair_tokens,
+                    resolve_data(self.cfg.data.validation),
+                    c.repair_eval_tokens,
+                    self.online,
+                    teacher=load_model(str(self.importance_dir)),
+                    log=self.log,
+                )
             paths = export_bundles(
-                load_model(str(self.supernet_dir)),
+                supernet,
                 picks,
                 self.bundles_dir,
-                c.precisions,
-                self.predictor_dir,
+                self.export_variants(picks),
+                list(self.predictor_dirs.values()),
                 c.workloads,
                 c.verify,
                 c.threads,
                 log=self.log,
                 overwrite=True,
+                repair=fix,
             )
-            return {"bundles": [str(p) for p in paths], "baseline": [str(p) for p in baseline], "refined": False}
+            return {
+                "bundles": [str(p) for p in paths],
+                "baseline": [str(p) for p in baseline],
+                "refined": False,
+                "repair": "at export" if c.repair else "off",
+            }
         paths = []
         for name, sub, row in picks:  # each refined model is a standalone checkpoint whose largest is ``sub``
+            directory = self.refined_dir / f"{name}-{sub}"
+            note = self._refined_repair_note(directory)
             paths += export_bundles(
-                load_model(str(self.refined_dir / f"{name}-{sub}")),
+                load_model(str(directory)),
                 [(name, sub, row)],
                 self.bundles_dir,
-                c.precisions,
-                self.predictor_dir,
+                self.export_variants([(name, sub, row)]),
+                list(self.predictor_dirs.values()),
                 c.workloads,
                 c.verify,
                 c.threads,
                 log=self.log,
                 overwrite=True,
+                repair=lambda _sub, note=note: (None, note),
             )
-        return {"bundles": [str(p) for p in paths], "baseline": [str(p) for p in baseline], "refined": True}
+        return {
+            "bundles": [str(p) for p in paths],
+            "baseline": [str(p) for p in baseline],
+            "refined": True,
+            "repair": "before refine" if self.cfg.refine.repair else "off",
+        }
+
+    def _refined_repair_note(self, directory: Path) -> dict:
+        """The manifest's ``repair`` section of a refined point: refine repaired it (or not) before its
+        training, so export never repairs it again (the refined weights are no longer the pruned ones
+        the closed form corrects)."""
+        from compressor.modeldir import ModelMeta
+
+        rec = (ModelMeta.read(directory).subnetwork or {}).get("refine", {})
+        repaired = bool((rec.get("config") or {}).get("repair"))
+        return {
+            "applied": "before refine" if repaired else "none (refine ran without repair)",
+            "data": rec.get("data") if repaired else None,
+            "ppl_before": rec.get("ppl_one_shot"),
+            "ppl_after": rec.get("ppl_repaired"),
+            "ppl_refined": rec.get("ppl_refined"),
+            "ppl_on": rec.get("validation"),
+            "note": "not repaired at export: the refine stage owns this point's repair"
+            + ("" if not self.cfg.export.repair else " (export.repair ignored for refined points)"),
+        }
 
     def stage_evaluate(self) -> dict:
         from deploy.evaluate_bundle import evaluate_run

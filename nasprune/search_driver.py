@@ -1,5 +1,11 @@
-"""The search stage's driver: loads the predictor (a higher layer than the pymoo problem in
+"""The search stage's driver: loads the predictors (a higher layer than the pymoo problem in
 ``compressor.search``), builds the quality oracle on validation text, runs NSGA-II, writes results.
+
+One predictor per precision. Given predictors for several precisions (``fp32`` and quantization
+recipes, each fitted on profiles of that recipe's real graphs), the search gets a precision gene
+whose choices are exactly those precisions: a (sub-network, precision) pair without a predictor
+is never proposed. The original model at every one of those precisions is scored by the same
+objectives and written as the baselines the front has to beat.
 """
 
 from __future__ import annotations
@@ -13,6 +19,24 @@ from compressor.outputs import claim_output
 from compressor.search import Evaluated, QualityOracle, SearchConfig, SearchResult, run_nsga2, write_results
 from compressor.workload import Workload
 from predictors import load_predictor
+from predictors.calibration import calibrate_if
+
+
+def load_predictors(predictor_dirs, strict: bool = False) -> dict:
+    """precision -> predictor, refusing two predictors of one precision or of different engines."""
+    dirs = [predictor_dirs] if not isinstance(predictor_dirs, (list, tuple)) else list(predictor_dirs)
+    out, first = {}, None
+    for d in dirs:
+        pred = load_predictor(d, strict=strict)
+        prec = pred.group["precision"]
+        if prec in out:
+            raise NaspruneError(f"two predictors for precision {prec} ({d}); give one per precision")
+        key = pred.group["engine"]  # (the fingerprint id includes the precision, so it differs by design)
+        if first is not None and key != first:
+            raise NaspruneError(f"predictor {d} was fitted for engine {key}, {dirs[0]} for {first}")
+        first = first or key
+        out[prec] = pred
+    return out
 
 
 def run_search_cli(
@@ -27,26 +51,60 @@ def run_search_cli(
     online: bool = False,
     strict: bool = False,
     overwrite: bool = False,
+    calibrate: bool = False,
+    one_shot=None,
 ) -> SearchResult:
-    """Load the predictor, build the quality oracle on held-out text, search, write the results."""
+    """Load the predictor(s), build the quality oracle on held-out text, search, write the results.
+
+    ``predictor_dir``: one predictor dir, or a list of them (one per precision: the precision gene).
+    ``one_shot``: the untrained pruned model (the importance-permuted original, a loaded model) whose
+    sub-networks at the front's architectures and precisions are written as baselines too: what
+    pruning without nasprune's training would give at the same latency."""
     claim_output(out, "search", overwrite=overwrite)  # before minutes of search, not after
     w = Workload.parse(workload)
-    predictor = load_predictor(predictor_dir, strict=strict)
+    predictors = load_predictors(predictor_dir, strict=strict)
+    if cfg.precisions:
+        missing = [p for p in cfg.precisions if p not in predictors]
+        if missing:
+            raise NaspruneError(f"no predictor for precision(s) {missing}; fitted: {sorted(predictors)}")
+    elif len(predictors) > 1:
+        cfg.precisions = list(predictors)
     kind, text = read_source(data, online)
     if kind != "text":
         raise NaspruneError("the search's quality objective needs held-out plain text (.txt)")
     windows = token_windows(loaded.tokenizer, text, seq_len, eval_tokens)
     sn = loaded.supernet()
     quality = QualityOracle(sn, windows)
+    # drift-proof: predictions x (anchor sub-network measured now / at fit time), see predictors.calibration
+    calibration = {}
+    for prec in list(predictors):
+        predictors[prec], calibration[prec] = calibrate_if(predictors[prec], loaded, [w], calibrate)
+    if len(predictors) == 1:
+        calibration = next(iter(calibration.values()))
+    predictor = predictors[cfg.precisions[0]] if cfg.precisions else next(iter(predictors.values()))
 
-    def latency(subs):
+    def latency(subs, precision=None):
+        chosen = predictor if precision is None else predictors[precision]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # extrapolation is reported once below, not per generation
-            return predictor.predict_ms(subs, w)
+            return chosen.predict_ms(subs, w)
 
     result = run_nsga2(sn.space, quality, latency, cfg)
     big = sn.space.largest()
     original = Evaluated(big, quality(big), float(latency([big])[0]), sn.space.num_params(big), -1)
+    baselines = {
+        f"original {p}": Evaluated(
+            big, quality(big, p), float(latency([big], p)[0]), sn.space.num_params(big), -1, precision=p
+        )
+        for p in cfg.precisions or [predictor.group["precision"]]
+    }
+    if one_shot is not None:
+        plain = QualityOracle(one_shot.supernet(), windows)
+        for i, p in enumerate(result.pareto):
+            prec = p.precision or predictor.group["precision"]
+            baselines[f"one-shot {i}"] = Evaluated(
+                p.arch, plain(p.arch, prec), p.predicted_ms, p.params, -1, precision=p.precision
+            )
     outside = predictor.out_of_range([p.arch for p in result.pareto], w)
     write_results(
         result,
@@ -55,12 +113,15 @@ def run_search_cli(
         w,
         original,
         {
-            "predictor": str(predictor_dir),
+            "predictor": str(predictor_dir) if not isinstance(predictor_dir, (list, tuple)) else None,
+            "predictors": {p: pred.group for p, pred in predictors.items()},
             "predictor_group": predictor.group,
             "model": str(loaded.path or loaded.source),
             "eval_tokens": int(windows.numel()),
             "extrapolated": outside,
+            "calibration": calibration,
         },
         overwrite=overwrite,
+        baselines=baselines,
     )
     return result

@@ -183,6 +183,12 @@ def predict_cmd(
     engine: Optional[str] = typer.Option(None, "--engine", help="Refuse unless fitted for this engine."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Refuse unless fitted for this precision."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Refuse unless fitted for this export recipe."),
+    calibrate: bool = typer.Option(
+        False, "--calibrate", help="Re-measure the predictor's anchor sub-network now; scale by the machine's drift."
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="With --calibrate: the profiled MODEL (default: the predictor's model.source)."
+    ),
 ):
     """Predicted latency (ms) of one sub-network on one workload."""
     from compressor.search_space import SubNetwork
@@ -195,6 +201,9 @@ def predict_cmd(
         warnings.simplefilter("always")
         predictor = load_predictor(directory, strict=strict)
         predictor.check_compatible(fingerprint, engine, precision, recipe)
+        predictor.space.validate(sub)  # a bad --arch fails before the anchor is measured
+        if calibrate:
+            predictor = _calibrated(predictor, model, wl)
         ms = float(predictor.predict_ms([sub], wl, quantile=quantile)[0])
     _show_warnings(caught)
     print(f"{ms:.3f}")
@@ -203,6 +212,25 @@ def predict_cmd(
         f"CV MAPE {predictor.manifest['cv']['models'][predictor.manifest['estimator']['selected']]['mape']:.2f}%)",
         highlight=False,
     )
+    if calibrate:
+        c = predictor.calibrations[str(wl)]
+        err_console.print(
+            f"calibrated: anchor {c.now_ms:.2f} ms now vs {c.fit_ms:.2f} ms at fit ({c.fit_source}), "
+            f"x{c.factor:.4g}, measured in {c.seconds:.1f} s",
+            highlight=False,
+        )
+
+
+def _calibrated(predictor, model: Optional[str], workload):
+    """The predictor scaled by its anchor, profiled now on ``model`` (default: the one it was fitted on)."""
+    from compressor.console import load_for_cli
+    from predictors.calibration import calibrate, profile_anchor, stored_anchor
+    from predictors.modelspace import resolve_source
+
+    stored_anchor(predictor)  # no anchor: fail before loading a model
+    loaded = load_for_cli(model or resolve_source(predictor.manifest["model"].get("source")))
+    with err_console.status("measuring the calibration anchor ..."):
+        return calibrate(predictor, [workload], profile_anchor(loaded, predictor))
 
 
 def register(app: typer.Typer) -> None:

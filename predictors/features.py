@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from compressor.errors import NaspruneError
+from compressor.quantize import export_dtype
 from compressor.search_space import BYTES_PER_PARAM, SearchSpace, SubNetwork
 from compressor.workload import Workload
 
@@ -41,7 +42,7 @@ OTHER = ("params", "weight_bytes")
 FEATURE_NAMES: tuple[str, ...] = RAW + WORKLOAD + tuple(a for a in ANALYTIC if a not in WORKLOAD) + OTHER
 
 
-def bytes_per_param(precision: str) -> int:
+def bytes_per_param(precision: str) -> float:
     try:
         return BYTES_PER_PARAM[precision]
     except KeyError:
@@ -62,6 +63,8 @@ def _decode_steps(w: Workload) -> list[int]:
 def features_of(space: SearchSpace, sub: SubNetwork, w: Workload, precision: str) -> dict[str, float]:
     """Every feature of one pair, by name (see module docstring for why each exists)."""
     bpp = bytes_per_param(precision)
+    kv_precision = export_dtype(precision)  # quantized recipes keep activations and the KV cache in float
+    kv_bpp = bytes_per_param(kv_precision)
     hd = space.family.dims.head_dim
     kv_heads = space.num_kv_heads(sub)
     params = space.num_params(sub)
@@ -73,7 +76,7 @@ def features_of(space: SearchSpace, sub: SubNetwork, w: Workload, precision: str
     width = sub.num_layers * sub.num_heads * hd * w.batch
     attention = 4 * width * (prompt * (prompt + 1) / 2 + sum(c + 1 for c in steps))
     # each decode step reads the whole cache so far (K and V, every kept layer)
-    kv_per_token = 2 * sub.num_layers * kv_heads * hd * w.batch * bpp
+    kv_per_token = 2 * sub.num_layers * kv_heads * hd * w.batch * kv_bpp
     kv_traffic = kv_per_token * sum(c + 1 for c in steps)
     per_token_width = 2 * sub.embed_dim + sub.ffn_dim + 2 * sub.num_heads * hd
     return {
@@ -93,7 +96,7 @@ def features_of(space: SearchSpace, sub: SubNetwork, w: Workload, precision: str
         "flops": space.flops(sub, w),
         "attention_flops": attention,
         "weight_traffic_bytes": graph_runs * params * bpp,
-        "kv_cache_bytes": space.kv_cache_bytes(sub, w, precision),
+        "kv_cache_bytes": space.kv_cache_bytes(sub, w, kv_precision),
         "kv_traffic_bytes": kv_traffic,
         "activation_elements": tokens * sub.num_layers * per_token_width,
         "layer_runs": graph_runs * sub.num_layers,

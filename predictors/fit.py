@@ -10,6 +10,7 @@ import numpy as np
 from compressor.errors import NaspruneError
 from compressor.modeldir import now
 from compressor.search_space import DIMENSIONS
+from predictors.calibration import anchor_from_records
 from predictors.dataset import Dataset, to_dataset
 from predictors.features import ANALYTIC, FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix
 from predictors.models import CANDIDATES
@@ -101,6 +102,8 @@ def fit_predictor(records: list[dict], model_description: dict, config: FitConfi
             "noise_cv_median": _median_cv(ds.records),
             "keys": ds.keys,
         },
+        # re-measured at use time to cancel the machine's drift (predictors.calibration)
+        "anchor": anchor_from_records(ds.records),
         "cv": {
             "folds": config.folds,
             "grouped_by": "architecture",

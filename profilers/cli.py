@@ -36,7 +36,11 @@ def register(app: typer.Typer) -> None:
         samples: int = typer.Option(10, "--samples", help="number of sub-networks to sample"),
         seed: int = typer.Option(0, "--seed"),
         store: Optional[Path] = typer.Option(None, "--store", help="profile store file (SQLite), created if missing"),
-        precision: str = typer.Option("fp32", "--precision", help="fp32 | fp16 | bf16 (per engine/device)"),
+        precision: str = typer.Option(
+            "fp32",
+            "--precision",
+            help="fp32 | fp16 | bf16; onnxruntime cpu also int8 | int8-pc | int8-mixed | w8 | w4",
+        ),
         threads: int = typer.Option(1, "--threads", help="intra-op threads (fixed for every measurement)"),
         provider: Optional[str] = typer.Option(None, "--provider", help="onnxruntime on cuda: cuda | tensorrt"),
         exporter: str = typer.Option("torchscript", "--exporter", help="torchscript (fast) | dynamo"),

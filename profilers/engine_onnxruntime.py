@@ -1,13 +1,21 @@
 """ONNX Runtime: CPUExecutionProvider here; CUDA and TensorRT execution providers where
 onnxruntime-gpu is installed. Graphs come from ``compressor.onnx_export`` (the deploy recipe), the
 timing loop and IO binding from ``profilers.standalone`` (the same file edge devices run).
+
+On CPU every quantization recipe of ``compressor.quantize`` is a precision: the fp32 graphs are
+exported (and checked for parity) as usual, then quantized by exactly the function bundles use,
+and the recipe's dict becomes part of the export recipe (so of the ``recipe_id`` that keys
+profiles and predictors). On CUDA the quantizers' integer kernels are CPU kernels, so only the
+float precisions are offered there.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from compressor.errors import NaspruneError
+from compressor.quantize import RECIPES, export_dtype, recipe_for
 from profilers.base import Artifacts, Availability, Engine
 from profilers.standalone import ORT_PROVIDERS, Protocol, ort_provider_list, run_ort_job
 
@@ -24,7 +32,7 @@ def _available_providers() -> tuple[list[str] | None, str | None, str]:
 
 class OnnxRuntimeEngine(Engine):
     name = "onnxruntime"
-    precisions = {"cpu": ("fp32",), "cuda": ("fp32", "fp16")}
+    precisions = {"cpu": ("fp32", *RECIPES), "cuda": ("fp32", "fp16")}
 
     def availability(self, device: str) -> Availability:
         providers, version, why = _available_providers()
@@ -64,7 +72,11 @@ class OnnxRuntimeEngine(Engine):
     def recipe(self, precision: str, exporter: str) -> dict:
         from compressor.onnx_export import ExportRecipe
 
-        return ExportRecipe(exporter=exporter, precision=precision).to_dict()
+        recipe = ExportRecipe(exporter=exporter, precision=export_dtype(precision)).to_dict()
+        quant = recipe_for(precision)
+        if quant is not None:
+            recipe["quantization"] = quant.to_dict()
+        return recipe
 
     def prepare(
         self, model, directory: Path, recipe: dict, graphs: tuple[str, ...], provider: str | None = None
@@ -74,11 +86,20 @@ class OnnxRuntimeEngine(Engine):
         # fp32 parity runs on CPU (a check of the graph itself); fp16 on the provider that will time it
         check_on = ort_provider_list(provider, recipe["precision"]) if recipe["precision"] == "fp16" else None
         exported = export_graphs(model, directory, ExportRecipe.from_dict(recipe), graphs=graphs, providers=check_on)
+        paths, sizes, extra = exported.paths, exported.graph_bytes, {}
+        if recipe.get("quantization"):
+            from compressor.onnx_export import graph_bytes
+            from compressor.quantize import quantize_graph_dir
+
+            t = time.perf_counter()
+            paths = quantize_graph_dir(directory, directory / "quantized", recipe["quantization"]["name"], graphs)
+            sizes = {k: graph_bytes(v) for k, v in paths.items()}
+            extra = {"quantize_seconds": round(time.perf_counter() - t, 3)}
         return Artifacts(
             directory,
-            {k: str(v) for k, v in exported.paths.items()},
-            exported.graph_bytes,
-            {"seconds": exported.export_seconds, "parity_max_abs_diff": exported.parity},
+            {k: str(v) for k, v in paths.items()},
+            sizes,
+            {"seconds": exported.export_seconds, "parity_max_abs_diff": exported.parity, **extra},
         )
 
     def run_job(self, job: dict, protocol: Protocol) -> dict:

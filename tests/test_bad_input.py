@@ -541,6 +541,30 @@ CASES = [
         "predictor is for fingerprint_id=fp-here",
     ),
     Case(
+        "predict-calibrate-without-anchor",
+        ["predict", "{tmp}/p", "--arch", ARCH, "--workload", WORKLOAD, "--calibrate", "--model", "{fx}/model"],
+        "has no calibration anchor",
+        both(copy("predictor", "p"), edit_json("p/manifest.json", lambda m: m.pop("anchor"))),
+    ),
+    Case(
+        "search-calibrate-without-anchor",
+        [
+            "search",
+            "{fx}/model",
+            "--predictor",
+            "{tmp}/p",
+            "--workload",
+            WORKLOAD,
+            "--data",
+            "{fx}/heldout.txt",
+            "--out",
+            "{tmp}/s",
+            "--calibrate",
+        ],
+        "has no calibration anchor",
+        both(copy("predictor", "p"), edit_json("p/manifest.json", lambda m: m.pop("anchor"))),
+    ),
+    Case(
         "search-tampered-predictor",
         [
             "search",
@@ -622,6 +646,18 @@ CASES = [
         ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
         "not valid YAML",
         write("c.yaml", "profile: [unclosed\n"),
+    ),
+    Case(
+        "compress-blocks-zero-steps",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "section 'blocks': block distillation steps must be >= 1",
+        write("c.yaml", "blocks:\n  enabled: true\n  steps: 0\n"),
+    ),
+    Case(
+        "compress-export-repair-too-few-tokens",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "section 'export': repair needs at least two windows",
+        write("c.yaml", "export:\n  repair: true\n  repair_tokens: 100\n"),
     ),
     Case(
         "compress-unknown-section",
@@ -715,6 +751,38 @@ CASES = [
         ["extract", "{fx}/model", "--arch", ARCH, "--out", "{tmp}/notes.txt"],
         "is an existing file",
         write("notes.txt", "my notes\n"),
+    ),
+    Case(
+        "export-repair-missing-data",
+        ["export", "{fx}/model", "--arch", ARCH, "--repair", "{tmp}/nowhere.txt", "--out", "{tmp}/b"],
+        "is not a file",
+    ),
+    Case(
+        "export-repair-eval-is-repair-data",
+        [
+            "export",
+            "{fx}/model",
+            "--arch",
+            ARCH,
+            "--repair",
+            "{fx}/heldout.txt",
+            "--repair-eval",
+            "{fx}/heldout.txt",
+            "--out",
+            "{tmp}/b",
+        ],
+        "is the repair data",
+    ),
+    Case(
+        "block-scores-width-not-in-space",
+        ["block-scores", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/s", "--heads", "5"],
+        "not choices of the search space",
+    ),
+    Case(
+        "block-scores-out-foreign-dir",
+        ["block-scores", "{fx}/model", "--data", "{fx}/heldout.txt", "--out", "{tmp}/mine"],
+        "files nasprune did not write",
+        FOREIGN,
     ),
     Case(
         "distill-blocks-zero-steps",

@@ -14,15 +14,24 @@ def test_compress_runs_every_stage_and_resumes(tiny_model, tmp_path):
     logs = []
     Pipeline(str(tiny_model), run, cfg, log=logs.append).execute(stop_after="predictor")  # "killed" here
     state = json.loads((run / "run.json").read_text())
-    assert list(state["stages"]) == list(STAGES[:4])
+    upto = STAGES.index("predictor") + 1
+    assert list(state["stages"]) == list(STAGES[:upto])
     logs.clear()
     Pipeline(str(tiny_model), run, cfg, log=logs.append).execute()
     skipped = [line for line in logs if "done earlier" in line]
-    assert len(skipped) == 4  # importance..predictor not redone
+    assert len(skipped) == upto  # importance..predictor not redone
     state = json.loads((run / "run.json").read_text())
     assert list(state["stages"]) == list(STAGES)
+    assert state["stages"]["blocks"]["enabled"] and len(state["stages"]["blocks"]["blocks"]) == 4  # BLD ran
+    assert "block_distillation" in json.loads((run / "supernet" / "nasprune.json").read_text())["provenance"]
     pareto = json.loads((run / "search" / "pareto.json").read_text())
     assert pareto["pareto"]
+    # precision gene: one predictor per profiled precision, every point carries a profiled precision
+    assert (run / "predictor").is_dir() and (run / "predictor-int8").is_dir()
+    assert set(pareto["predictors"]) == {"fp32", "int8"}
+    assert {p["precision"] for p in pareto["pareto"]} <= {"fp32", "int8"}
+    labels = {b["label"] for b in pareto["baselines"]}
+    assert {"original fp32", "original int8"} <= labels and any(x.startswith("one-shot") for x in labels)
     bundles = sorted(p for p in (run / "bundles").iterdir() if (p / "manifest.json").exists())
     assert bundles
     manifest = json.loads((bundles[0] / "manifest.json").read_text())
@@ -30,8 +39,15 @@ def test_compress_runs_every_stage_and_resumes(tiny_model, tmp_path):
     assert manifest["latency"]["measured"]["fp32"]["prefill:1x32"]["stats_ms"]["median"] > 0
     assert manifest["accuracy"]["ppl"] > 1 and manifest["accuracy"]["engine_ppl"]["int8"] > 1
     assert "predicted_ms" in manifest["latency"]["measured"]["fp32"]["prefill:1x32"]
+    # refined points were repaired by refine, before training; export says so and does not repair again
+    assert manifest["repair"]["applied"] == "before refine" and manifest["repair"]["ppl_after"] is not None
     report = (run / "report.md").read_text()
     assert "Pareto front" in report and (run / "pareto.png").exists()
+    front = json.loads((run / "front.json").read_text())  # baselines on the test front, with dominance
+    kinds = {p["kind"] for p in front["points"]}
+    assert {"nasprune", "original", "one-shot"} <= kinds
+    assert {(r["kind"], r["variant"]) for r in front["dominance"]} >= {("original", "fp32"), ("original", "int8")}
+    assert "Original-model baselines dominated" in report
 
 
 def test_overlapping_data_roles_are_refused(tmp_path):

@@ -55,3 +55,28 @@ def test_refine_moves_a_planted_student_towards_its_parent(tiny_model, tmp_path)
 
     plain = AutoModelForCausalLM.from_pretrained(out)
     assert plain.config.hidden_size == sub.embed_dim and plain.config.num_hidden_layers == sub.num_layers
+
+
+def test_refine_plans_its_steps_from_the_budget_and_loads_the_teacher_once(tiny_model, tmp_path, monkeypatch):
+    """The step count (cosine schedule, teacher-cache windows) comes from the minutes budget and a timed
+    step, not the 100,000 cap; training gets the teacher refine already holds instead of loading it again."""
+    import compressor.train as train_module
+    from compressor.refine import planned_steps
+
+    train = tmp_path / "train.txt"
+    train.write_text((PACKAGE_DATA / "northanger_abbey.txt").read_text()[:30_000])
+    loads = []
+    real = train_module.load_model
+    monkeypatch.setattr(train_module, "load_model", lambda spec, **kw: loads.append(str(spec)) or real(spec, **kw))
+    space = load_model(str(tiny_model)).supernet().space
+    sub = SubNetwork(space.choices["embed_dim"][0], space.choices["num_heads"][0], space.choices["ffn_dim"][0], 3)
+    cfg = RefineConfig(minutes=0.05, batch_size=2, seq_len=32, repair=False, eval_tokens=64)
+    out = tmp_path / "refined"
+    record = refine(
+        str(tiny_model), sub, str(train), out, cfg, log=lambda *_: None, teacher_cache_dir=tmp_path / "teacher"
+    )
+    assert loads == [str(tmp_path / "refined.student")]  # the student only
+    assert record["steps_planned"] == planned_steps(cfg, record["step_seconds_timed"]) < cfg.steps
+    assert 1 <= record["training"]["steps"] <= record["steps_planned"]
+    assert planned_steps(RefineConfig(minutes=1.0, steps=50), 0.5) == 50  # the cap still bounds it
+    assert planned_steps(RefineConfig(minutes=1.0), 0.5) == 150  # 60 s / 0.5 s x 1.25 margin

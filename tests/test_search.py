@@ -48,3 +48,50 @@ def test_nsga2_respects_constraints_and_beats_its_first_generation():
     assert lats == sorted(lats) and all(a >= b for a, b in zip(losses, losses[1:]))  # non-dominated, sorted
     rnd = run_random(space, quality, latency, cfg, evaluations=len(result.evaluated))
     assert hypervolume(rnd.evaluated, np.array(rnd.reference_point), cfg) > 0
+
+
+def _precision_oracles(space, allowed):
+    """int8: 1.6x faster, +0.15 loss; fp32 as _oracles. Any other precision is a test failure."""
+    quality, latency = _oracles(space)
+    penalty, speed = {"fp32": 0.0, "int8": 0.15}, {"fp32": 1.0, "int8": 1 / 1.6}
+
+    def q(sub, precision):
+        assert precision in allowed, precision
+        return quality(sub) + penalty[precision]
+
+    def lat(subs, precision):
+        assert precision in allowed, precision
+        return latency(subs) * speed[precision]
+
+    return q, lat
+
+
+def test_precision_gene_proposes_only_the_given_precisions_and_mixes_them_on_the_front():
+    space = smollm2_space()
+    q, lat = _precision_oracles(space, {"fp32", "int8"})
+    cfg = SearchConfig(population=16, generations=6, seed=0, precisions=["fp32", "int8"])
+    result = run_nsga2(space, q, lat, cfg, progress=False)
+    assert {e.precision for e in result.evaluated} == {"fp32", "int8"}
+    assert result.pareto and {p.precision for p in result.pareto} <= {"fp32", "int8"}
+    for e in result.evaluated:  # each point carries the objectives of its own precision
+        assert math.isclose(e.loss, q(e.arch, e.precision)) and math.isclose(
+            e.predicted_ms, lat([e.arch], e.precision)[0]
+        )
+    single = run_nsga2(space, q, lat, SearchConfig(population=16, generations=6, seed=0, precisions=["int8"]), False)
+    assert {e.precision for e in single.evaluated} == {"int8"}
+    rnd = run_random(space, q, lat, cfg, evaluations=30)
+    assert {e.precision for e in rnd.evaluated} <= {"fp32", "int8"}
+
+
+def test_precision_gene_front_hypervolume_at_least_best_single_precision():
+    space = smollm2_space()
+    q, lat = _precision_oracles(space, {"fp32", "int8"})
+    both = SearchConfig(population=20, generations=8, seed=0, precisions=["fp32", "int8"])
+    mixed = run_nsga2(space, q, lat, both, progress=False)
+    ref = np.array(mixed.reference_point)
+    singles = [
+        run_nsga2(space, q, lat, SearchConfig(population=20, generations=8, seed=0, precisions=[p]), False)
+        for p in ("fp32", "int8")
+    ]
+    best_single = max(hypervolume(r.evaluated, ref, both) for r in singles)
+    assert hypervolume(mixed.evaluated, ref, both) >= 0.97 * best_single

@@ -1,0 +1,236 @@
+"""Post-training quantization recipes for exported ONNX graphs (ONNX Runtime's quantizers).
+
+A *precision* names how a graph is computed: ``fp32`` / ``fp16`` (the export dtype) or one of the
+recipes below, applied to the fp32 graph after export. The recipe, not just "int8", is what the
+profiler times, the predictor is fitted for, the search proposes and the bundle ships, because
+two INT8 recipes of the same graph differ by 2x in speed and by orders of magnitude in quality:
+
+* ``int8``: ONNX Runtime's dynamic quantization (``quantize_dynamic``, QInt8 weights, per-tensor,
+  activations quantized at run time to uint8 per tensor; the quantizer's default 7-bit weight
+  range ``reduce_range``), MatMul/Gemm with a constant weight only, after ORT's pre-processing.
+  Fastest prefill on CPU; costs the most quality.
+* ``int8-pc``: the same with one weight scale per output channel. ORT quantizes a MatMul weight
+  along its last axis, which is the output channel only when the weight is stored ``[in, out]``;
+  a tied LM head is exported as ``Transpose(embedding)`` whose last axis is the *input* channel,
+  so per-channel scales land on the wrong axis (this is the "perplexity ~1e7" recipe). The head
+  is therefore excluded here (kept fp32), which also keeps the one layer with the widest output.
+* ``w8`` / ``w4``: weight-only blockwise quantization (``MatMulNBits``, symmetric, block 32) with
+  ``accuracy_level`` 4: activations are quantized to int8 per block inside the kernel, so
+  prefill runs on integer dot products instead of dequantizing every weight to fp32 (the
+  default accuracy level is lossless but slower than fp32 for prefill on CPU).
+
+Every recipe is a frozen dataclass whose dict is part of the export recipe (and so of the
+``recipe_id`` that keys profiles and predictors). :func:`simulate` (``compressor.quant_sim``)
+reproduces each recipe in torch for the search; the benchmark ``benchmarks/quantization.py``
+measures how close that simulation is to the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from compressor.errors import NaspruneError
+
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """How an fp32 ONNX graph becomes a quantized one. Every field changes speed or numbers."""
+
+    name: str
+    method: str  # "dynamic" (quantize_dynamic) | "weight_only" (MatMulNBits)
+    bits: int = 8
+    per_channel: bool = False
+    reduce_range: bool = True  # dynamic: ORT's MatMulInteger weights use 7 bits (its default)
+    block_size: int = 32  # weight_only
+    accuracy_level: int = 4  # weight_only: 4 = int8 activations inside MatMulNBits
+    exclude: tuple[str, ...] = ()  # roles kept in fp32 ("lm_head", "down_proj", ...)
+    summary: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["exclude"] = list(self.exclude)
+        return d
+
+
+RECIPES: dict[str, QuantRecipe] = {
+    "int8": QuantRecipe(
+        "int8", "dynamic", summary="dynamic INT8 as onnxruntime does it by default (per-tensor, 7-bit weights)"
+    ),
+    "int8-pc": QuantRecipe(
+        "int8-pc",
+        "dynamic",
+        per_channel=True,
+        reduce_range=False,
+        exclude=("lm_head",),
+        summary="dynamic INT8, per-channel 8-bit weights, LM head fp32",
+    ),
+    "int8-mixed": QuantRecipe(
+        "int8-mixed",
+        "dynamic",
+        per_channel=True,
+        reduce_range=False,
+        exclude=("lm_head", "down_proj"),
+        summary="dynamic INT8, per-channel 8-bit weights; LM head and FFN down-projections fp32",
+    ),
+    "w8": QuantRecipe("w8", "weight_only", bits=8, summary="weight-only 8-bit blockwise (MatMulNBits, block 32)"),
+    "w4": QuantRecipe("w4", "weight_only", bits=4, summary="weight-only 4-bit blockwise (MatMulNBits, block 32)"),
+}
+PRECISIONS = FLOAT_PRECISIONS + tuple(RECIPES)
+
+
+def recipe_for(precision: str) -> QuantRecipe | None:
+    """The quantization recipe of ``precision`` (None for a float precision)."""
+    if precision in FLOAT_PRECISIONS:
+        return None
+    if precision not in RECIPES:
+        raise NaspruneError(f"unknown precision '{precision}'; choose from {', '.join(PRECISIONS)}")
+    return RECIPES[precision]
+
+
+def is_quantized(precision: str) -> bool:
+    return recipe_for(precision) is not None
+
+
+def export_dtype(precision: str) -> str:
+    """The float dtype the graph is exported in before any quantization."""
+    return precision if precision in FLOAT_PRECISIONS else "fp32"
+
+
+# ---- graph side -------------------------------------------------------------------------------
+def _matmul_nodes(model) -> list:
+    return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+
+
+def _is_role(node_name: str, role: str) -> bool:
+    return f"/{role}/" in node_name or node_name.startswith(f"{role}/") or f"{role}." in node_name
+
+
+def excluded_nodes(model, recipe: QuantRecipe) -> list[str]:
+    """Names of the MatMul/Gemm nodes that ``recipe.exclude`` keeps in float.
+
+    The LM head is the MatMul whose output is the graph's logits (after any Transpose of a tied
+    embedding); other roles match the module path the exporter writes into node names
+    (``/model/layers.3/mlp/down_proj/MatMul``).
+    """
+    names = []
+    heads = _head_nodes(model) if "lm_head" in recipe.exclude else set()
+    for node in _matmul_nodes(model):
+        if node.name in heads or any(_is_role(node.name, r) for r in recipe.exclude if r != "lm_head"):
+            names.append(node.name)
+    return names
+
+
+def _head_nodes(model) -> set[str]:
+    """The MatMul/Gemm producing the logits output (possibly through a Reshape/Slice/Gather)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    wanted = {o.name for o in model.graph.output if o.name == "logits"}
+    found: set[str] = set()
+    frontier = list(wanted)
+    for _ in range(8):  # a few pass-through ops at most between the head and the output
+        nxt = []
+        for name in frontier:
+            node = producers.get(name)
+            if node is None:
+                continue
+            if node.op_type in ("MatMul", "Gemm"):
+                found.add(node.name)
+            else:
+                nxt += [i for i in node.input[:1]]
+        frontier = nxt
+    return found
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """ORT's quantizers log their advice at INFO/WARNING on the root logger; our CLI owns the console."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_graph(src: Path, dst: Path, precision: str) -> dict:
+    """Quantize the fp32 graph ``src`` into ``dst`` (a ``model.onnx`` path) by ``precision``'s recipe.
+
+    Returns what was done (the recipe dict plus the nodes kept in float), recorded in manifests.
+    External data beside ``src`` is read; ``dst`` is written as one file (graphs here are < 2 GB).
+    """
+    recipe = recipe_for(precision)
+    if recipe is None:
+        raise NaspruneError(f"precision '{precision}' is not a quantization recipe")
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet_quantizer(), tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        model = onnx.load(str(src))
+        exclude = excluded_nodes(model, recipe)
+        if recipe.method == "dynamic":
+            _dynamic(src, dst, recipe, exclude, Path(tmp))
+        elif recipe.method == "weight_only":
+            _weight_only(model, dst, recipe, exclude)
+        else:  # pragma: no cover - RECIPES is closed
+            raise NaspruneError(f"unknown quantization method {recipe.method}")
+    return {**recipe.to_dict(), "nodes_kept_float": len(exclude)}
+
+
+def _dynamic(src: Path, dst: Path, recipe: QuantRecipe, exclude: list[str], tmp: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    source = src
+    pre = tmp / "pre.onnx"
+    try:  # ORT's recommended pre-processing: symbolic shapes + graph optimization before quantizing
+        quant_pre_process(str(src), str(pre), skip_optimization=True)
+        source = pre
+    except Exception:  # noqa: BLE001 - an unusual graph: quantize it as it is (still correct, maybe slower)
+        source = src
+    quantize_dynamic(
+        str(source),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        per_channel=recipe.per_channel,
+        reduce_range=recipe.reduce_range,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_exclude=exclude,
+    )
+
+
+def _weight_only(model, dst: Path, recipe: QuantRecipe, exclude: list[str]) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    q = MatMulNBitsQuantizer(
+        model,
+        bits=recipe.bits,
+        block_size=recipe.block_size,
+        is_symmetric=True,
+        accuracy_level=recipe.accuracy_level,
+        nodes_to_exclude=exclude,
+    )
+    q.process()
+    onnx.save_model(q.model.model, str(dst))
+
+
+def quantize_graph_dir(src_dir: Path, dst_dir: Path, precision: str, graphs: tuple[str, ...]) -> dict[str, Path]:
+    """Quantize ``src_dir/<graph>/model.onnx`` for each graph into ``dst_dir/<graph>/model.onnx``."""
+    from compressor.onnx_export import GRAPH_FILE
+
+    out = {}
+    for g in graphs:
+        target = Path(dst_dir) / g / GRAPH_FILE
+        if target.parent.exists():
+            shutil.rmtree(target.parent)
+        quantize_graph(Path(src_dir) / g / GRAPH_FILE, target, precision)
+        out[g] = target
+    return out
