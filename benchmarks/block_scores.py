@@ -125,7 +125,8 @@ def main() -> None:
     result = {
         "model": model_name,
         "validation": args.validation,
-        "conditions": f"2-core CPU shared with other agents' jobs (load ~4-5), {args.threads} threads",
+        "conditions": f"{os.cpu_count()}-core CPU, {args.threads} threads, load average at the end "
+        f"{os.getloadavg()[0]:.1f} (other jobs share the machine: seconds are wall time under that load)",
         "score_tokens": int(score_windows.numel()),
         "eval_tokens": int(eval_windows.numel()),
         "seq_len": args.seq_len,

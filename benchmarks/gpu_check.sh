@@ -46,6 +46,7 @@ FAST=(--warmup-iters 3 --warmup-seconds 0.3 --min-iters 10 --min-seconds 0.5 --m
 
 case "$DEVICE" in cuda | cpu) ;; *) echo "DEVICE must be cuda or cpu, not '$DEVICE'" >&2; exit 2 ;; esac
 mkdir -p "$WORK" "$(dirname "$OUT_JSON")"
+export COLUMNS=250   # rich: one line per message, so a row's note is the whole last line
 ROWS="$WORK/rows.tsv"
 : >"$ROWS"
 START=$(date +%s)
@@ -145,6 +146,7 @@ except ImportError:
 print(f"torch {torch.__version__} ({gpu}); onnxruntime providers {provs}; tensorrt {trt}")
 import sys; sys.exit(0 if ok or "'"$DEVICE"'" == "cpu" else 1)
 '
+NOTE_CMD="\"\$PY\" -c 'from profilers.base import list_engines; print(\"available: \" + \", \".join(f\"{n} {d}\" for n, d, i in list_engines() if i.available))'"
 step engines 60 "${NASPRUNE[@]}" profile --list-engines
 
 # ---- the tests that skip without a GPU -----------------------------------------------------------
@@ -249,12 +251,14 @@ step gate-stored 120 "${NASPRUNE[@]}" check "$WORK/bundle" --baseline "$WORK/bas
     --workload "$WORKLOAD" --precision fp32 --blocks 6 --iters 10 --report "$WORK/check-stored"
 
 # ---- table + JSON -------------------------------------------------------------------------------------------
-"${PY}" - "$ROWS" "$OUT_JSON" "$DEVICE" "$MODEL" "$(($(date +%s) - START))" <<'EOF' || cat "$ROWS"
+TABLE_PY="$PY"
+command -v "$TABLE_PY" >/dev/null 2>&1 || TABLE_PY="$PYTHON"   # the venv may not exist (failed install, DRY_RUN)
+"$TABLE_PY" - "$ROWS" "$OUT_JSON" "$DEVICE" "$MODEL" "$(($(date +%s) - START))" <<'EOF' || cat "$ROWS"
 import json, os, platform, sys, tempfile
 from datetime import datetime, timezone
 rows_path, out, device, model, seconds = sys.argv[1:6]
 rows = []
-for line in open(rows_path):
+for line in open(rows_path, encoding="utf-8", errors="replace"):
     name, status, secs, note = (line.rstrip("\n").split("\t", 3) + [""] * 4)[:4]
     rows.append({"step": name, "status": status, "seconds": int(secs or 0), "note": note})
 w = max(len(r["step"]) for r in rows)

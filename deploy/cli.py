@@ -74,7 +74,12 @@ def export(
     precision: List[str] = typer.Option(["fp32"], "--precision", help="fp32 | int8 | fp16 (repeatable)"),
     verify: bool = typer.Option(False, "--verify", help="measure the engines here and compare with the prediction"),
     predictor: Optional[Path] = typer.Option(None, "--predictor", help="predictor dir for predicted latency"),
-    workload: List[str] = typer.Option(["prefill:1x128"], "--workload", help="workloads to predict/measure"),
+    workload: List[str] = typer.Option(
+        ["prefill:1x128"],
+        "--workload",
+        help="workloads to predict/measure (repeatable); each may be a weighted mix like "
+        "'prefill:1x512 + 128*decode:1x512' (every term measured; the mix's ms is the weighted sum)",
+    ),
     threads: int = typer.Option(1, help="intra-op threads for --verify"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing nasprune bundles at the targets"),
     repair: Optional[str] = typer.Option(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from compressor.errors import NaspruneError
 from compressor.outputs import claim_output, mark_output
-from compressor.workload import Workload
+from compressor.workload import WorkloadMix
 from deploy.bundle import build_bundle, check_variants, read_manifest, update_manifest
 
 
@@ -21,10 +21,24 @@ def load_predictors(predictor_dir) -> dict:
     return {str(d): load_predictor(d) for d in dirs}
 
 
-def predictions(predictors: dict, sub, workloads: list[Workload], variants, recipe_ids: dict[str, str]) -> dict:
-    """Predicted ms per variant/workload where a predictor for that precision + recipe exists."""
+def _fitted_kinds(predictors: dict, workloads: list[WorkloadMix]) -> None:
+    """Refuse, before any export, a workload (or mix term) of a kind a predictor was never fitted on."""
+    from predictors.mix import workload_out_of_range
+
+    for predictor in predictors.values():
+        for mix in workloads:
+            for w in mix.workloads:
+                workload_out_of_range(predictor, w)  # raises for an unfitted kind; a longer length only extrapolates
+
+
+def predictions(predictors: dict, sub, workloads: list[WorkloadMix], variants, recipe_ids: dict[str, str]) -> dict:
+    """Predicted ms per variant/workload where a predictor for that precision + recipe exists.
+
+    A mix: each term's prediction under the term's workload string, and their weighted sum under
+    the mix's string (the same sum the search ranked by, :func:`predictors.mix.predict_mix_ms`)."""
     if not predictors:
         return {}
+    workloads = [WorkloadMix.of(w) for w in workloads]
     out = {}
     for variant in variants:
         match = [
@@ -36,28 +50,48 @@ def predictions(predictors: dict, sub, workloads: list[Workload], variants, reci
             out[variant] = {"note": f"no predictor for {variant} with this export recipe: measured, not predicted"}
             continue
         directory, predictor = match[0]
+        out[variant] = {}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out[variant] = {str(w): float(predictor.predict_ms([sub], w)[0]) for w in workloads}
+            for mix in workloads:
+                terms = {w: float(predictor.predict_ms([sub], w)[0]) for w in mix.workloads}
+                out[variant].update({str(w): ms for w, ms in terms.items()})
+                out[variant][str(mix)] = float(mix.expected(terms.__getitem__))
         out[variant]["predictor"] = {"dir": directory, **predictor.group}
     return out
 
 
-def verify(bundle: Path, workloads: list[Workload], variants, threads: int, predicted: dict, log=print) -> dict:
-    """Measure every variant/workload here; report predicted vs measured."""
-    from deploy.measure import measure_bundle
+def verify(bundle: Path, workloads: list[WorkloadMix], variants, threads: int, predicted: dict, log=print) -> dict:
+    """Measure every variant/workload here; report predicted vs measured.
 
+    A mix is stored under its own string like a workload, ``stats_ms.median`` being the weighted sum
+    of its terms' medians (so reports read it as one latency), with each term's measurement under
+    ``terms``; a workload shared by several mixes is measured once per variant."""
+    from deploy.measure import measure_mix
+
+    workloads = [WorkloadMix.of(w) for w in workloads]
     measured = {}
     for variant in variants:
         measured[variant] = {}
+        runs: dict = {}  # workload -> measurement, shared by every mix of this variant
         for w in workloads:
-            r = measure_bundle(bundle, w, variant, threads)
+            r = measure_mix(bundle, w, variant, threads, measured=runs)
             entry = {
                 "stats_ms": r["stats_ms"],
                 "fingerprint_id": r["fingerprint_id"],
                 "env": r["env"],
                 "threads": threads,
             }
+            term_lines = []
+            if w.single is None:
+                entry.update(terms=r["terms"], note=r["note"])
+                for t in entry["terms"]:
+                    term_pred = predicted.get(variant, {}).get(t["workload"])
+                    shown = f"      {t['weight']:g} x {t['workload']}: measured {t['stats_ms']['median']:.2f} ms"
+                    if isinstance(term_pred, float):
+                        t["predicted_ms"], t["error"] = term_pred, t["stats_ms"]["median"] / term_pred - 1
+                        shown += f", predicted {term_pred:.2f} ms ({t['error']:+.1%})"
+                    term_lines.append(shown)
             pred = predicted.get(variant, {}).get(str(w))
             if isinstance(pred, float):
                 entry["predicted_ms"] = pred
@@ -70,6 +104,8 @@ def verify(bundle: Path, workloads: list[Workload], variants, threads: int, pred
                 )
             else:
                 log(f"    {variant} {w}: measured {r['stats_ms']['median']:.1f} ms (no matching predictor)")
+            for line in term_lines:
+                log(line)
             measured[variant][str(w)] = entry
     return measured
 
@@ -96,13 +132,14 @@ def export_bundles(
     refusal costs nothing and leaves nothing behind."""
     out = Path(out)
     check_variants(variants)
-    ws = [Workload.parse(w) if isinstance(w, str) else w for w in workloads]
+    ws = [WorkloadMix.of(w) for w in workloads]  # a workload or a weighted mix (prefill:1x512 + 128*decode:1x512)
     if threads < 1:
         raise NaspruneError(f"--threads must be >= 1, not {threads}")
     sn = loaded.supernet()
     for _, sub, _ in picks:
         sn.space.validate(sub)
     predictors = load_predictors(predictor_dir)
+    _fitted_kinds(predictors, ws)
     single = len(picks) == 1 and not picks[0][0]
     if not single:
         claim_output(out, "bundles", resume=True)  # a bundles dir collects bundles over several exports

@@ -50,7 +50,12 @@ def search(
     precision: List[str] = typer.Option(
         [], "--precision", help="precisions to search (default: every precision a --predictor was fitted for)"
     ),
-    workload: str = typer.Option("prefill:1x128", "--workload", help="the workload latency is predicted for"),
+    workload: str = typer.Option(
+        "prefill:1x128",
+        "--workload",
+        help="the workload latency is predicted for, or a weighted mix: 'prefill:1x512 + 128*decode:1x512' "
+        "(terms joined by ' + ', spaces required; latency = sum of weight x prediction)",
+    ),
     data: str = typer.Option(..., "--data", help="held-out text for the quality objective"),
     out: Path = typer.Option(..., "--out", help="output dir: pareto.json, pareto.csv, history.json, pareto.png"),
     max_latency_ms: Optional[float] = typer.Option(None, help="constraint: predicted latency <= X ms"),

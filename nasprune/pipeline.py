@@ -54,6 +54,9 @@ class ProfileConfig:
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     workloads: list[str] = field(default_factory=lambda: ["prefill:1x128"])
     samples: int = 24
+    # sub-networks profiled per quantization recipe (the first of the same list; quantizing a graph costs
+    # ~20-40 s here, more than exporting and timing it); null: all ``samples``
+    quantized_samples: int | None = None
     sampler: str = "grid-params"
     threads: int = 1
     protocol: dict = field(default_factory=dict)
@@ -68,7 +71,7 @@ class PredictorConfig:
 
 @dataclass
 class SearchStageConfig:
-    workload: str = "prefill:1x128"
+    workload: str = "prefill:1x128"  # or a weighted mix, "prefill:1x512 + 128*decode:1x512" (terms profiled)
     generations: int = 8
     population: int = 16
     eval_tokens: int = 4096
@@ -115,9 +118,12 @@ class RefineStageConfig:
 @dataclass
 class ExportConfig:
     points: int = 3
+    # engine variants of every exported point, plus the precision the search chose for it
     precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
+    # the original's variants (plus every profiled precision): the user's alternatives, e.g. plain int8
+    baseline_precisions: list[str] = field(default_factory=lambda: ["fp32", "int8"])
     verify: bool = True
-    workloads: list[str] = field(default_factory=lambda: ["prefill:1x128"])
+    workloads: list[str] = field(default_factory=lambda: ["prefill:1x128"])  # workloads or mixes; first: report's
     threads: int = 1
     # also export the unpruned original at every precision: the user's alternative, measured the same way
     baseline: bool = True
@@ -185,7 +191,16 @@ class PipelineConfig:
             kwargs[name] = type(default)(**(value or {}))
         cfg = PipelineConfig(**kwargs)
         cfg.validate(path)
+        cfg.canonical_workloads()
         return cfg
+
+    def canonical_workloads(self) -> None:
+        """Spell the search and export workloads (or mixes) as nasprune prints them, so the keys a bundle's
+        manifest stores them under (``str(WorkloadMix)``) are the strings the report looks up."""
+        from compressor.workload import WorkloadMix
+
+        self.search.workload = str(WorkloadMix.parse(str(self.search.workload)))
+        self.export.workloads = [str(WorkloadMix.parse(str(w))) for w in self.export.workloads]
 
     def blocks_config(self):
         from dataclasses import asdict as _asdict
@@ -213,7 +228,7 @@ class PipelineConfig:
         only after the stages before it have run."""
         from compressor.importance import LAYER_METRICS
         from compressor.train import TrainConfig
-        from compressor.workload import Workload
+        from compressor.workload import Workload, WorkloadMix
         from deploy.bundle import check_variants
         from predictors.fit import FitConfig
         from profilers.base import get_engine
@@ -258,9 +273,10 @@ class PipelineConfig:
                     folds=self.predictor.folds, seed=self.predictor.seed, candidates=tuple(self.predictor.models)
                 ),
             ),
-            ("search", lambda: Workload.parse(str(self.search.workload))),
+            ("search", lambda: _profiled(WorkloadMix.parse(str(self.search.workload)), p.workloads)),
             ("export", lambda: check_variants(x.precisions)),
-            ("export", lambda: [Workload.parse(str(w)) for w in x.workloads]),
+            ("export", lambda: check_variants(x.baseline_precisions)),
+            ("export", lambda: [WorkloadMix.parse(str(w)) for w in x.workloads]),
             ("export", lambda: (at_least_one("threads", x.threads), at_least_one("points", x.points))),
             ("refine", lambda: self.refine_config()),
             ("blocks", lambda: self.blocks_config()),
@@ -276,6 +292,19 @@ class PipelineConfig:
 def _at_least_one_precision(precisions: list[str]) -> None:
     if not precisions or len(set(precisions)) != len(precisions):
         raise NaspruneError(f"precisions must list distinct precisions, at least one, not {precisions}")
+
+
+def _profiled(mix, profiled: list[str]) -> None:
+    """The search predicts every term of its workload mix: each must be a profiled workload."""
+    from compressor.workload import Workload
+
+    have = {Workload.parse(str(w)) for w in profiled}
+    missing = [str(w) for w in mix.workloads if w not in have]
+    if missing:
+        raise NaspruneError(
+            f"workload(s) {missing} of the search workload '{mix}' are not profiled; add them to "
+            f"profile.workloads (now {profiled})"
+        )
 
 
 def _subset_of(searched: list[str] | None, profiled: list[str]) -> None:
@@ -449,6 +478,7 @@ class Pipeline:
 
     def stage_profile(self) -> dict:
         from compressor.modeldir import load_model
+        from compressor.quantize import FLOAT_PRECISIONS
         from profilers import profile_subnetworks
         from profilers.api import choose_subnetworks
         from profilers.standalone import Protocol
@@ -458,10 +488,11 @@ class Pipeline:
         subs = choose_subnetworks(loaded.supernet().space, sampler=c.sampler, samples=c.samples)
         counts = {}
         for precision in c.precisions:  # same sub-networks at every precision (the store resumes per group)
-            self.log(f"  profiling {len(subs)} sub-networks at {precision}")
+            chosen = subs if precision in FLOAT_PRECISIONS or not c.quantized_samples else subs[: c.quantized_samples]
+            self.log(f"  profiling {len(chosen)} sub-networks at {precision}")
             records = profile_subnetworks(
                 loaded,
-                subs,
+                chosen,
                 c.workloads,
                 engine=c.engine,
                 device=c.device,
@@ -583,7 +614,9 @@ class Pipeline:
     def export_variants(self, picks=None) -> list[str]:
         """Engine variants of the bundles: the configured ones plus every precision the exported points
         were chosen at (``picks`` None: the original baseline, at every profiled precision too)."""
-        chosen = [row.get("precision") for _, _, row in picks or [] if row] or list(self.cfg.profile.precisions)
+        if picks is None:
+            return list(dict.fromkeys([*self.cfg.export.baseline_precisions, *self.cfg.profile.precisions]))
+        chosen = [row.get("precision") for _, _, row in picks if row]
         return list(dict.fromkeys([*self.cfg.export.precisions, *(p for p in chosen if p)]))
 
     def stage_export(self) -> dict:

@@ -17,9 +17,10 @@ from compressor.errors import NaspruneError
 from compressor.evaluate import token_windows
 from compressor.outputs import claim_output
 from compressor.search import Evaluated, QualityOracle, SearchConfig, SearchResult, run_nsga2, write_results
-from compressor.workload import Workload
+from compressor.workload import WorkloadMix
 from predictors import load_predictor
 from predictors.calibration import calibrate_if
+from predictors.mix import check_mix, mix_out_of_range, predict_mix_ms
 
 
 def load_predictors(predictor_dirs, strict: bool = False) -> dict:
@@ -57,11 +58,14 @@ def run_search_cli(
     """Load the predictor(s), build the quality oracle on held-out text, search, write the results.
 
     ``predictor_dir``: one predictor dir, or a list of them (one per precision: the precision gene).
+    ``workload``: one workload or a weighted mix (``prefill:1x512 + 128*decode:1x512``, see
+    :class:`~compressor.workload.WorkloadMix`); a mix's predicted latency is the weighted sum of
+    the predictor's per-workload predictions.
     ``one_shot``: the untrained pruned model (the importance-permuted original, a loaded model) whose
     sub-networks at the front's architectures and precisions are written as baselines too: what
     pruning without nasprune's training would give at the same latency."""
     claim_output(out, "search", overwrite=overwrite)  # before minutes of search, not after
-    w = Workload.parse(workload)
+    w = WorkloadMix.parse(workload)  # one workload, or a weighted mix: latency = sum(weight x prediction)
     predictors = load_predictors(predictor_dir, strict=strict)
     if cfg.precisions:
         missing = [p for p in cfg.precisions if p not in predictors]
@@ -69,6 +73,7 @@ def run_search_cli(
             raise NaspruneError(f"no predictor for precision(s) {missing}; fitted: {sorted(predictors)}")
     elif len(predictors) > 1:
         cfg.precisions = list(predictors)
+    check_mix(predictors.values(), w, strict)  # every term fitted on (warn/refuse now, not after the search)
     kind, text = read_source(data, online)
     if kind != "text":
         raise NaspruneError("the search's quality objective needs held-out plain text (.txt)")
@@ -78,7 +83,7 @@ def run_search_cli(
     # drift-proof: predictions x (anchor sub-network measured now / at fit time), see predictors.calibration
     calibration = {}
     for prec in list(predictors):
-        predictors[prec], calibration[prec] = calibrate_if(predictors[prec], loaded, [w], calibrate)
+        predictors[prec], calibration[prec] = calibrate_if(predictors[prec], loaded, list(w.workloads), calibrate)
     if len(predictors) == 1:
         calibration = next(iter(calibration.values()))
     predictor = predictors[cfg.precisions[0]] if cfg.precisions else next(iter(predictors.values()))
@@ -87,7 +92,7 @@ def run_search_cli(
         chosen = predictor if precision is None else predictors[precision]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # extrapolation is reported once below, not per generation
-            return chosen.predict_ms(subs, w)
+            return predict_mix_ms(chosen, subs, w)
 
     result = run_nsga2(sn.space, quality, latency, cfg)
     big = sn.space.largest()
@@ -105,7 +110,7 @@ def run_search_cli(
             baselines[f"one-shot {i}"] = Evaluated(
                 p.arch, plain(p.arch, prec), p.predicted_ms, p.params, -1, precision=p.precision
             )
-    outside = predictor.out_of_range([p.arch for p in result.pareto], w)
+    outside = mix_out_of_range(predictor, [p.arch for p in result.pareto], w)
     write_results(
         result,
         out,
@@ -118,6 +123,7 @@ def run_search_cli(
             "predictor_group": predictor.group,
             "model": str(loaded.path or loaded.source),
             "eval_tokens": int(windows.numel()),
+            "workload_terms": [{"workload": str(m.workload), "weight": m.weight} for m in w.members],
             "extrapolated": outside,
             "calibration": calibration,
         },

@@ -200,6 +200,7 @@ def profiled(tiny_model, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_predict_calibrate_profiles_the_anchor_on_the_same_setup(profiled, tiny_model):
     from nasprune.cli import app
     from predictors import load_predictor
@@ -220,6 +221,7 @@ def test_predict_calibrate_profiles_the_anchor_on_the_same_setup(profiled, tiny_
     )
 
 
+@pytest.mark.slow
 def test_anchor_measured_on_another_setup_is_refused(profiled, tiny_model):
     from compressor.modeldir import load_model
     from predictors import load_predictor
@@ -231,6 +233,7 @@ def test_anchor_measured_on_another_setup_is_refused(profiled, tiny_model):
         profile_anchor(load_model(str(tiny_model)), predictor)
 
 
+@pytest.mark.slow
 def test_search_calibrate_records_the_factor_and_scales_the_latency_objective(profiled, tiny_model, english_text):
     from nasprune.cli import app
 
@@ -248,3 +251,7 @@ def test_search_calibrate_records_the_factor_and_scales_the_latency_objective(pr
     assert c["fit_source"] == "measured" and c["anchor"] == cal["original"]["arch"]  # the full model is the anchor
     assert c["factor"] == pytest.approx(c["now_ms"] / c["fit_ms"])
     assert cal["original"]["predicted_ms"] == pytest.approx(raw["original"]["predicted_ms"] * c["factor"], rel=1e-6)
+    # a uniform factor changes no ranking (crowding distance is scale-free): same front, scaled milliseconds
+    assert [p["arch"] for p in cal["pareto"]] == [p["arch"] for p in raw["pareto"]]
+    for p, q in zip(cal["pareto"], raw["pareto"]):
+        assert p["predicted_ms"] == pytest.approx(q["predicted_ms"] * c["factor"], rel=1e-6)

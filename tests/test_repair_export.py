@@ -97,7 +97,9 @@ def test_pipeline_export_stage_repairs_unrefined_points_on_calibration_data(tiny
         shutil.copytree(tiny_model, run / name)
     (run / "search").mkdir()
     (run / "search" / "pareto.json").write_text(json.dumps({"pareto": [{"arch": json.loads(ARCH)}]}))
-    monkeypatch.setattr(Pipeline, "predictor_dir", property(lambda self: None))
+    monkeypatch.setattr(Pipeline, "predictor_dir", property(lambda self: None))  # no latency predictions here
+    if hasattr(Pipeline, "predictor_dirs"):
+        monkeypatch.setattr(Pipeline, "predictor_dirs", property(lambda self: {}))
     info = pipe.stage_export()
     assert info["repair"] == "at export" and len(info["bundles"]) == 1
     rep = json.loads((Path(info["bundles"][0]) / "manifest.json").read_text())["repair"]

@@ -1,0 +1,132 @@
+"""Quantization recipes as precisions: graphs, torch simulation vs the engine, measured (not assumed)
+quality, and the recipe identity shared by profiles, predictors and bundles."""
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from compressor.engine_quality import engine_quality, graph_mean_loss, logits_graph
+from compressor.errors import NaspruneError
+from compressor.evaluate import mean_loss
+from compressor.modeldir import load_model
+from compressor.quant_sim import simulate
+from compressor.quantize import RECIPES, excluded_nodes, is_quantized, recipe_for
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return load_model(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def windows():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(3, 1024, (4, 24), generator=g)
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny, tmp_path_factory):
+    """The tiny model's fp32 logits graph and each recipe's quantized graph (made once)."""
+    root = tmp_path_factory.mktemp("qgraphs")
+    out = {}
+    for precision in ("fp32", *RECIPES):
+        out[precision], _ = logits_graph(tiny.model, root / precision, precision)
+    return out
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_recipes_produce_their_kernels_and_keep_the_excluded_layers_float(graphs):
+    assert "MatMulInteger" in _ops(graphs["int8"]) and "MatMulInteger" not in _ops(graphs["fp32"])
+    assert "MatMulNBits" in _ops(graphs["w4"]) and "MatMulNBits" in _ops(graphs["w8"])
+    fp32 = onnx.load(str(graphs["fp32"]))
+    mixed = excluded_nodes(fp32, RECIPES["int8-mixed"])
+    assert len([n for n in mixed if "down_proj" in n]) == 4  # one per layer of the tiny model
+    head = excluded_nodes(fp32, RECIPES["int8-pc"])
+    assert len(head) == 1  # the (tied) LM head only
+    left_float = [n.name for n in onnx.load(str(graphs["int8-mixed"])).graph.node if n.op_type == "MatMul"]
+    assert all(name in left_float for name in mixed)
+
+
+def test_quantized_graph_quality_is_measured_from_the_graph(graphs, windows, tmp_path):
+    """A planted quantization error (one weight scale x 50) shows up in the measured loss."""
+    base, _ = graph_mean_loss(graphs["int8"], windows)
+    model = onnx.load(str(graphs["int8"]))
+    scales = [t for t in model.graph.initializer if t.name.endswith("_scale")]  # weight scales (activations: dynamic)
+    assert scales, "no weight scale found to corrupt"
+    t = scales[0]
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 50, t.name))
+    planted = tmp_path / "planted.onnx"
+    onnx.save(model, str(planted))
+    broken, _ = graph_mean_loss(planted, windows)
+    assert abs(broken - base) > 0.05
+
+
+def test_simulation_matches_the_engine(tiny, graphs, windows):
+    """The search's torch simulation of each recipe against ORT running the quantized graph."""
+    sn = tiny.supernet().eval()
+    for precision in ("fp32", *RECIPES):
+        engine, _ = graph_mean_loss(graphs[precision], windows)
+        with torch.no_grad(), simulate(precision, sn.model):
+            sim = mean_loss(sn, windows, 1)
+        assert abs(sim - engine) < 0.02 * engine, (precision, sim, engine)
+
+
+def test_simulation_is_scoped_and_float_precisions_are_untouched(tiny, windows):
+    sn = tiny.supernet().eval()
+    with torch.no_grad():
+        ref = sn(windows)
+        with simulate("fp32", sn.model):
+            assert torch.equal(sn(windows), ref)
+        with simulate("int8", sn.model):
+            q = sn(windows)
+            with simulate("w4", sn.model):
+                assert not torch.equal(sn(windows), q)
+            assert torch.equal(sn(windows), q)  # the outer simulation is restored
+        assert torch.equal(sn(windows), ref)
+    assert not torch.equal(q, ref)
+
+
+def test_engine_quality_reports_the_recipe(tiny, windows, tmp_path):
+    q = engine_quality(tiny.model, windows, "int8-mixed", work_dir=tmp_path)
+    assert q.quantization["name"] == "int8-mixed" and q.quantization["nodes_kept_float"] == 5  # 4 down + head
+    assert q.tokens == windows.shape[0] * (windows.shape[1] - 1) and math.isfinite(q.ppl)
+    assert list(tmp_path.iterdir()) == []  # graphs are temporary
+
+
+def test_precision_names():
+    assert not is_quantized("fp32") and is_quantized("int8-mixed")
+    with pytest.raises(NaspruneError, match="unknown precision 'int4'"):
+        recipe_for("int4")
+
+
+def test_profiled_recipe_is_the_shipped_recipe(tiny, tmp_path):
+    """Profiling int8 times the quantized graphs and records a recipe id that differs from fp32's;
+    a bundle's int8 engine carries that same id, so the int8 predictor matches what ships."""
+    from deploy.bundle import build_bundle, read_manifest
+    from profilers.api import profile_subnetworks
+    from profilers.standalone import Protocol
+
+    fast = Protocol(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0, max_remeasure=0)
+    sub = tiny.supernet().space.largest()
+    recs = {
+        p: profile_subnetworks(
+            tiny, [sub], ["prefill:1x8"], precision=p, protocol=fast, progress=False, workdir=tmp_path / p
+        )[0]
+        for p in ("fp32", "int8")
+    }
+    assert recs["int8"]["precision"] == "int8" and recs["int8"]["recipe_id"] != recs["fp32"]["recipe_id"]
+    assert recs["int8"]["export_recipe"]["quantization"]["name"] == "int8"
+    bundle = build_bundle(tiny, tiny.supernet(), sub, tmp_path / "b", variants=("fp32", "int8"), log=lambda *_: None)
+    engines = read_manifest(bundle)["engines"]
+    assert engines["int8"]["recipe_id"] == recs["int8"]["recipe_id"]
+    assert engines["fp32"]["recipe_id"] == recs["fp32"]["recipe_id"]
+    assert np.isfinite(recs["int8"]["stats_ms"]["median"])
