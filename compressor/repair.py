@@ -42,6 +42,11 @@ from compressor.search_space import SubNetwork
 TARGETS = {
     "llama": ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm"),
     "phi3": ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm"),
+    # Qwen3: Llama's residual layout (its q/k norms sit before attention, untouched by the refit); its
+    # config declares attention_bias but no mlp_bias, so it is refit-only. Gemma 2/3 and OLMo 2 normalize
+    # each projection's output before the residual add (post-norms), so the residual target of
+    # down_proj is not a linear function of its weights there: not supported.
+    "qwen3": ("self_attn.o_proj", "mlp.down_proj", "post_attention_layernorm"),
 }
 
 

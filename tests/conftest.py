@@ -126,3 +126,32 @@ def tiny_real(real_model, tmp_path_factory):
     AutoModelForCausalLM.from_config(tiny_llama_config(49152)).save_pretrained(path)
     real_model.tokenizer.save_pretrained(path)
     return path
+
+
+def synthetic_record(space, sub, workload: str, ms: float, stats: dict | None = None, **overrides) -> dict:
+    """One valid profile record of a fake onnxruntime/cpu/fp32 group with median ``ms`` (for predictor
+    and search tests that need known latencies, not measurements)."""
+    return {
+        "schema": "nasprune-profile/1",
+        "key": f"{sub}|{workload}",
+        "model": {"source": "tiny", "sha256": "sha"},
+        "arch": sub.to_dict(),
+        "workload": workload,
+        "fingerprint_id": "fp-here",
+        "engine": "onnxruntime",
+        "precision": "fp32",
+        "recipe_id": "r-test",
+        "fingerprint": {"cpu": "test"},
+        "device": "cpu",
+        "provider": "CPUExecutionProvider",
+        "export_recipe": {"opset": 17},
+        "params": space.num_params(sub),
+        "tokens_per_s": 1000 / ms,
+        "peak_memory_bytes": None,
+        "graph_bytes": None,
+        "kv_cache_bytes": 0,
+        "env": {},
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "stats_ms": stats or {**dict.fromkeys(("min", "median", "mean", "p90", "p99"), ms)},
+        **overrides,
+    }

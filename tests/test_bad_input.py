@@ -26,6 +26,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nasprune.cli import app
+from tests.conftest import synthetic_record
 
 runner = CliRunner()
 
@@ -44,40 +45,17 @@ def _records(space, subs, workloads=(WORKLOAD,)) -> list[dict]:
     for s in subs:
         for w in workloads:
             ms = 0.5 + 1e-5 * space.num_params(s) * Workload.parse(w).seq / 16 * (1 + 0.01 * rng.standard_normal())
-            out.append(
-                {
-                    "schema": "nasprune-profile/1",
-                    "key": f"{s}|{w}",
-                    "model": {"source": "tiny", "sha256": "sha"},
-                    "arch": s.to_dict(),
-                    "workload": w,
-                    "fingerprint_id": "fp-here",
-                    "engine": "onnxruntime",
-                    "precision": "fp32",
-                    "recipe_id": "r-test",
-                    "fingerprint": {"cpu": "test"},
-                    "device": "cpu",
-                    "provider": "CPUExecutionProvider",
-                    "export_recipe": {"opset": 17},
-                    "params": space.num_params(s),
-                    "tokens_per_s": 1000 / ms,
-                    "peak_memory_bytes": None,
-                    "graph_bytes": None,
-                    "kv_cache_bytes": 0,
-                    "env": {},
-                    "created_at": "2026-01-01T00:00:00+00:00",
-                    "stats_ms": {
-                        "min": ms * 0.98,
-                        "median": ms,
-                        "mean": ms,
-                        "p90": ms * 1.05,
-                        "p99": ms * 1.1,
-                        "std": 0.01 * ms,
-                        "cv": 0.01,
-                        "count": 10,
-                    },
-                }
-            )
+            stats = {
+                "min": ms * 0.98,
+                "median": ms,
+                "mean": ms,
+                "p90": ms * 1.05,
+                "p99": ms * 1.1,
+                "std": 0.01 * ms,
+                "cv": 0.01,
+                "count": 10,
+            }
+            out.append(synthetic_record(space, s, w, ms, stats=stats))
     return out
 
 

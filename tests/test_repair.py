@@ -100,3 +100,28 @@ def test_families_without_bias_fields_refit_weights_only():
     model, report = repair_model(loaded, sub, _windows(n=16), RepairConfig(tokens=512, seq_len=32))
     assert not report.bias and all(p.choice != "bias" for p in report.projections)
     assert all(p.fit_error_after <= p.fit_error_before + 1e-9 for p in report.projections)
+
+
+def test_qwen3_is_repaired_weights_only():
+    from dataclasses import asdict
+
+    from tests.test_architectures_families import family_configs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_configs()["qwen3"]).eval()
+    loaded = LoadedModel(model, None, ModelMeta(search_space=asdict(TINY_SPACE)), None, "qwen3")
+    space = loaded.supernet().space
+    sub = SubNetwork(
+        space.choices["embed_dim"][-1],
+        space.choices["num_heads"][0],
+        space.choices["ffn_dim"][0],
+        space.choices["num_layers"][-1],
+    )
+    repaired, report = repair_model(loaded, sub, _windows(n=16), RepairConfig(tokens=512, seq_len=32))
+    assert not report.bias and report.projections
+    assert all(p.fit_error_after <= p.fit_error_before + 1e-9 for p in report.projections)
+    from compressor.extract import extract
+
+    plain = extract(loaded.supernet(), sub)
+    test = _windows(seed=7, n=8)
+    assert _kl_to_teacher(loaded.model, repaired, test) < _kl_to_teacher(loaded.model, plain, test)

@@ -13,6 +13,7 @@ import pytest
 from compressor.errors import NaspruneError
 from compressor.search_space import SubNetwork
 from compressor.workload import MixMember, Workload, WorkloadMix
+from tests.conftest import synthetic_record
 
 P8, D8 = Workload.parse("prefill:1x8"), Workload.parse("decode:1x8")
 
@@ -140,29 +141,9 @@ def _synthetic_records(space, workloads):
             base = 1e-5 * space.num_params(s) * wl.seq / 8 if wl.kind == "prefill" else 0.2 * s.num_layers
             ms = (0.3 + base) * (1 + 0.01 * rng.standard_normal())
             out.append(
-                {
-                    "schema": "nasprune-profile/1",
-                    "key": f"{s}|{w}",
-                    "model": {"source": "tiny", "sha256": "sha"},
-                    "arch": s.to_dict(),
-                    "workload": w,
-                    "fingerprint_id": "fp-here",
-                    "engine": "onnxruntime",
-                    "precision": "fp32",
-                    "recipe_id": "r-test",
-                    "fingerprint": {"cpu": "test"},
-                    "device": "cpu",
-                    "provider": "CPUExecutionProvider",
-                    "export_recipe": {"opset": 17},
-                    "params": space.num_params(s),
-                    "tokens_per_s": 1000 / ms,
-                    "peak_memory_bytes": None,
-                    "graph_bytes": None,
-                    "kv_cache_bytes": 0,
-                    "env": {},
-                    "created_at": "2026-01-01T00:00:00+00:00",
-                    "stats_ms": {**dict.fromkeys(("min", "median", "mean", "p90", "p99"), ms), **noise},
-                }
+                synthetic_record(
+                    space, s, w, ms, stats={**dict.fromkeys(("min", "median", "mean", "p90", "p99"), ms), **noise}
+                )
             )
     return out
 
