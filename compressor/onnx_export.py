@@ -415,7 +415,8 @@ def check_parity(
             past = [r.astype(np.float16) if precision == "fp16" else r for r in ref[1:]]
         if full_graph is not None:
             got_all = full_graph.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-            found["all_logits"].append(_compare(got_all, every, precision))
+            # every position of a longer sequence: more fp32 sums, so a wider band (an export bug is O(1))
+            found["all_logits"].append(_compare(got_all, every, precision, widen=4.0))
         if dec is not None:
             feed = {"input_ids": ids[:, seq:].numpy(), "attention_mask": mask.numpy(), **dict(zip(past_names(n), past))}
             found["decode_logits"].append(_compare(dec.run(None, feed)[0], full, precision))
@@ -431,11 +432,11 @@ def check_parity(
     return diffs
 
 
-def _compare(got, ref, precision: str) -> tuple[float, float]:
-    """(max abs diff, allowed diff) for one output."""
+def _compare(got, ref, precision: str, widen: float = 1.0) -> tuple[float, float]:
+    """(max abs diff, allowed diff) for one output (``widen`` x the precision's tolerance)."""
     atol, rtol = TOLERANCE[precision]
     ref = np.asarray(ref, dtype=np.float32)
-    return _maxdiff(got, ref), atol + rtol * float(np.max(np.abs(ref)))
+    return _maxdiff(got, ref), widen * (atol + rtol * float(np.max(np.abs(ref))))
 
 
 def _maxdiff(a, b) -> float:

@@ -14,6 +14,10 @@ sub-network's graph quantizes:
   block's signed extreme maps to -2^(bits-1); with ``accuracy_level`` 4 the activations are
   quantized symmetric int8 per block of B inputs inside the kernel.
 
+Rounding is a straight-through estimator (forward: round; backward: identity), so the same
+simulation trains weights for the recipe they will ship in (quantization-aware refine:
+``TrainConfig.quantization``); outside training it computes exactly the rounded values.
+
 It is a simulation: rounding ties, fused kernels and saturation corners can differ. The engine
 remains the judge — bundles are evaluated through the quantized graph, and
 ``benchmarks/quantization.py`` reports simulated vs engine perplexity per recipe.
@@ -72,6 +76,11 @@ def simulate(precision: str, model: torch.nn.Module):
 
 
 # ---- the arithmetic ------------------------------------------------------------------------
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """round() forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
 def _per_sequence_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = tuple(range(1, x.dim())) if x.dim() > 2 else tuple(range(x.dim()))
     lo = x.amin(dim=dims, keepdim=True).clamp(max=0)
@@ -84,7 +93,7 @@ def _dynamic_activation(x: torch.Tensor) -> torch.Tensor:
     lo, hi = _per_sequence_range(x.detach())
     scale = ((hi - lo) / 255.0).clamp(min=torch.finfo(torch.float32).tiny)
     zero = torch.round(-lo / scale).clamp(0, 255)
-    q = torch.clamp(torch.round(x / scale) + zero, 0, 255)
+    q = torch.clamp(_round(x / scale) + zero, 0, 255)
     return (q - zero) * scale
 
 
@@ -93,7 +102,7 @@ def _symmetric_weight(w: torch.Tensor, r: QuantRecipe) -> torch.Tensor:
     qmin, qmax = (-64, 64) if r.reduce_range else (-127, 127)
     absmax = w.detach().abs().amax(dim=1, keepdim=True) if r.per_channel else w.detach().abs().amax()
     scale = (2 * absmax / (qmax - qmin)).clamp(min=torch.finfo(torch.float32).tiny)
-    return torch.clamp(torch.round(w / scale), qmin, qmax) * scale
+    return torch.clamp(_round(w / scale), qmin, qmax) * scale
 
 
 def _blocks(t: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
@@ -113,7 +122,7 @@ def _blockwise_weight(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     scale = extreme / -half
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     wb, _ = _blocks(w, block)
-    q = torch.clamp(torch.round(wb / scale), -half, half - 1)
+    q = torch.clamp(_round(wb / scale), -half, half - 1)
     return (q * scale).reshape(*w.shape[:-1], -1)[..., :k]
 
 
@@ -121,5 +130,5 @@ def _blockwise_activation(x: torch.Tensor, block: int) -> torch.Tensor:
     """accuracy_level 4: int8 symmetric per block of ``block`` inputs of each row."""
     b, k = _blocks(x, block)
     scale = (b.detach().abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-    q = torch.clamp(torch.round(b / scale), -127, 127)
+    q = torch.clamp(_round(b / scale), -127, 127)
     return (q * scale).reshape(*x.shape[:-1], -1)[..., :k]

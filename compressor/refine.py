@@ -38,6 +38,9 @@ class RefineConfig:
     repair_tokens: int = 4096
     eval_tokens: int = 4096  # validation tokens for the before/after quality
     seed: int = 0
+    # quantization-aware refine: train with the recipe the point ships in simulated (straight-through);
+    # None: float training (the pipeline sets the precision the search chose for the point)
+    quantization: str | None = None
 
     def __post_init__(self):
         if not (self.minutes > 0 and math.isfinite(self.minutes)):
@@ -76,6 +79,7 @@ class RefineConfig:
             distill_temperature=self.distill_temperature,
             seed=self.seed,
             checkpoint_every=max(1, min(50, self.steps)),
+            quantization=self.quantization,
         )
 
 
@@ -115,6 +119,20 @@ def _validation_ppl(model, tokenizer, text: str | None, cfg: RefineConfig) -> fl
     from compressor.evaluate import hf_logits, perplexity, token_windows
 
     return perplexity(hf_logits(model.eval()), token_windows(tokenizer, text, cfg.seq_len, cfg.eval_tokens))
+
+
+def _quantized_validation_ppl(supernet, tokenizer, text: str | None, cfg: RefineConfig) -> float | None:
+    """Validation perplexity of ``supernet``'s selected sub-network with ``cfg.quantization`` simulated."""
+    if text is None or cfg.quantization is None:
+        return None
+    import torch
+
+    from compressor.evaluate import perplexity, token_windows
+    from compressor.quant_sim import simulate
+
+    windows = token_windows(tokenizer, text, cfg.seq_len, cfg.eval_tokens)
+    with torch.no_grad(), simulate(cfg.quantization, supernet.model):
+        return perplexity(supernet.eval(), windows)
 
 
 def refine(
@@ -165,6 +183,9 @@ def refine(
     if not (resume and (student_dir / "nasprune.json").exists()):
         plain = extract(sn, sub)
         record["ppl_one_shot"] = _validation_ppl(plain, parent_loaded.tokenizer, val_text, cfg)
+        if cfg.quantization is not None:
+            with sn.selected(sub):
+                record["ppl_one_shot_quantized"] = _quantized_validation_ppl(sn, parent_loaded.tokenizer, val_text, cfg)
         model, repair = plain, None
         if cfg.repair:
             from compressor.repair import RepairConfig, calibration_windows, repair_model
@@ -216,6 +237,10 @@ def refine(
     del teacher_loaded
     refined = load_model(str(out))
     record["ppl_refined"] = _validation_ppl(refined.model, refined.tokenizer, val_text, cfg)
+    if cfg.quantization is not None:
+        record["ppl_refined_quantized"] = _quantized_validation_ppl(
+            refined.supernet(), refined.tokenizer, val_text, cfg
+        )
     record["training"] = {k: refined.meta.provenance.get("training", {}).get(k) for k in ("steps", "seconds", "tokens")}
     meta = ModelMeta.read(out)
     meta.subnetwork = {**(ModelMeta.read(student_dir).subnetwork or {}), "refine": record}

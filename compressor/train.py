@@ -47,6 +47,7 @@ from compressor.data import IGNORE, TokenizedData, load_data
 from compressor.distill import TeacherCache, inplace_targets, kd_loss, kd_loss_full, state_dict_hash
 from compressor.errors import NaspruneError
 from compressor.modeldir import LoadedModel, ModelMeta, cache_dir, load_model, save_model_dir, versions
+from compressor.quant_sim import simulate
 from compressor.sampling import make_sampler
 from compressor.search_space import SubNetwork
 from compressor.supernet import SuperNetwork
@@ -96,6 +97,9 @@ class TrainConfig:
     distill_alpha: float = 1.0  # L = alpha * KD + (1 - alpha) * CE (1: pure KD as in Minitron / BigNAS)
     distill_topk: int = 64  # teacher tokens kept per position by the cache (+ one tail bucket)
     distill_temperature: float = 1.0  # softmax temperature of teacher and student; KD scaled by T^2
+    # quantization-aware training: every forward runs this precision's recipe simulated (compressor.quant_sim,
+    # straight-through rounding), so the weights learn to survive the engine's quantization; None: float
+    quantization: str | None = None
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -107,6 +111,11 @@ class TrainConfig:
                 raise NaspruneError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.distill not in DISTILL_MODES:
             raise NaspruneError(f"distill must be one of {', '.join(DISTILL_MODES)} (got {self.distill!r})")
+        if self.quantization is not None:
+            from compressor.quantize import recipe_for
+
+            if recipe_for(self.quantization) is None:
+                raise NaspruneError(f"quantization must be a quantization recipe, not {self.quantization!r}")
         if self.teacher not in TEACHERS:
             raise NaspruneError(f"teacher must be one of {', '.join(TEACHERS)} (got {self.teacher!r})")
         if not (isinstance(self.distill_alpha, (int, float)) and 0.0 <= self.distill_alpha <= 1.0):
@@ -446,7 +455,7 @@ class Trainer:
             teacher_logprob = None
             for i, sub in enumerate(subs):
                 self.supernet.select(sub)
-                with self.accelerator.autocast():
+                with self.accelerator.autocast(), simulate(cfg.quantization or "fp32", self.supernet.model):
                     logits = self.model(ids, mask)
                 loss, ce, kd = self._sub_loss(logits, labels, targets, teacher_logprob)
                 if inplace and i == 0:  # the largest: CE only, then it teaches the rest (detached)

@@ -193,12 +193,15 @@ def write_report(pipeline) -> Path:
             "",
             "## Refine (validation perplexity, before and after)",
             "",
-            "| point | one-shot | repaired | refined | steps |",
-            "|---|---|---|---|---|",
+            "| point | one-shot | repaired | refined | trained with | at that precision: one-shot → refined "
+            "| steps |",
+            "|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {name} | {_fmt(r.get('ppl_one_shot'), '.2f')} | {_fmt(r.get('ppl_repaired'), '.2f')} "
-            f"| {_fmt(r.get('ppl_refined'), '.2f')} | {(r.get('training') or {}).get('steps', '–')} |"
+            f"| {_fmt(r.get('ppl_refined'), '.2f')} | {r.get('quantization') or 'fp32'} "
+            f"| {_fmt(r.get('ppl_one_shot_quantized'), '.2f')} → {_fmt(r.get('ppl_refined_quantized'), '.2f')} "
+            f"| {(r.get('training') or {}).get('steps', '–')} |"
             for name, r in refine.items()
         ]
     agree = evals.get("validation_vs_test")

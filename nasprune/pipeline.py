@@ -113,6 +113,9 @@ class RefineStageConfig:
     lr: float = 2e-4
     repair: bool = True  # closed-form repair before training
     repair_tokens: int = 4096
+    # a point the search chose at a quantization recipe is refined with that recipe simulated in the
+    # forward (straight-through rounding): its weights learn to survive the engine's quantization
+    quantization_aware: bool = True
 
 
 @dataclass
@@ -580,18 +583,24 @@ class Pipeline:
         if not self.cfg.refine.enabled:
             self.log("  refine disabled: exporting the super-network's weights")
             return {"enabled": False}
+        from dataclasses import replace
+
+        from compressor.quantize import is_quantized
         from compressor.refine import refine
 
         records = {}
-        for name, sub, _ in self.picks():
-            self.log(f"  refining {sub} for {self.cfg.refine.minutes:g} min")
+        for name, sub, row in self.picks():
+            precision = (row or {}).get("precision") or "fp32"
+            qat = precision if self.cfg.refine.quantization_aware and is_quantized(precision) else None
+            how = f", {qat} simulated" if qat else ""
+            self.log(f"  refining {sub} for {self.cfg.refine.minutes:g} min{how}")
             resume = (self.refined_dir / f"{name}-{sub}.train" / "checkpoint.pt").exists()
             rec = refine(
                 str(self.supernet_dir),
                 sub,
                 resolve_data(self.cfg.data.train),
                 self.refined_dir / f"{name}-{sub}",
-                self.cfg.refine_config(),
+                replace(self.cfg.refine_config(), quantization=qat),
                 validation=resolve_data(self.cfg.data.validation),
                 online=self.online,
                 resume=resume,
@@ -607,8 +616,17 @@ class Pipeline:
             )
             self.log(f"    validation perplexity {shown} ({rec['training']['steps']} steps)")
             records[f"{name}-{sub}"] = {
-                k: rec.get(k) for k in ("ppl_one_shot", "ppl_repaired", "ppl_refined", "training")
+                k: rec.get(k)
+                for k in (
+                    "ppl_one_shot",
+                    "ppl_repaired",
+                    "ppl_refined",
+                    "ppl_one_shot_quantized",
+                    "ppl_refined_quantized",
+                    "training",
+                )
             }
+            records[f"{name}-{sub}"]["quantization"] = qat
         return {"enabled": True, "points": records}
 
     def export_variants(self, picks=None) -> list[str]:

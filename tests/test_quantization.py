@@ -130,3 +130,33 @@ def test_profiled_recipe_is_the_shipped_recipe(tiny, tmp_path):
     assert engines["int8"]["recipe_id"] == recs["int8"]["recipe_id"]
     assert engines["fp32"]["recipe_id"] == recs["fp32"]["recipe_id"]
     assert np.isfinite(recs["int8"]["stats_ms"]["median"])
+
+
+def test_quantization_aware_training_learns_through_the_rounding(tiny_model, windows):
+    """Straight-through rounding: simulated int8 passes gradients to the weights, and a few steps of
+    training under the simulation lower the simulated loss (what quantization-aware refine relies on)."""
+    import torch.nn.functional as F
+
+    from compressor.train import TrainConfig
+
+    sn = load_model(str(tiny_model)).supernet()
+    opt = torch.optim.SGD(sn.parameters(), lr=0.5)
+
+    def step() -> float:
+        opt.zero_grad()
+        with simulate("int8", sn.model):
+            logits = sn(windows)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten())
+        loss.backward()
+        return loss.item()
+
+    first = step()
+    grads = [p.grad for n, p in sn.model.named_parameters() if "q_proj" in n or "down_proj" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    opt.step()
+    for _ in range(4):
+        step()
+        opt.step()
+    assert step() < first
+    with pytest.raises(NaspruneError, match="quantization must be a quantization recipe"):
+        TrainConfig(quantization="fp32")
