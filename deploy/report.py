@@ -193,8 +193,7 @@ def write_report(pipeline) -> Path:
             "",
             "## Refine (validation perplexity, before and after)",
             "",
-            "| point | one-shot | repaired | refined | trained with | at that precision: one-shot → refined "
-            "| steps |",
+            "| point | one-shot | repaired | refined | trained with | at that precision: one-shot → refined | steps |",
             "|---|---|---|---|---|---|---|",
         ]
         lines += [
