@@ -18,6 +18,17 @@ def _loaded(name: str) -> LoadedModel:
     return LoadedModel(model, None, ModelMeta(search_space=asdict(TINY_SPACE)), None, name)
 
 
+def _fewest_heads_and_neurons(loaded) -> SubNetwork:
+    """Full width and depth, the fewest heads and FFN neurons: only what repair's projections fix is pruned."""
+    space = loaded.supernet().space
+    return SubNetwork(
+        space.choices["embed_dim"][-1],
+        space.choices["num_heads"][0],
+        space.choices["ffn_dim"][0],
+        space.choices["num_layers"][-1],
+    )
+
+
 def _windows(seed=0, n=8, t=32, vocab=96):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (n, t), generator=g)
@@ -90,13 +101,7 @@ def test_repaired_checkpoint_loads_in_plain_transformers(tmp_path):
 
 def test_families_without_bias_fields_refit_weights_only():
     loaded = _loaded("qwen2")
-    space = loaded.supernet().space
-    sub = SubNetwork(
-        space.choices["embed_dim"][-1],
-        space.choices["num_heads"][0],
-        space.choices["ffn_dim"][0],
-        space.choices["num_layers"][-1],
-    )
+    sub = _fewest_heads_and_neurons(loaded)
     model, report = repair_model(loaded, sub, _windows(n=16), RepairConfig(tokens=512, seq_len=32))
     assert not report.bias and all(p.choice != "bias" for p in report.projections)
     assert all(p.fit_error_after <= p.fit_error_before + 1e-9 for p in report.projections)
@@ -110,13 +115,7 @@ def test_qwen3_is_repaired_weights_only():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(family_configs()["qwen3"]).eval()
     loaded = LoadedModel(model, None, ModelMeta(search_space=asdict(TINY_SPACE)), None, "qwen3")
-    space = loaded.supernet().space
-    sub = SubNetwork(
-        space.choices["embed_dim"][-1],
-        space.choices["num_heads"][0],
-        space.choices["ffn_dim"][0],
-        space.choices["num_layers"][-1],
-    )
+    sub = _fewest_heads_and_neurons(loaded)
     repaired, report = repair_model(loaded, sub, _windows(n=16), RepairConfig(tokens=512, seq_len=32))
     assert not report.bias and report.projections
     assert all(p.fit_error_after <= p.fit_error_before + 1e-9 for p in report.projections)
