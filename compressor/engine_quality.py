@@ -79,10 +79,29 @@ def logits_graph(model, directory: Path, precision: str) -> tuple[Path, dict | N
     return target, done
 
 
-def engine_quality(model, windows: torch.Tensor, precision: str, work_dir: Path | None = None) -> EngineQuality:
+def engine_qualities(
+    model, windows: torch.Tensor, precisions, work_dir: Path | None = None
+) -> dict[str, EngineQuality]:
     """Loss of ``model`` (an extracted sub-network or a checkpoint) through the ONNX Runtime CPU
-    engine at ``precision`` on ``windows``; graphs are written to a temporary dir under ``work_dir``."""
+    engine at each of ``precisions`` on ``windows``. The fp32 logits graph is exported once and
+    quantized per recipe (export is the expensive step); graphs live in a temporary dir under
+    ``work_dir``."""
+    out: dict[str, EngineQuality] = {}
     with tempfile.TemporaryDirectory(prefix="nasprune-quality-", dir=work_dir) as tmp:
-        graph, done = logits_graph(model, Path(tmp), precision)
-        loss, tokens = graph_mean_loss(graph, windows)
-    return EngineQuality(precision, loss, tokens, done)
+        base = None
+        for precision in precisions:
+            if is_quantized(precision):
+                if base is None:
+                    base, _ = logits_graph(model, Path(tmp), "fp32")
+                graph = Path(tmp) / precision / "logits" / GRAPH_FILE
+                done = quantize_graph(base, graph, precision)
+            else:
+                graph, done = logits_graph(model, Path(tmp) / precision, precision)
+            loss, tokens = graph_mean_loss(graph, windows)
+            out[precision] = EngineQuality(precision, loss, tokens, done)
+    return out
+
+
+def engine_quality(model, windows: torch.Tensor, precision: str, work_dir: Path | None = None) -> EngineQuality:
+    """:func:`engine_qualities` for one precision."""
+    return engine_qualities(model, windows, [precision], work_dir)[precision]

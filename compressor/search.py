@@ -27,6 +27,7 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 from compressor.errors import NaspruneError
 from compressor.evaluate import mean_loss
+from compressor.quant_sim import simulate
 from compressor.search_space import SearchSpace, SubNetwork
 from compressor.workload import Workload
 
@@ -40,8 +41,6 @@ class QualityOracle:
 
     def __call__(self, sub: SubNetwork, precision: str = "fp32") -> float:
         """Loss of ``sub`` at ``precision`` (a quantization recipe is simulated in the forward)."""
-        from compressor.quant_sim import simulate
-
         key = (sub, precision)
         if key not in self.cache:
             with self.supernet.selected(sub), simulate(precision, self.supernet.model):

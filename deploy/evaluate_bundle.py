@@ -30,15 +30,14 @@ def evaluate_model(model, tokenizer, windows, cfg, task_dir: Path | None, task_n
 
 def engine_ppls(model, windows, variants, log=None) -> dict[str, float]:
     """Test perplexity through each quantized engine variant (fp32/fp16 are not quantized: skipped)."""
-    from compressor.engine_quality import engine_quality
+    from compressor.engine_quality import engine_qualities
     from compressor.quantize import RECIPES
 
-    out = {}
-    for v in variants:
-        if v in RECIPES:
-            out[v] = engine_quality(model, windows, v).ppl
-            if log:
-                log(f"    {v} engine: ppl {out[v]:.2f}")
+    measured = engine_qualities(model, windows, [v for v in variants if v in RECIPES])  # one export for all
+    out = {v: q.ppl for v, q in measured.items()}
+    for v, ppl in out.items():
+        if log:
+            log(f"    {v} engine: ppl {ppl:.2f}")
     return out
 
 
