@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -344,35 +345,49 @@ def run_bld(args, results, ev, imp, paths):
 
 
 def run_bld_speed(args, results, imp, paths):
-    """BLD throughput with 1 and 2 processes on the same cached activations and work (teacher fill excluded)."""
+    """BLD throughput on the same cached activations and work (teacher fill excluded): 1 process x 1 thread
+    vs 2 processes x 1 thread (how the work scales over workers: processes, GPUs, machines), and 1 process
+    x all threads (what one process gets from intra-op threads on this machine's cores)."""
     from compressor.bld import BlockDistillConfig, distill_blocks
     from compressor.modeldir import load_model
     from compressor.repair import RepairConfig, calibration_windows
 
-    if "bld_speed" in results.data["meta"]:
+    if "threads" in results.data["meta"].get("bld_speed", {}):
         return
     parent = load_model(str(imp))
     windows = calibration_windows(parent.tokenizer, str(paths["train"]), RepairConfig(tokens=8192, seq_len=256))
+    cores = os.cpu_count() or 1
     speed = {}
-    for processes in (1, 2):
-        work = args.work / f"bld-speed-{processes}"
-        (work).mkdir(parents=True, exist_ok=True)
+    for name, processes, threads in (("1x1", 1, 1), ("2x1", 2, 1), (f"1x{cores}", 1, cores)):
+        work = args.work / f"bld-speed-{name}"
+        work.mkdir(parents=True, exist_ok=True)
         teacher = work / "teacher"
         if not teacher.exists():
             teacher.symlink_to((args.work / "bld" / "teacher").resolve())  # the same cached activations
         cfg = BlockDistillConfig(
-            steps=args.bld_speed_steps, batch_size=4, seq_len=256, tokens=8192, lr=args.lr, processes=processes
+            steps=args.bld_speed_steps,
+            batch_size=4,
+            seq_len=256,
+            tokens=8192,
+            lr=args.lr,
+            processes=processes,
+            threads=threads,
         )
         _, report = distill_blocks(str(imp), windows, work, cfg, log=lambda *_: None)
-        speed[processes] = report["seconds"]
+        speed[name] = report["seconds"]
         print(
-            f"  BLD {processes} process(es): {report['seconds']:.1f} s for 30 blocks x {args.bld_speed_steps} steps",
+            f"  BLD {processes} process(es) x {threads} thread(s): {report['seconds']:.1f} s "
+            f"for 30 blocks x {args.bld_speed_steps} steps",
             flush=True,
         )
     results.data["meta"]["bld_speed"] = {
         "seconds": speed,
-        "speedup_2_vs_1": speed[1] / speed[2],
+        "threads": True,
+        "cores": cores,
+        "speedup_2x1_vs_1x1": speed["1x1"] / speed["2x1"],
+        "speedup_2x1_vs_1xall": speed[f"1x{cores}"] / speed["2x1"],
         "steps_per_block": args.bld_speed_steps,
+        "seconds_include": "spawning the workers and loading the model in each",
     }
     results.save()
 

@@ -46,8 +46,12 @@ class BlockDistillConfig:
     lr: float = 1e-4
     processes: int = 1
     seed: int = 0
+    # CPU threads per process; None: the machine's cores split over the processes (one process: torch's own)
+    threads: int | None = None
 
     def __post_init__(self):
+        if self.threads is not None and int(self.threads) < 1:
+            raise NaspruneError(f"block distillation threads must be >= 1 (got {self.threads})")
         for name in ("steps", "batch_size", "seq_len", "tokens", "processes"):
             if int(getattr(self, name)) < 1:
                 raise NaspruneError(f"block distillation {name} must be >= 1 (got {getattr(self, name)})")
@@ -189,9 +193,13 @@ def distill_blocks(model_dir: str, windows: torch.Tensor, work: Path, cfg: Block
     fill = cache_teacher_activations(sn, windows, acts)
     log(f"teacher activations: {fill['windows']} windows x {fill['seq_len']} tokens, {fill['layers'] + 1} states")
     start = time.perf_counter()
-    threads = max(1, (os.cpu_count() or 1) // cfg.processes)
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.processes)
     if cfg.processes == 1:
-        _worker(model_dir, str(acts), cfg, 0, str(work), torch.get_num_threads())
+        before = torch.get_num_threads()
+        try:
+            _worker(model_dir, str(acts), cfg, 0, str(work), cfg.threads or before)
+        finally:
+            torch.set_num_threads(before)  # the worker ran in this process: leave its thread count as it was
     else:
         import torch.multiprocessing as mp
 

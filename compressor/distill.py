@@ -340,6 +340,12 @@ class TeacherCache:
                     done[c] = True
         return done
 
+    def done_windows(self) -> np.ndarray:
+        """Per window, whether its targets are cached already (from the progress records only: nothing is
+        opened or created), so a caller can price what ``ensure`` would still run the teacher on."""
+        done = self._read_done() if self.dir.is_dir() else np.zeros(self.num_chunks, dtype=bool)
+        return np.repeat(done, self.chunk)[: self.n]
+
     def chunks_of(self, windows) -> np.ndarray:
         if windows is None:
             return np.arange(self.num_chunks)

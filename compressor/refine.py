@@ -105,12 +105,84 @@ def time_step(model, cfg: RefineConfig, vocab: int) -> float:
     return seconds[-1]
 
 
-def planned_steps(cfg: RefineConfig, step_seconds: float, margin: float = 1.25) -> int:
+def time_teacher_window(teacher_loaded, cfg: RefineConfig) -> float:
+    """Seconds per window of what the teacher cache runs on a window it has not cached yet: the teacher's
+    forward and its top-k targets (:meth:`compressor.distill.TeacherCache.ensure`); the second of two."""
+    import time
+
+    import torch
+
+    from compressor.distill import topk_targets
+
+    teacher = teacher_loaded.supernet().eval()
+    vocab = teacher_loaded.model.config.vocab_size
+    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=torch.Generator().manual_seed(cfg.seed))
+    seconds = []
+    with torch.no_grad():
+        for _ in range(2):
+            start = time.perf_counter()
+            topk_targets(teacher(ids, None), cfg.distill_topk, cfg.distill_temperature)
+            seconds.append(time.perf_counter() - start)
+    return seconds[-1] / cfg.batch_size
+
+
+def planned_steps(
+    cfg: RefineConfig,
+    step_seconds: float,
+    margin: float = 1.25,
+    window_seconds: float = 0.0,
+    missing=None,
+) -> int:
     """The step count the ``minutes`` budget affords at ``step_seconds`` a step (plus a margin, since the
     budget, not the count, should end the run), capped by ``cfg.steps``. It bounds the cosine schedule
     (which then actually decays within the budget) and the windows whose teacher logits are cached:
-    with the cap alone (100,000) every refine filled the teacher cache for the whole training text."""
-    return max(1, min(cfg.steps, math.ceil(cfg.minutes * 60 / max(step_seconds, 1e-6) * margin)))
+    with the cap alone (100,000) every refine filled the teacher cache for the whole training text.
+
+    ``missing(steps)`` (windows those steps read whose teacher targets are not cached yet) x
+    ``window_seconds`` is paid from the same budget: the fill runs before training, and with a cheap
+    student it cost more than the training itself (the demo's 22M point: 192 s of teacher fill, then
+    181 s of its 3-minute training)."""
+    budget = cfg.minutes * 60
+    if missing is None or window_seconds <= 0:
+        return max(1, min(cfg.steps, math.ceil(budget / max(step_seconds, 1e-6) * margin)))
+
+    def cost(steps: int) -> float:
+        return steps / margin * step_seconds + missing(steps) * window_seconds
+
+    lo, hi = 1, cfg.steps  # missing() grows with steps (a prefix of one permutation): bisect the largest fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cost(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def missing_teacher_windows(teacher_loaded, data: str, train_cfg, teacher_cache_dir: Path | None, online: bool):
+    """``steps -> windows`` the training run would still have to run the teacher on, read from the same
+    cache (same key) that :func:`compressor.train.run_training` will fill."""
+    from dataclasses import replace
+
+    from compressor.data import load_data
+    from compressor.distill import TeacherCache, state_dict_hash
+    from compressor.modeldir import cache_dir
+    from compressor.train import resolve_mixed_precision, windows_needed
+
+    tokens = load_data(
+        teacher_loaded.tokenizer, data, train_cfg.seq_len, train_cfg.max_train_tokens, online, train_cfg.prompt_format
+    )
+    cache = TeacherCache(
+        Path(teacher_cache_dir) if teacher_cache_dir else cache_dir() / "teacher",
+        tokens.input_ids,
+        tokens.attention_mask,
+        state_dict_hash(teacher_loaded.model),
+        k=train_cfg.distill_topk,
+        temperature=train_cfg.distill_temperature,
+        precision=resolve_mixed_precision(train_cfg),
+    )
+    done = cache.done_windows()
+    return lambda steps: int((~done[windows_needed(replace(train_cfg, steps=steps), len(tokens))]).sum())
 
 
 def _validation_ppl(model, tokenizer, text: str | None, cfg: RefineConfig) -> float | None:
@@ -204,10 +276,17 @@ def refine(
             record["ppl_repaired"] = _validation_ppl(model, parent_loaded.tokenizer, val_text, cfg)
         save_extracted(parent_loaded, sn, sub, student_dir, overwrite=True, model=model, repair=repair)
         record["step_seconds_timed"] = time_step(model, cfg, model.config.vocab_size)
-        record["steps_planned"] = planned_steps(cfg, record["step_seconds_timed"])
+        record["teacher_window_seconds_timed"] = time_teacher_window(teacher_loaded, cfg)
+        missing = missing_teacher_windows(teacher_loaded, data, cfg.train_config(), teacher_cache_dir, online)
+        steps = planned_steps(
+            cfg, record["step_seconds_timed"], window_seconds=record["teacher_window_seconds_timed"], missing=missing
+        )
+        record["steps_planned"] = steps
+        record["teacher_fill_planned_seconds"] = missing(steps) * record["teacher_window_seconds_timed"]
         log(
-            f"  one step {record['step_seconds_timed']:.2f}s: {record['steps_planned']} steps planned for "
-            f"{cfg.minutes:g} min"
+            f"  one step {record['step_seconds_timed']:.2f}s, teacher {record['teacher_window_seconds_timed']:.2f}s "
+            f"per new window: {steps} steps planned for {cfg.minutes:g} min "
+            f"(~{record['teacher_fill_planned_seconds']:.0f} s of it filling the teacher cache)"
         )
         del plain, model
         write_json_atomic(student_dir / "refine_start.json", record)
@@ -220,7 +299,14 @@ def refine(
 
     steps = int(record.get("steps_planned") or cfg.steps)  # a resumed run keeps the plan it started with
     train_cfg = cfg.train_config()
-    train_cfg = replace(train_cfg, steps=steps, checkpoint_every=max(1, min(train_cfg.checkpoint_every, steps)))
+    # the teacher fill comes out of the same budget (the training clock starts after it)
+    fill_minutes = float(record.get("teacher_fill_planned_seconds") or 0.0) / 60
+    train_cfg = replace(
+        train_cfg,
+        steps=steps,
+        checkpoint_every=max(1, min(train_cfg.checkpoint_every, steps)),
+        max_minutes=max(cfg.minutes * 0.1, cfg.minutes - fill_minutes),
+    )
     del sn, parent_loaded  # only the teacher is needed from here on
     run_training(
         str(student_dir),

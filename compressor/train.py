@@ -173,6 +173,14 @@ def windows_needed(cfg: TrainConfig, n: int, world: int = 1) -> np.ndarray:
     return np.sort(np.random.default_rng([cfg.seed, 0]).permutation(n)[:total])
 
 
+def resolve_mixed_precision(cfg: TrainConfig) -> str:
+    """accelerate's ``mixed_precision`` for ``cfg`` ("auto": bf16 on a CUDA device that has it, else "no");
+    it is part of the teacher cache's key, so whoever predicts that key (refine's plan) must use this."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE
@@ -282,9 +290,7 @@ class Trainer:
             for p in model.parameters():
                 p.requires_grad_(True)
         cuda = torch.cuda.is_available()
-        precision = cfg.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+        precision = resolve_mixed_precision(cfg)
         self.accelerator = Accelerator(
             mixed_precision=precision,
             cpu=not cuda,

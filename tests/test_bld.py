@@ -59,10 +59,12 @@ def test_narrow_widths_learn(tiny_dir, tmp_path):
 
 @pytest.mark.slow
 def test_blocks_in_two_processes_equal_one_process(tiny_dir, tmp_path):
-    cfg = dict(steps=5, batch_size=2, seq_len=16, tokens=64, lr=1e-3, seed=3)
+    cfg = dict(steps=5, batch_size=2, seq_len=16, tokens=64, lr=1e-3, seed=3, threads=1)
+    threads = torch.get_num_threads()
     one, _ = distill_blocks(
         str(tiny_dir), _windows(), tmp_path / "w1", BlockDistillConfig(processes=1, **cfg), log=lambda *_: None
     )
+    assert torch.get_num_threads() == threads  # the in-process worker's thread count does not leak
     two, report = distill_blocks(
         str(tiny_dir), _windows(), tmp_path / "w2", BlockDistillConfig(processes=2, **cfg), log=lambda *_: None
     )

@@ -61,7 +61,7 @@ def test_refine_plans_its_steps_from_the_budget_and_loads_the_teacher_once(tiny_
     """The step count (cosine schedule, teacher-cache windows) comes from the minutes budget and a timed
     step, not the 100,000 cap; training gets the teacher refine already holds instead of loading it again."""
     import compressor.train as train_module
-    from compressor.refine import planned_steps
+    from compressor.refine import missing_teacher_windows, planned_steps
 
     train = tmp_path / "train.txt"
     train.write_text((PACKAGE_DATA / "northanger_abbey.txt").read_text()[:30_000])
@@ -76,7 +76,18 @@ def test_refine_plans_its_steps_from_the_budget_and_loads_the_teacher_once(tiny_
         str(tiny_model), sub, str(train), out, cfg, log=lambda *_: None, teacher_cache_dir=tmp_path / "teacher"
     )
     assert loads == [str(tmp_path / "refined.student")]  # the student only
-    assert record["steps_planned"] == planned_steps(cfg, record["step_seconds_timed"]) < cfg.steps
+    # the empty cache's fill is paid from the budget: fewer steps than the student's time alone affords
+    assert record["teacher_fill_planned_seconds"] > 0
+    assert record["steps_planned"] < planned_steps(cfg, record["step_seconds_timed"]) < cfg.steps
     assert 1 <= record["training"]["steps"] <= record["steps_planned"]
+    # the plan priced the very cache the run filled (same key): nothing of the planned steps is missing now
+    teacher = load_model(str(tiny_model))
+    missing = missing_teacher_windows(teacher, str(train), cfg.train_config(), tmp_path / "teacher", False)
+    assert missing(record["steps_planned"]) == 0
+    empty = missing_teacher_windows(teacher, str(train), cfg.train_config(), tmp_path / "empty", False)
+    assert empty(record["steps_planned"]) > 0
     assert planned_steps(RefineConfig(minutes=1.0, steps=50), 0.5) == 50  # the cap still bounds it
     assert planned_steps(RefineConfig(minutes=1.0), 0.5) == 150  # 60 s / 0.5 s x 1.25 margin
+    # 1 s per uncached window, 2 new windows a step: 0.4 s + 2 s per step -> 25 steps in 60 s
+    assert planned_steps(RefineConfig(minutes=1.0), 0.5, window_seconds=1.0, missing=lambda n: 2 * n) == 25
+    assert planned_steps(RefineConfig(minutes=1.0), 0.5, window_seconds=1.0, missing=lambda n: 0) == 150
