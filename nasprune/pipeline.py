@@ -10,6 +10,7 @@ from its store). All knobs live in one YAML file (see ``configs/demo.yaml``). Da
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -118,6 +119,18 @@ class RefineStageConfig:
     quantization_aware: bool = True
 
 
+def eligible_points(rows: list[dict], original_ppl: float | None, max_ppl_ratio: float | None, n: int) -> list[int]:
+    """Indices (front order) of the front rows the export may pick from: those whose perplexity is
+    <= ``max_ppl_ratio`` x the original's, topped up with the next-lowest-perplexity rows to ``n``."""
+    everything = list(range(len(rows)))
+    if max_ppl_ratio is None or original_ppl is None:
+        return everything
+    by_quality = sorted(everything, key=lambda i: rows[i]["ppl"])
+    keep = [i for i in by_quality if rows[i]["ppl"] <= max_ppl_ratio * original_ppl]
+    keep = keep if len(keep) >= n else by_quality[:n]
+    return sorted(keep)
+
+
 @dataclass
 class ExportConfig:
     points: int = 3
@@ -136,6 +149,11 @@ class ExportConfig:
     repair: bool = False
     repair_tokens: int = 4096
     repair_eval_tokens: int = 2048
+    # pick the points among the front's points whose validation perplexity (search) is <= this x the
+    # original's (at least ``points`` of them: the lowest-perplexity ones when fewer qualify); None: the
+    # whole front. The front's fast end (e.g. a 22M model at 30x the original's perplexity) is no
+    # alternative to the original at any precision: refining and shipping it spends minutes on nothing
+    max_ppl_ratio: float | None = None
 
 
 @dataclass
@@ -284,12 +302,18 @@ class PipelineConfig:
             ("refine", lambda: self.refine_config()),
             ("blocks", lambda: self.blocks_config()),
             ("export", lambda: _repair_config(x.repair_tokens) if x.repair else None),
+            ("export", lambda: _positive_ratio("max_ppl_ratio", x.max_ppl_ratio)),
         ]
         for section, check in checks:
             try:
                 check()
             except NaspruneError as e:
                 raise NaspruneError(f"{path}: section '{section}': {e}") from None
+
+
+def _positive_ratio(key: str, value) -> None:
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise NaspruneError(f"{key} must be a number > 0 (or absent), not {value!r}")
 
 
 def _at_least_one_precision(precisions: list[str]) -> None:
@@ -568,9 +592,12 @@ class Pipeline:
     def picks(self) -> list:
         from compressor.search_space import SubNetwork
 
-        rows = json.loads((self.search_dir / "pareto.json").read_text())["pareto"]
+        pareto = json.loads((self.search_dir / "pareto.json").read_text())
+        rows = pareto["pareto"]
         n = min(self.cfg.export.points, len(rows))
-        idx = sorted({round(i * (len(rows) - 1) / max(1, n - 1)) for i in range(n)}) if n > 1 else [len(rows) // 2]
+        pool = eligible_points(rows, (pareto.get("original") or {}).get("ppl"), self.cfg.export.max_ppl_ratio, n)
+        spread = [round(i * (len(pool) - 1) / max(1, n - 1)) for i in range(n)] if n > 1 else [len(pool) // 2]
+        idx = sorted({pool[j] for j in spread})
         return [(str(i), SubNetwork.from_dict(rows[i]["arch"]), rows[i]) for i in idx]
 
     @property

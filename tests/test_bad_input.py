@@ -740,6 +740,12 @@ CASES = [
         write("c.yaml", "export:\n  repair: true\n  repair_tokens: 100\n"),
     ),
     Case(
+        "compress-export-negative-ppl-ratio",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "section 'export': max_ppl_ratio must be a number > 0",
+        write("c.yaml", "export:\n  max_ppl_ratio: -2\n"),
+    ),
+    Case(
         "compress-unknown-section",
         ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
         "unknown sections ['profiles']",

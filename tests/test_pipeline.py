@@ -108,3 +108,15 @@ def test_dominance_table_marks_what_beats_each_baseline():
     rows = {f"{r['name']} {r['variant']}": r["dominated_by"] for r in dominance(points)}
     assert rows["original-x fp32"] == []  # nothing is as good as the original in fp32
     assert rows["original-x int8"] == ["0-small fp32"]  # its int8 (ppl 66) is faster but worse than 64
+
+
+def test_export_picks_only_points_that_could_replace_the_original():
+    """``export.max_ppl_ratio`` keeps the 22M-at-30x end of the front out of refine and export; when too
+    few points qualify, the lowest-perplexity ones are taken; without it, the whole front."""
+    from nasprune.pipeline import eligible_points
+
+    rows = [{"ppl": p} for p in (1200.0, 900.0, 110.0, 95.0, 70.0, 60.0)]  # front order: fast -> slow
+    assert eligible_points(rows, 30.0, None, 2) == [0, 1, 2, 3, 4, 5]
+    assert eligible_points(rows, 30.0, 3.5, 2) == [3, 4, 5]  # <= 105
+    assert eligible_points(rows, 30.0, 2.0, 2) == [4, 5]  # only 60 qualifies: topped up with 70
+    assert eligible_points(rows, None, 2.0, 2) == [0, 1, 2, 3, 4, 5]  # no original to compare with
