@@ -392,15 +392,17 @@ def run_bld_speed(args, results, imp, paths):
     results.save()
 
 
-def run_refine(args, results, ev, imp, paths):
+def run_refine(args, results, ev, imp, paths, method="refine"):
+    """Repair, then train the one sub-network for its share of the budget: KD from the original
+    ("refine") or plain cross-entropy with no teacher ("refine-ce"), at equal minutes."""
     from compressor.modeldir import load_model
     from compressor.refine import RefineConfig, refine
 
     per_arch = args.minutes / len(ARCHS)
     for name, sub in ARCHS.items():
-        if results.has("refine", name, per_arch):
+        if results.has(method, name, per_arch):
             continue
-        out = args.work / f"refine-{sub}"
+        out = args.work / f"{method}-{sub}-{per_arch:g}min"
         cfg = RefineConfig(
             minutes=per_arch,
             steps=args.steps,
@@ -409,6 +411,7 @@ def run_refine(args, results, ev, imp, paths):
             lr=args.lr,
             repair_tokens=args.repair_tokens,
             seed=args.seed,
+            distill_alpha=0.0 if method == "refine-ce" else 1.0,
         )
         record = refine(
             str(imp),
@@ -422,7 +425,7 @@ def run_refine(args, results, ev, imp, paths):
         )
         refined = load_model(str(out))
         results.add(
-            method="refine",
+            method=method,
             arch=name,
             minutes=per_arch,
             params=sum(p.numel() for p in refined.model.parameters()),
@@ -505,7 +508,7 @@ def report(results: Results, out_png: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(ARCHS), figsize=(5 * len(ARCHS), 4), squeeze=False)
     for ax, arch in zip(axes[0], ARCHS):
-        for method in ["one-shot", "repair", *SANDWICH, "refine", "bld", "bld+kd"]:
+        for method in ["one-shot", "repair", *SANDWICH, "refine", "refine-ce", "bld", "bld+kd"]:
             pts = sorted((r["minutes"], r["persuasion"]) for r in rows if r["method"] == method and r["arch"] == arch)
             if method in SANDWICH:
                 base = [(0.0, r["persuasion"]) for r in rows if r["method"] == "one-shot" and r["arch"] == arch]
@@ -534,7 +537,8 @@ def main():
     ap.add_argument("--minutes", type=float, default=10.0, help="budget per training method")
     ap.add_argument("--segments", type=int, default=2, help="evaluation points along each training run")
     ap.add_argument(
-        "--methods", default="references,one-shot,repair,sandwich-ce,sandwich-kd,inplace-kd,refine,bld,bld-speed"
+        "--methods",
+        default="references,one-shot,repair,sandwich-ce,sandwich-kd,inplace-kd,refine,refine-ce,bld,bld-speed",
     )
     ap.add_argument("--steps", type=int, default=120, help="cosine schedule length (the time budget stops first)")
     ap.add_argument("--batch-size", type=int, default=2)
@@ -579,6 +583,8 @@ def main():
             run_sandwich(args, results, ev, imp, paths, method)
     if "refine" in methods:
         run_refine(args, results, ev, imp, paths)
+    if "refine-ce" in methods:
+        run_refine(args, results, ev, imp, paths, method="refine-ce")
     if "bld" in methods:
         run_bld(args, results, ev, imp, paths)
     if "bld-speed" in methods:

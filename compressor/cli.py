@@ -352,6 +352,9 @@ def refine(
     batch_size: int = typer.Option(4, help="windows per step"),
     seq_len: int = typer.Option(256, help="tokens per window"),
     lr: float = typer.Option(1e-4),
+    distill_alpha: float = typer.Option(
+        1.0, "--distill-alpha", help="alpha x KD + (1 - alpha) x cross-entropy; 0: cross-entropy only, no teacher"
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted refine of the same --out"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
@@ -363,7 +366,13 @@ def refine(
     quiet_transformers()
     sub = SubNetwork.parse(arch)
     cfg = RefineConfig(
-        minutes=minutes, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, repair=not no_repair
+        minutes=minutes,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        repair=not no_repair,
+        distill_alpha=distill_alpha,
     )
     record = run_refine(
         model,

@@ -31,7 +31,7 @@ class RefineConfig:
     seq_len: int = 256
     lr: float = 1e-4
     warmup_steps: int = 2
-    distill_alpha: float = 1.0  # pure logit KD (Minitron: no LM loss needed)
+    distill_alpha: float = 1.0  # pure logit KD (Minitron: no LM loss needed); 0: plain cross-entropy, no teacher
     distill_topk: int = 64
     distill_temperature: float = 1.0
     repair: bool = True  # closed-form repair of the student before training
@@ -48,6 +48,8 @@ class RefineConfig:
         for name in ("steps", "batch_size", "seq_len", "repair_tokens", "eval_tokens"):
             if int(getattr(self, name)) < 1:
                 raise NaspruneError(f"refine {name} must be >= 1 (got {getattr(self, name)})")
+        if not (isinstance(self.distill_alpha, (int, float)) and 0.0 <= self.distill_alpha <= 1.0):
+            raise NaspruneError(f"refine distill_alpha must be in [0, 1] (got {self.distill_alpha})")
 
     @staticmethod
     def from_dict(d: dict | None) -> RefineConfig:
@@ -59,6 +61,11 @@ class RefineConfig:
         if unknown:
             raise NaspruneError(f"unknown refine settings {unknown}; known: {sorted(known)}")
         return RefineConfig(**d)
+
+    @property
+    def distills(self) -> bool:
+        """False for pure cross-entropy (``distill_alpha`` 0): then no teacher is run, cached or paid for."""
+        return self.distill_alpha > 0
 
     def train_config(self):
         from compressor.train import TrainConfig
@@ -72,9 +79,9 @@ class RefineConfig:
             seq_len=self.seq_len,
             lr=self.lr,
             warmup_steps=self.warmup_steps,
-            distill="logits",
+            distill="logits" if self.distills else "none",
             teacher="original",
-            distill_alpha=self.distill_alpha,
+            distill_alpha=self.distill_alpha if self.distills else 1.0,
             distill_topk=self.distill_topk,
             distill_temperature=self.distill_temperature,
             seed=self.seed,
@@ -276,8 +283,11 @@ def refine(
             record["ppl_repaired"] = _validation_ppl(model, parent_loaded.tokenizer, val_text, cfg)
         save_extracted(parent_loaded, sn, sub, student_dir, overwrite=True, model=model, repair=repair)
         record["step_seconds_timed"] = time_step(model, cfg, model.config.vocab_size)
-        record["teacher_window_seconds_timed"] = time_teacher_window(teacher_loaded, cfg)
-        missing = missing_teacher_windows(teacher_loaded, data, cfg.train_config(), teacher_cache_dir, online)
+        if cfg.distills:
+            record["teacher_window_seconds_timed"] = time_teacher_window(teacher_loaded, cfg)
+            missing = missing_teacher_windows(teacher_loaded, data, cfg.train_config(), teacher_cache_dir, online)
+        else:
+            record["teacher_window_seconds_timed"], missing = 0.0, lambda steps: 0
         steps = planned_steps(
             cfg, record["step_seconds_timed"], window_seconds=record["teacher_window_seconds_timed"], missing=missing
         )
@@ -317,7 +327,8 @@ def refine(
         online=online,
         log=log,
         overwrite=overwrite,
-        teacher=teacher_loaded,  # loaded once: the one repair used (run_training would load it again)
+        # loaded once: the one repair used (run_training would load it again); none for cross-entropy
+        teacher=teacher_loaded if cfg.distills else None,
         teacher_cache_dir=teacher_cache_dir,
     )
     del teacher_loaded

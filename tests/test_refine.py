@@ -91,3 +91,19 @@ def test_refine_plans_its_steps_from_the_budget_and_loads_the_teacher_once(tiny_
     # 1 s per uncached window, 2 new windows a step: 0.4 s + 2 s per step -> 25 steps in 60 s
     assert planned_steps(RefineConfig(minutes=1.0), 0.5, window_seconds=1.0, missing=lambda n: 2 * n) == 25
     assert planned_steps(RefineConfig(minutes=1.0), 0.5, window_seconds=1.0, missing=lambda n: 0) == 150
+
+
+def test_cross_entropy_refine_runs_no_teacher(tiny_model, tmp_path):
+    """``distill_alpha`` 0 is the equal-minutes control for KD: plain cross-entropy, no teacher forward,
+    nothing cached, no fill priced into the plan."""
+    train = tmp_path / "train.txt"
+    train.write_text((PACKAGE_DATA / "northanger_abbey.txt").read_text()[:20_000])
+    space = load_model(str(tiny_model)).supernet().space
+    sub = SubNetwork(space.choices["embed_dim"][0], space.choices["num_heads"][0], space.choices["ffn_dim"][0], 3)
+    cfg = RefineConfig(minutes=0.03, batch_size=2, seq_len=32, repair=False, eval_tokens=64, distill_alpha=0.0)
+    record = refine(
+        str(tiny_model), sub, str(train), tmp_path / "ce", cfg, log=lambda *_: None, teacher_cache_dir=tmp_path / "t"
+    )
+    assert record["teacher_fill_planned_seconds"] == 0 and record["training"]["steps"] >= 1
+    assert not (tmp_path / "t").exists()
+    assert load_model(str(tmp_path / "ce")).meta.provenance["training"]["config"]["distill"] == "none"
