@@ -431,6 +431,7 @@ def run_refine(args, results, ev, imp, paths, method="refine"):
             params=sum(p.numel() for p in refined.model.parameters()),
             steps=record["training"]["steps"],
             tokens=record["training"]["tokens"],
+            teacher_fill_s=round(float(record.get("teacher_fill_planned_seconds") or 0.0), 1),
             **ev.model(refined.model, with_mc=True),
         )
 
