@@ -461,10 +461,11 @@ def run_refine(args, results, ev, imp, paths, method="refine"):
         )
 
 
-def run_retest(args, results, ev, imp):
+def run_retest(args, results, ev, imp, paths):
     """Adds the test texts a row lacks (rows stored before a test text existed), for the rows whose
-    model can be had again without training: the original, one-shot extractions, and every trained
-    model whose output dir is still in ``--work`` (refine, refine-ce). Other rows keep "–"."""
+    model can be had again without training: the original (and its INT8 engine), one-shot extractions,
+    repairs (deterministic, re-solved) and every trained model whose output dir is still in ``--work``
+    (refine, refine-ce). Other rows keep "–"."""
     from compressor.extract import extract
     from compressor.modeldir import load_model
 
@@ -491,6 +492,12 @@ def run_retest(args, results, ev, imp):
             model = parent.model
         elif row["method"] == "one-shot":
             model = extract(sn, ARCHS[row["arch"]])
+        elif row["method"] == "repair":
+            from compressor.repair import RepairConfig, calibration_windows, repair_model
+
+            cfg = RepairConfig(tokens=args.repair_tokens)
+            windows = calibration_windows(parent.tokenizer, str(paths["train"]), cfg)
+            model, _ = repair_model(parent, ARCHS[row["arch"]], windows, cfg)
         elif row["method"] in ("refine", "refine-ce"):
             out = args.work / f"{row['method']}-{ARCHS[row['arch']]}-{row['minutes']:g}min"
             if (out / "nasprune.json").exists():
@@ -662,7 +669,7 @@ def main():
     if "references" in methods:
         run_references(args, results, ev, imp)
     if "retest" in methods:
-        run_retest(args, results, ev, imp)
+        run_retest(args, results, ev, imp, paths)
     if "one-shot" in methods:
         run_one_shot(args, results, ev, imp)
     if "repair" in methods:

@@ -114,6 +114,8 @@ class RefineStageConfig:
     lr: float = 2e-4
     repair: bool = True  # closed-form repair before training
     repair_tokens: int = 4096
+    # 1 = pure logit KD from the original (measured best out of domain); 0 = cross-entropy, no teacher
+    distill_alpha: float = 1.0
     # a point the search chose at a quantization recipe is refined with that recipe simulated in the
     # forward (straight-through rounding): its weights learn to survive the engine's quantization
     quantization_aware: bool = True
@@ -242,6 +244,7 @@ class PipelineConfig:
             lr=r.lr,
             repair=r.repair,
             repair_tokens=r.repair_tokens,
+            distill_alpha=r.distill_alpha,
         )
 
     def validate(self, path: Path | str = "config") -> None:

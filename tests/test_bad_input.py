@@ -746,6 +746,12 @@ CASES = [
         write("c.yaml", "export:\n  max_ppl_ratio: -2\n"),
     ),
     Case(
+        "compress-refine-distill-alpha-out-of-range",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "section 'refine': refine distill_alpha must be in [0, 1] (got 1.5)",
+        write("c.yaml", "refine:\n  distill_alpha: 1.5\n"),
+    ),
+    Case(
         "compress-unknown-section",
         ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
         "unknown sections ['profiles']",
