@@ -108,6 +108,43 @@ def export_dtype(precision: str) -> str:
     return precision if precision in FLOAT_PRECISIONS else "fp32"
 
 
+# ---- host side --------------------------------------------------------------------------------
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_flags() -> set[str] | None:
+    """The x86 CPU feature flags of this host (Linux ``/proc/cpuinfo``), None where they cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+def saturation_risk(precision: str, flags: set[str] | None = None) -> str | None:
+    """Why ``precision`` may give garbage through ONNX Runtime's CPU kernels on this host, or None.
+
+    Full-range 8-bit weights (``reduce_range=False``) are only safe where the CPU multiplies u8 x s8
+    with 32-bit accumulation (VNNI). On an AVX2-only x86 CPU, ORT's kernel adds pairs of u8 x s8
+    products into int16 (``vpmaddubsw``), which saturates: measured on an AMD EPYC without VNNI,
+    SmolLM2's ``int8-pc`` engine gave perplexity 1.2e7 where the same graph gave 64 on a VNNI CPU.
+    The torch simulation of the search does not saturate, so it cannot see this; the engine
+    evaluation of ``compress`` does. ``int8`` (7-bit weights, ORT's default) is the safe recipe there.
+    """
+    recipe = recipe_for(precision)
+    if recipe is None or recipe.method != "dynamic" or recipe.reduce_range:
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if not flags or "avx2" not in flags or any(f in flags for f in VNNI_FLAGS):
+        return None  # not x86, unknown, or u8 x s8 accumulates in 32 bits
+    return (
+        f"'{precision}' uses full-range 8-bit weights, and this CPU has AVX2 but no VNNI: ONNX Runtime's "
+        "u8 x s8 kernel saturates int16 sums there (engine perplexity ~1e7 on SmolLM2); use 'int8' on this host"
+    )
+
+
 # ---- graph side -------------------------------------------------------------------------------
 def _matmul_nodes(model) -> list:
     return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]

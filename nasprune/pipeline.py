@@ -514,6 +514,12 @@ class Pipeline:
         from profilers.standalone import Protocol
 
         c = self.cfg.profile
+        from compressor.quantize import saturation_risk
+
+        for precision in dict.fromkeys([*c.precisions, *self.cfg.export.precisions]):
+            risk = saturation_risk(precision) if c.device == "cpu" else None
+            if risk:
+                self.log(f"  warning: {risk}")
         loaded = load_model(str(self.supernet_dir))
         subs = choose_subnetworks(loaded.supernet().space, sampler=c.sampler, samples=c.samples)
         counts = {}

@@ -160,3 +160,18 @@ def test_quantization_aware_training_learns_through_the_rounding(tiny_model, win
     assert step() < first
     with pytest.raises(NaspruneError, match="quantization must be a quantization recipe"):
         TrainConfig(quantization="fp32")
+
+
+def test_full_range_int8_is_flagged_on_avx2_cpus_without_vnni():
+    """ORT's AVX2 u8 x s8 kernel saturates with full-range weights (int8-pc gave perplexity ~1e7 on an
+    AMD EPYC without VNNI); 7-bit int8, float and weight-only recipes are not affected."""
+    from compressor.quantize import saturation_risk
+
+    avx2_only = {"sse4_2", "avx", "avx2", "fma"}
+    assert "no VNNI" in saturation_risk("int8-pc", avx2_only)
+    assert "no VNNI" in saturation_risk("int8-mixed", avx2_only)
+    for safe in ("int8", "fp32", "w8", "w4"):
+        assert saturation_risk(safe, avx2_only) is None
+    assert saturation_risk("int8-pc", avx2_only | {"avx512f", "avx512_vnni"}) is None
+    assert saturation_risk("int8-pc", avx2_only | {"avx_vnni"}) is None
+    assert saturation_risk("int8-pc", {"asimd", "asimddp"}) is None  # ARM: not this kernel
