@@ -141,10 +141,10 @@ class Evaluator:
             res = lm_eval_tasks(model, self.tok, names, Path(tmp), self.args.mc_limit)
         return {t: m.get("acc") for t, m in res.items()}
 
-    def model(self, model, with_mc: bool) -> dict:
+    def model(self, model, with_mc: bool, names=None) -> dict:
         from compressor.evaluate import hf_logits
 
-        out = self.ppl(hf_logits(model.eval()))
+        out = self.ppl(hf_logits(model.eval()), names)
         if with_mc:
             out["mc"] = self.mc(model)
         return out
@@ -216,13 +216,24 @@ def run_one_shot(args, results, ev, imp):
             )
 
 
+def repair_setup(args, parent, paths):
+    """The repair recipe of the ``repair`` rows: its config and calibration windows (training text)."""
+    from compressor.repair import RepairConfig, calibration_windows
+
+    cfg = RepairConfig(tokens=args.repair_tokens)
+    return cfg, calibration_windows(parent.tokenizer, str(paths["train"]), cfg)
+
+
+def refine_dir(args, method: str, sub, minutes: float) -> Path:
+    return args.work / f"{method}-{sub}-{minutes:g}min"
+
+
 def run_repair(args, results, ev, imp, paths):
     from compressor.modeldir import load_model
-    from compressor.repair import RepairConfig, calibration_windows, repair_model
+    from compressor.repair import repair_model
 
     parent = load_model(str(imp))
-    cfg = RepairConfig(tokens=args.repair_tokens)
-    windows = calibration_windows(parent.tokenizer, str(paths["train"]), cfg)
+    cfg, windows = repair_setup(args, parent, paths)
     for name, sub in ARCHS.items():
         if any(r["method"] == "repair" and r["arch"] == name for r in results.data["rows"]):
             continue
@@ -427,7 +438,7 @@ def run_refine(args, results, ev, imp, paths, method="refine"):
     for name, sub in ARCHS.items():
         if results.has(method, name, per_arch):
             continue
-        out = args.work / f"{method}-{sub}-{per_arch:g}min"
+        out = refine_dir(args, method, sub, per_arch)
         cfg = RefineConfig(
             minutes=per_arch,
             steps=args.steps,
@@ -471,6 +482,7 @@ def run_retest(args, results, ev, imp, paths):
 
     parent = load_model(str(imp))
     sn = parent.supernet()
+    repair = None
     for row in results.data["rows"]:
         if all(name in row for name in ev.windows):
             continue
@@ -493,26 +505,19 @@ def run_retest(args, results, ev, imp, paths):
         elif row["method"] == "one-shot":
             model = extract(sn, ARCHS[row["arch"]])
         elif row["method"] == "repair":
-            from compressor.repair import RepairConfig, calibration_windows, repair_model
+            from compressor.repair import repair_model
 
-            cfg = RepairConfig(tokens=args.repair_tokens)
-            windows = calibration_windows(parent.tokenizer, str(paths["train"]), cfg)
-            model, _ = repair_model(parent, ARCHS[row["arch"]], windows, cfg)
+            repair = repair or repair_setup(args, parent, paths)
+            model, _ = repair_model(parent, ARCHS[row["arch"]], repair[1], repair[0])
         elif row["method"] in ("refine", "refine-ce"):
-            out = args.work / f"{row['method']}-{ARCHS[row['arch']]}-{row['minutes']:g}min"
+            out = refine_dir(args, row["method"], ARCHS[row["arch"]], row["minutes"])
             if (out / "nasprune.json").exists():
                 model = load_model(str(out)).model
         if model is None:
             continue
-        row.update(ev.ppl(_hf_logits(model), names=[name for name in ev.windows if name not in row]))
+        row.update(ev.model(model, with_mc=False, names=[name for name in ev.windows if name not in row]))
         results.save()
         print(f"  retested {row['method']} {row['arch']} {row['minutes']:.1f} min: narratives {row['narratives']:.2f}")
-
-
-def _hf_logits(model):
-    from compressor.evaluate import hf_logits
-
-    return hf_logits(model.eval())
 
 
 def run_references(args, results, ev, imp):

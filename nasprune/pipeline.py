@@ -508,14 +508,12 @@ class Pipeline:
 
     def stage_profile(self) -> dict:
         from compressor.modeldir import load_model
-        from compressor.quantize import FLOAT_PRECISIONS
+        from compressor.quantize import FLOAT_PRECISIONS, saturation_risk
         from profilers import profile_subnetworks
         from profilers.api import choose_subnetworks
         from profilers.standalone import Protocol
 
         c = self.cfg.profile
-        from compressor.quantize import saturation_risk
-
         for precision in dict.fromkeys([*c.precisions, *self.cfg.export.precisions]):
             risk = saturation_risk(precision) if c.device == "cpu" else None
             if risk:
