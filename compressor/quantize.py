@@ -18,6 +18,11 @@ two INT8 recipes of the same graph differ by 2x in speed and by orders of magnit
 * ``int8-mixed``: ``int8-pc`` with the FFN down-projections in fp32 too: their inputs (gate x up)
   carry the activation outliers that per-tensor activation scales cannot represent; 1.05x the fp32
   perplexity of SmolLM2 instead of 1.5-1.9x, at ~0.55x of its prefill latency instead of ~0.37x.
+* ``int8-pc7`` / ``int8-mixed7``: the same two with ORT's 7-bit weight range, for x86 CPUs with AVX2
+  but no VNNI, where the full-range kernel saturates (:func:`saturation_risk`); ``compress``
+  substitutes them there (:func:`host_precision`). Measured on SmolLM2 on such a CPU: 1.56x and
+  1.04x the fp32 perplexity (int8: 1.90x), and on that CPU no dynamic-INT8 recipe was faster than
+  fp32 for prefill (0.98-1.01x; 0.36-0.54x on the VNNI CPU): whether INT8 pays is a host property.
 * ``w8`` / ``w4``: weight-only blockwise quantization (``MatMulNBits``, symmetric, block 32) with
   ``accuracy_level`` 4: activations are quantized to int8 per block inside the kernel, so
   prefill runs on integer dot products instead of dequantizing every weight to fp32 (the
@@ -84,6 +89,21 @@ RECIPES: dict[str, QuantRecipe] = {
         exclude=("lm_head", "down_proj"),
         summary="dynamic INT8, per-channel 8-bit weights; LM head and FFN down-projections fp32",
     ),
+    "int8-pc7": QuantRecipe(
+        "int8-pc7",
+        "dynamic",
+        per_channel=True,
+        exclude=("lm_head",),
+        summary="dynamic INT8, per-channel 7-bit weights, LM head fp32 (int8-pc for CPUs without VNNI)",
+    ),
+    "int8-mixed7": QuantRecipe(
+        "int8-mixed7",
+        "dynamic",
+        per_channel=True,
+        exclude=("lm_head", "down_proj"),
+        summary="dynamic INT8, per-channel 7-bit weights; LM head and FFN down-projections fp32 (int8-mixed "
+        "for CPUs without VNNI)",
+    ),
     "w8": QuantRecipe("w8", "weight_only", bits=8, summary="weight-only 8-bit blockwise (MatMulNBits, block 32)"),
     "w4": QuantRecipe("w4", "weight_only", bits=4, summary="weight-only 4-bit blockwise (MatMulNBits, block 32)"),
 }
@@ -139,10 +159,30 @@ def saturation_risk(precision: str, flags: set[str] | None = None) -> str | None
     flags = cpu_flags() if flags is None else flags
     if not flags or "avx2" not in flags or any(f in flags for f in VNNI_FLAGS):
         return None  # not x86, unknown, or u8 x s8 accumulates in 32 bits
+    safe = HOST_SAFE.get(precision, "int8")
     return (
         f"'{precision}' uses full-range 8-bit weights, and this CPU has AVX2 but no VNNI: ONNX Runtime's "
-        "u8 x s8 kernel saturates int16 sums there (engine perplexity ~1e7 on SmolLM2); use 'int8' on this host"
+        f"u8 x s8 kernel saturates int16 sums there (engine perplexity ~1e7 on SmolLM2); use '{safe}' on this host"
     )
+
+
+# Full-range recipes and the 7-bit recipe that computes the same thing without saturating on AVX2-only
+# CPUs (measured on SmolLM2 on such a CPU, test perplexity through the engine: int8-pc7 78.5 where
+# int8-pc gave 1.2e7 there and 75.9 on a VNNI CPU; int8-mixed7 52.6, int8-mixed 52.9 on VNNI).
+HOST_SAFE = {"int8-pc": "int8-pc7", "int8-mixed": "int8-mixed7"}
+
+
+def host_precision(precision: str, flags: set[str] | None = None) -> tuple[str, str | None]:
+    """The precision to run for ``precision`` on this CPU, and why it was replaced (None: it was not).
+
+    A recipe that saturates here (:func:`saturation_risk`) is replaced by its 7-bit counterpart, so
+    a run on such a host never profiles, searches or ships a (recipe, host) pair whose engine output
+    is garbage, and a config written for a VNNI CPU still runs everywhere.
+    """
+    risk = saturation_risk(precision, flags)
+    if risk is None or precision not in HOST_SAFE:
+        return precision, None
+    return HOST_SAFE[precision], risk
 
 
 # ---- graph side -------------------------------------------------------------------------------

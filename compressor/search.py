@@ -57,6 +57,8 @@ class SearchConfig:
     max_params: int | None = None
     params_objective: bool = False
     precisions: list[str] | None = None  # None: architecture only (quality/latency take no precision)
+    # wall-clock budget: no generation is started that would end after it (at least one runs)
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -191,6 +193,34 @@ def hypervolume(points: list[Evaluated], ref: np.ndarray, cfg: SearchConfig) -> 
     return float(HV(ref_point=ref)(f)) if len(f) else 0.0
 
 
+def _termination(cfg: SearchConfig):
+    """``cfg.generations``, or fewer where ``cfg.max_minutes`` would be overrun by the next one."""
+    from pymoo.core.termination import Termination
+    from pymoo.termination.collection import TerminationCollection
+    from pymoo.termination.max_gen import MaximumGenerationTermination
+
+    if cfg.max_minutes is None:
+        return MaximumGenerationTermination(cfg.generations)
+
+    class NextGenerationFits(Termination):
+        """Progress = (elapsed + the slowest generation so far) / budget: stops *before* overrunning,
+        unlike pymoo's TimeBasedTermination, which notices only after a whole generation too many."""
+
+        def __init__(self, seconds: float):  # built right before minimize(): its clock is the search's
+            super().__init__()
+            self.seconds, self.slowest = seconds, 0.0
+            self.started = self.last = time.perf_counter()
+
+        def _update(self, algorithm):  # pymoo calls it after every generation
+            now = time.perf_counter()
+            self.slowest, self.last = max(self.slowest, now - self.last), now
+            return min(1.0, (now - self.started + self.slowest) / self.seconds)
+
+    return TerminationCollection(
+        MaximumGenerationTermination(cfg.generations), NextGenerationFits(cfg.max_minutes * 60)
+    )
+
+
 class _Progress(Callback):
     def __init__(self, problem: SubnetworkProblem, ref, cfg, bar=None, task=None):
         super().__init__()
@@ -215,6 +245,8 @@ def run_nsga2(space: SearchSpace, quality, latency, cfg: SearchConfig, progress:
 
     if cfg.population < 2 or cfg.generations < 1:
         raise NaspruneError("search needs --population >= 2 and --generations >= 1")
+    if cfg.max_minutes is not None and not cfg.max_minutes > 0:
+        raise NaspruneError(f"search minutes must be > 0 (or absent), not {cfg.max_minutes}")
     start = time.perf_counter()
     problem = SubnetworkProblem(space, quality, latency, cfg)
     ref = reference_point(space, quality, latency, cfg)
@@ -236,7 +268,7 @@ def run_nsga2(space: SearchSpace, quality, latency, cfg: SearchConfig, progress:
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("search", total=cfg.generations, hv=0.0, n=0)
         callback = _Progress(problem, ref, cfg, bar, task)
-        minimize(problem, algorithm, ("n_gen", cfg.generations), seed=cfg.seed, callback=callback, verbose=False)
+        minimize(problem, algorithm, _termination(cfg), seed=cfg.seed, callback=callback, verbose=False)
     evaluated = list(problem.evaluated.values())
     return SearchResult(
         pareto_front(evaluated, cfg), evaluated, callback.hv, ref.tolist(), time.perf_counter() - start, cfg

@@ -29,7 +29,18 @@ from compressor.workload import Workload
 DIMENSIONS = ("embed_dim", "num_heads", "ffn_dim", "num_layers")
 # weight bytes per parameter by precision (quantization recipes of compressor.quantize included;
 # int8-mixed keeps the FFN down-projections and the head in fp32, so ~1.7 bytes on SmolLM2)
-BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "int8-pc": 1, "int8-mixed": 1.7, "w8": 1, "w4": 0.5}
+BYTES_PER_PARAM = {
+    "fp32": 4,
+    "fp16": 2,
+    "bf16": 2,
+    "int8": 1,
+    "int8-pc": 1,
+    "int8-pc7": 1,
+    "int8-mixed": 1.7,
+    "int8-mixed7": 1.7,
+    "w8": 1,
+    "w4": 0.5,
+}
 
 
 @dataclass(frozen=True, order=True)

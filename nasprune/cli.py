@@ -63,6 +63,9 @@ def search(
     params_objective: bool = typer.Option(False, "--params-objective", help="minimize parameters as a third objective"),
     generations: int = typer.Option(10, help="NSGA-II generations"),
     population: int = typer.Option(20, help="NSGA-II population"),
+    minutes: Optional[float] = typer.Option(
+        None, help="wall-clock budget: stop before a generation that would end after it (at least one runs)"
+    ),
     eval_tokens: int = typer.Option(4096, help="held-out tokens per quality evaluation (fixed budget)"),
     seq_len: int = typer.Option(256),
     seed: int = typer.Option(0),
@@ -84,6 +87,7 @@ def search(
         max_params=max_params,
         params_objective=params_objective,
         precisions=list(precision) or None,
+        max_minutes=minutes,
     )
     result = run_search_cli(
         load_for_cli(model),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from compressor.data import check_data_roles, resolve_data
@@ -61,6 +61,9 @@ class ProfileConfig:
     sampler: str = "grid-params"
     threads: int = 1
     protocol: dict = field(default_factory=dict)
+    # wall-clock budget of the stage, shared by the precisions in proportion to their sub-networks: a
+    # slow host profiles fewer of them (never fewer than the predictor's folds + 1) instead of overrunning
+    minutes: float | None = None
 
 
 @dataclass
@@ -83,6 +86,7 @@ class SearchStageConfig:
     precisions: list[str] | None = None  # default: every profiled precision (the precision gene)
     one_shot_baseline: bool = True  # score the untrained pruned model at the front's architectures too
     calibrate: bool = False  # re-measure the predictor's anchor first: predictions follow the machine's drift
+    minutes: float | None = None  # wall-clock budget: fewer generations where the next would overrun it
 
 
 @dataclass
@@ -305,7 +309,9 @@ class PipelineConfig:
             ("refine", lambda: self.refine_config()),
             ("blocks", lambda: self.blocks_config()),
             ("export", lambda: _repair_config(x.repair_tokens) if x.repair else None),
-            ("export", lambda: _positive_ratio("max_ppl_ratio", x.max_ppl_ratio)),
+            ("export", lambda: _positive_or_none("max_ppl_ratio", x.max_ppl_ratio)),
+            ("profile", lambda: _positive_or_none("minutes", p.minutes)),
+            ("search", lambda: _positive_or_none("minutes", self.search.minutes)),
         ]
         for section, check in checks:
             try:
@@ -314,7 +320,7 @@ class PipelineConfig:
                 raise NaspruneError(f"{path}: section '{section}': {e}") from None
 
 
-def _positive_ratio(key: str, value) -> None:
+def _positive_or_none(key: str, value) -> None:
     if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise NaspruneError(f"{key} must be a number > 0 (or absent), not {value!r}")
 
@@ -363,8 +369,49 @@ def _check_type(path, key: str, value, default, optional: bool) -> None:
         raise NaspruneError(f"{path}: {key} must be of type {want.__name__} (like {default!r}), not {value!r}")
 
 
+def host_safe_config(cfg: PipelineConfig, flags: set[str] | None = None) -> tuple[PipelineConfig, dict[str, str]]:
+    """``cfg`` with every precision this CPU would compute as garbage replaced by its safe counterpart
+    (:func:`compressor.quantize.host_precision`), and {replaced: why}.
+
+    Profiling, search and export all run on this host, so a (recipe, host) pair that saturates here
+    must never be profiled, proposed or shipped; the same YAML keeps the full-range recipe on a VNNI
+    CPU. Only the CPU device of onnxruntime has such pairs.
+    """
+    from compressor.quantize import host_precision
+
+    if cfg.profile.device != "cpu" or cfg.profile.engine != "onnxruntime":
+        return cfg, {}
+    why: dict[str, str] = {}
+
+    def safe(precisions):
+        if precisions is None:
+            return None
+        out = []
+        for p in precisions:
+            q, reason = host_precision(p, flags)
+            if reason:
+                why[p] = f"{p} -> {q}: {reason}"
+            out.append(q)
+        return list(dict.fromkeys(out))
+
+    cfg = replace(
+        cfg,
+        profile=replace(cfg.profile, precisions=safe(cfg.profile.precisions)),
+        search=replace(cfg.search, precisions=safe(cfg.search.precisions)),
+        export=replace(
+            cfg.export,
+            precisions=safe(cfg.export.precisions),
+            baseline_precisions=safe(cfg.export.baseline_precisions),
+        ),
+    )
+    return cfg, why
+
+
 class Pipeline:
     def __init__(self, model: str, run_dir: Path, cfg: PipelineConfig, online: bool = False, log=print):
+        cfg, substituted = host_safe_config(cfg)
+        for reason in substituted.values():
+            log(f"precision {reason}")
         self.model, self.run, self.cfg, self.online, self.log = model, Path(run_dir), cfg, online, log
         for role in ("calibration", "train", "validation", "test"):
             ref = getattr(cfg.data, role)
@@ -378,7 +425,7 @@ class Pipeline:
         claim_output(self.run, "run", resume=True)
         self.state_path = self.run / "run.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"stages": {}}
-        self.state.update({"model": model, "config": asdict(cfg)})
+        self.state.update({"model": model, "config": asdict(cfg), "host_substitutions": substituted})
 
     # paths
     @property
@@ -508,21 +555,24 @@ class Pipeline:
 
     def stage_profile(self) -> dict:
         from compressor.modeldir import load_model
-        from compressor.quantize import FLOAT_PRECISIONS, saturation_risk
+        from compressor.quantize import FLOAT_PRECISIONS
         from profilers import profile_subnetworks
         from profilers.api import choose_subnetworks
         from profilers.standalone import Protocol
 
         c = self.cfg.profile
-        for precision in dict.fromkeys([*c.precisions, *self.cfg.export.precisions]):
-            risk = saturation_risk(precision) if c.device == "cpu" else None
-            if risk:
-                self.log(f"  warning: {risk}")
         loaded = load_model(str(self.supernet_dir))
         subs = choose_subnetworks(loaded.supernet().space, sampler=c.sampler, samples=c.samples)
-        counts = {}
-        for precision in c.precisions:  # same sub-networks at every precision (the store resumes per group)
-            chosen = subs if precision in FLOAT_PRECISIONS or not c.quantized_samples else subs[: c.quantized_samples]
+        plan = {  # same sub-networks at every precision (the store resumes per group)
+            p: subs if p in FLOAT_PRECISIONS or not c.quantized_samples else subs[: c.quantized_samples]
+            for p in c.precisions
+        }
+        start, counts = time.perf_counter(), {}
+        for i, (precision, chosen) in enumerate(plan.items()):
+            share = None
+            if c.minutes is not None:  # what is left, split by the sub-networks still to do
+                left = c.minutes * 60 - (time.perf_counter() - start)
+                share = left * len(chosen) / sum(len(v) for v in list(plan.values())[i:])
             self.log(f"  profiling {len(chosen)} sub-networks at {precision}")
             records = profile_subnetworks(
                 loaded,
@@ -535,8 +585,14 @@ class Pipeline:
                 threads=c.threads,
                 protocol=Protocol.from_dict(c.protocol),
                 workdir=self.run / "profile_work",
+                max_seconds=share,
+                min_subnetworks=self.cfg.predictor.folds + 1,
             )
-            counts[precision] = len(records)
+            counts[precision] = len(records) // len(c.workloads)
+            if counts[precision] < len(chosen):
+                self.log(
+                    f"  {precision}: {counts[precision]} of {len(chosen)} within its {share:.0f}s of profile.minutes"
+                )
         return {"records": counts}
 
     def stage_predictor(self) -> dict:
@@ -576,6 +632,7 @@ class Pipeline:
             max_latency_ms=c.max_latency_ms,
             max_params=c.max_params,
             precisions=list(c.precisions or self.cfg.profile.precisions),
+            max_minutes=c.minutes,
         )
         result = run_search_cli(
             load_model(str(self.supernet_dir)),
@@ -594,6 +651,7 @@ class Pipeline:
             "evaluated": len(result.evaluated),
             "pareto_points": len(result.pareto),
             "hypervolume": [result.hypervolume[0], result.hypervolume[-1]],
+            "generations": len(result.hypervolume),
         }
 
     def picks(self) -> list:

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -214,10 +215,15 @@ def profile_subnetworks(
     exporter: str = "torchscript",
     provider: str | None = None,
     workdir: str | Path | None = None,
+    max_seconds: float | None = None,
+    min_subnetworks: int = 1,
 ) -> list[dict]:
     """Measure every (sub-network, workload) pair; returns their records (stored ones included).
 
     With a ``store`` a rerun skips the pairs already measured; without one nothing persists.
+    With ``max_seconds`` no sub-network is started that would likely end after it (the slowest one so
+    far is the estimate) once ``min_subnetworks`` have records: the list's prefix is profiled, so
+    give it in the order that should survive a short budget (the samplers draw at random).
     The best reference-kernel score seen so far is handed to later workers as the machine's
     undisturbed speed (``Protocol.fast_ref_score``), so timings taken in a slow phase of the
     machine are re-measured.
@@ -235,6 +241,7 @@ def profile_subnetworks(
     base.mkdir(parents=True, exist_ok=True)
     out: dict[str, dict] = {}
     total = len(subs) * len(plan.workloads)
+    start, slowest, have = time.perf_counter(), 0.0, 0
     with _progress(progress, total) as bar:
         task = bar.add_task("profiling", total=total) if bar else None
 
@@ -253,7 +260,11 @@ def profile_subnetworks(
                     todo.append(w)
             advance(f"{sub} (stored)", len(plan.workloads) - len(todo))
             if not todo:
+                have += 1
                 continue
+            began = time.perf_counter()
+            if max_seconds is not None and have >= min_subnetworks and began - start + slowest > max_seconds:
+                break
             work = Path(tempfile.mkdtemp(prefix=f"nasprune-{sub}-", dir=base))
             try:
                 advance(f"{sub} export")
@@ -289,4 +300,5 @@ def profile_subnetworks(
                 run_worker([job for _, job in jobs.values()], protocol, work, on_line)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
-    return [out[plan.key(s, w)] for s in subs for w in plan.workloads]
+            have, slowest = have + 1, max(slowest, time.perf_counter() - began)
+    return [out[plan.key(s, w)] for s in subs for w in plan.workloads if plan.key(s, w) in out]

@@ -97,6 +97,12 @@ def register(app: typer.Typer) -> None:
             from profilers.base import get_engine
 
             get_engine(engine).check(device, precision)  # missing engines fail before the model loads
+            if device == "cpu" and engine == "onnxruntime":
+                from compressor.quantize import saturation_risk
+
+                risk = saturation_risk(precision)  # latency is still right; quality through it is not
+                if risk:
+                    console.print(f"[yellow]warning:[/] {risk}")
             if store is None:
                 raise NaspruneError("pass --store PATH (a SQLite file; reruns resume from it)")
         loaded = _load(model)

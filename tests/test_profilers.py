@@ -190,6 +190,18 @@ def test_profile_records_and_resume(tiny, engine, tmp_path):
     assert [r["created_at"] for r in again] == [r["created_at"] for r in records]  # skipped, not re-measured
 
 
+def test_profile_budget_keeps_the_minimum_and_stops_before_overrunning(tiny, tmp_path):
+    """With no time left, exactly ``min_subnetworks`` of the list's prefix are profiled, then nothing."""
+    space = tiny.supernet().space
+    subs = choose_subnetworks(space, samples=4)
+    store = ProfileStore(tmp_path / "p.sqlite")
+    kwargs = dict(engine="torch", store=store, protocol=FAST, progress=False, workdir=tmp_path / "work")
+    records = profile_subnetworks(tiny, subs, ["prefill:1x8"], max_seconds=0.0, min_subnetworks=2, **kwargs)
+    assert [SubNetwork.from_dict(r["arch"]) for r in records] == subs[:2] and len(store) == 2
+    everything = profile_subnetworks(tiny, subs, ["prefill:1x8"], max_seconds=600.0, **kwargs)
+    assert len(everything) == len(store) == 4  # resumed: the stored two kept, the others measured
+
+
 def test_choose_subnetworks_includes_largest(tiny):
     space = tiny.supernet().space
     subs = choose_subnetworks(space, sampler="grid-params", samples=5)

@@ -175,3 +175,35 @@ def test_full_range_int8_is_flagged_on_avx2_cpus_without_vnni():
     assert saturation_risk("int8-pc", avx2_only | {"avx512f", "avx512_vnni"}) is None
     assert saturation_risk("int8-pc", avx2_only | {"avx_vnni"}) is None
     assert saturation_risk("int8-pc", {"asimd", "asimddp"}) is None  # ARM: not this kernel
+
+
+def test_compress_replaces_saturating_recipes_by_their_7bit_counterparts_on_such_a_host():
+    """A config written for a VNNI CPU (int8-pc) runs on an AVX2-only one with int8-pc7 everywhere the
+    pipeline would profile, search or ship it, with the reason recorded; on VNNI nothing changes."""
+    from compressor.quantize import PRECISIONS, RECIPES, host_precision
+    from compressor.search_space import BYTES_PER_PARAM
+    from nasprune.pipeline import PipelineConfig, host_safe_config
+
+    assert set(PRECISIONS) <= set(BYTES_PER_PARAM)  # the predictor's features know every precision
+
+    avx2_only = {"sse4_2", "avx", "avx2", "fma"}
+    assert host_precision("int8-pc", avx2_only)[0] == "int8-pc7"
+    assert host_precision("int8-mixed", avx2_only)[0] == "int8-mixed7"
+    assert host_precision("int8", avx2_only) == ("int8", None)
+    for name in ("int8-pc7", "int8-mixed7"):  # the counterparts themselves are safe there
+        assert RECIPES[name].reduce_range and host_precision(name, avx2_only) == (name, None)
+
+    cfg = PipelineConfig()
+    cfg.profile.precisions = ["fp32", "int8-pc"]
+    cfg.search.precisions = ["fp32", "int8-pc"]
+    cfg.export.precisions = ["fp32", "int8-pc", "int8-pc7"]
+    cfg.export.baseline_precisions = ["fp32", "int8", "int8-mixed"]
+    safe, why = host_safe_config(cfg, avx2_only)
+    assert safe.profile.precisions == ["fp32", "int8-pc7"] and safe.search.precisions == ["fp32", "int8-pc7"]
+    assert safe.export.precisions == ["fp32", "int8-pc7"]  # deduplicated
+    assert safe.export.baseline_precisions == ["fp32", "int8", "int8-mixed7"]
+    assert set(why) == {"int8-pc", "int8-mixed"} and "no VNNI" in why["int8-pc"]
+    assert cfg.profile.precisions == ["fp32", "int8-pc"]  # the caller's config is not mutated
+
+    same, why = host_safe_config(cfg, avx2_only | {"avx512_vnni"})
+    assert same.profile.precisions == ["fp32", "int8-pc"] and why == {}

@@ -95,3 +95,24 @@ def test_precision_gene_front_hypervolume_at_least_best_single_precision():
     ]
     best_single = max(hypervolume(r.evaluated, ref, both) for r in singles)
     assert hypervolume(mixed.evaluated, ref, both) >= 0.97 * best_single
+
+
+def test_search_minutes_stops_before_a_generation_that_would_overrun():
+    """A budget too small for two generations runs exactly one (the first always runs); without a
+    budget every generation runs; a budget several generations wide stops in between."""
+    import time
+
+    space = smollm2_space()
+    quality, latency = _oracles(space)
+
+    def slow(sub):  # ~2 ms per evaluation: a generation of 8 takes ~16 ms
+        time.sleep(0.002)
+        return quality(sub)
+
+    tiny_budget = SearchConfig(population=8, generations=20, seed=0, max_minutes=1e-6)
+    assert len(run_nsga2(space, slow, latency, tiny_budget, progress=False).hypervolume) == 1
+    free = SearchConfig(population=8, generations=5, seed=0)
+    assert len(run_nsga2(space, slow, latency, free, progress=False).hypervolume) == 5
+    some = SearchConfig(population=8, generations=400, seed=0, max_minutes=0.5 / 60)
+    result = run_nsga2(space, slow, latency, some, progress=False)
+    assert 1 < len(result.hypervolume) < 400 and result.seconds < 0.5 + 0.2
