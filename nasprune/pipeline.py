@@ -118,6 +118,9 @@ class RefineStageConfig:
     lr: float = 2e-4
     repair: bool = True  # closed-form repair before training
     repair_tokens: int = 4096
+    # validation tokens of each before/after perplexity (up to five per point: one-shot, repaired,
+    # refined, and both quantized): on a slow CPU these, not training, dominate the stage
+    eval_tokens: int = 4096
     # 1 = pure logit KD from the original (measured best out of domain); 0 = cross-entropy, no teacher
     distill_alpha: float = 1.0
     # a point the search chose at a quantization recipe is refined with that recipe simulated in the
@@ -249,6 +252,7 @@ class PipelineConfig:
             repair=r.repair,
             repair_tokens=r.repair_tokens,
             distill_alpha=r.distill_alpha,
+            eval_tokens=r.eval_tokens,
         )
 
     def validate(self, path: Path | str = "config") -> None:

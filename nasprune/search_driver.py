@@ -10,7 +10,9 @@ objectives and written as the baselines the front has to beat.
 
 from __future__ import annotations
 
+import time
 import warnings
+from dataclasses import replace
 
 from compressor.data import read_source
 from compressor.errors import NaspruneError
@@ -63,7 +65,11 @@ def run_search_cli(
     the predictor's per-workload predictions.
     ``one_shot``: the untrained pruned model (the importance-permuted original, a loaded model) whose
     sub-networks at the front's architectures and precisions are written as baselines too: what
-    pruning without nasprune's training would give at the same latency."""
+    pruning without nasprune's training would give at the same latency.
+    ``cfg.max_minutes`` bounds the whole call: the predictors' re-calibration and the baselines
+    scored after NSGA-II (one evaluation per front point at most) come out of it, estimated from
+    the time of one evaluation of the largest sub-network, so NSGA-II gets the rest (>= 1 generation)."""
+    start = time.perf_counter()
     claim_output(out, "search", overwrite=overwrite)  # before minutes of search, not after
     w = WorkloadMix.parse(workload)  # one workload, or a weighted mix: latency = sum(weight x prediction)
     predictors = load_predictors(predictor_dir, strict=strict)
@@ -94,8 +100,14 @@ def run_search_cli(
             warnings.simplefilter("ignore")  # extrapolation is reported once below, not per generation
             return predict_mix_ms(chosen, subs, w)
 
-    result = run_nsga2(sn.space, quality, latency, cfg)
     big = sn.space.largest()
+    if cfg.max_minutes is not None:
+        t = time.perf_counter()
+        quality(big)  # cached: the original's row below reuses it
+        after = (time.perf_counter() - t) * ((cfg.population if one_shot is not None else 0) + 1)
+        left = cfg.max_minutes * 60 - (time.perf_counter() - start) - after
+        cfg = replace(cfg, max_minutes=max(left, 1e-3) / 60)
+    result = run_nsga2(sn.space, quality, latency, cfg)
     original = Evaluated(big, quality(big), float(latency([big])[0]), sn.space.num_params(big), -1)
     baselines = {
         f"original {p}": Evaluated(
