@@ -94,11 +94,24 @@ def write_report(pipeline) -> Path:
         (pareto.get("predictor_group") or {}).get("precision"): pareto.get("predictor_group") or {}
     }
     engine = next(iter(preds.values()), {}).get("engine")
+    search_info = state.get("stages", {}).get("search", {})
+    slower = search_info.get("not_faster_than_fp32") or {}
+    searched = search_info.get("precisions") or list(preds)
     lines = [
         f"# nasprune run: {pipeline.model}",
         "",
         f"Workload for search: `{pareto['workload']}`; predictors ({engine}): {', '.join(map(str, preds))}"
-        + (" — the search chose the precision of each point too." if len(preds) > 1 else "."),
+        + (" — the search chose the precision of each point too." if len(searched) > 1 else "."),
+        *(
+            [
+                "",
+                "Left out of the search, measured no faster than fp32 on this host (median latency ratio): "
+                + ", ".join(f"{p} {r:.2f}x" for p, r in slower.items())
+                + ".",
+            ]
+            if slower
+            else []
+        ),
         "",
         "![Pareto front](pareto.png)",
         "",

@@ -83,7 +83,8 @@ class SearchStageConfig:
     max_latency_ms: float | None = None
     max_params: int | None = None
     seed: int = 0
-    precisions: list[str] | None = None  # default: every profiled precision (the precision gene)
+    # default: every profiled precision that measured faster than fp32 on this host (the precision gene)
+    precisions: list[str] | None = None
     one_shot_baseline: bool = True  # score the untrained pruned model at the front's architectures too
     calibrate: bool = False  # re-measure the predictor's anchor first: predictions follow the machine's drift
     minutes: float | None = None  # wall-clock budget: fewer generations where the next would overrun it
@@ -629,13 +630,16 @@ class Pipeline:
         from nasprune.search_driver import run_search_cli
 
         c = self.cfg.search
+        precisions, slower = list(c.precisions or self.cfg.profile.precisions), {}
+        if c.precisions is None:
+            precisions, slower = self.faster_precisions(precisions)
         cfg = SearchConfig(
             population=c.population,
             generations=c.generations,
             seed=c.seed,
             max_latency_ms=c.max_latency_ms,
             max_params=c.max_params,
-            precisions=list(c.precisions or self.cfg.profile.precisions),
+            precisions=precisions,
             max_minutes=c.minutes,
         )
         result = run_search_cli(
@@ -656,7 +660,28 @@ class Pipeline:
             "pareto_points": len(result.pareto),
             "hypervolume": [result.hypervolume[0], result.hypervolume[-1]],
             "generations": len(result.hypervolume),
+            "precisions": precisions,
+            "not_faster_than_fp32": slower,
         }
+
+    def faster_precisions(self, precisions: list[str]) -> tuple[list[str], dict]:
+        """``precisions`` without the quantized ones that measured no faster than fp32 here (median
+        latency ratio over the sub-networks profiled at both >= 1), and {dropped: ratio}.
+
+        Such a recipe can only add quality loss at no speed to the front, yet a predictor fitted on a
+        few of its profiles (the minimum of a short budget) may still predict it a little faster, and
+        the search then ships it (measured on an AVX2-only CPU: int8-pc7 at 1.04x of fp32). Its
+        original stays a baseline; an explicit ``search.precisions`` is searched as given.
+        """
+        from predictors.dataset import latency_ratios, read_store
+
+        if "fp32" not in precisions:
+            return precisions, {}
+        ratios = latency_ratios(read_store(self.store, engine=self.cfg.profile.engine))
+        slower = {p: round(ratios[p]["median"], 3) for p in precisions if p in ratios and ratios[p]["median"] >= 1.0}
+        for p, ratio in slower.items():
+            self.log(f"  {p} left out of the search: {ratio:.2f}x of fp32's latency here ({ratios[p]['pairs']} pairs)")
+        return [p for p in precisions if p not in slower], slower
 
     def picks(self) -> list:
         from compressor.search_space import SubNetwork

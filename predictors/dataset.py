@@ -147,3 +147,26 @@ def to_dataset(records: list[dict]) -> Dataset:
     p90_values = [r["stats_ms"].get("p90") for r in records]
     p90 = np.array([float(v) for v in p90_values]) if all(v is not None for v in p90_values) else None
     return Dataset(next(iter(groups)), records, subs, workloads, median, p90)
+
+
+def latency_ratios(records: list[dict], reference: str = "fp32") -> dict[str, dict]:
+    """Per precision other than ``reference``: its measured latency / the reference's on the same
+    (sub-network, workload) pairs, {"median": ..., "pairs": n}. Only pairs measured at both count.
+
+    Whether a quantization recipe is faster is a property of the host (dynamic INT8 was 0.36x of
+    fp32's prefill on a VNNI CPU and 1.04x on an AVX2-only one), so the search asks the profiles,
+    not the recipe's reputation.
+    """
+    import statistics
+
+    by_pair: dict[tuple, dict[str, float]] = {}
+    for r in records:
+        pair = (tuple(sorted(r["arch"].items())), r["workload"])
+        by_pair.setdefault(pair, {})[r["precision"]] = float(r["stats_ms"]["median"])
+    ratios: dict[str, list[float]] = {}
+    for ms in by_pair.values():
+        if reference in ms:
+            for precision, value in ms.items():
+                if precision != reference:
+                    ratios.setdefault(precision, []).append(value / ms[reference])
+    return {p: {"median": statistics.median(v), "pairs": len(v)} for p, v in ratios.items()}

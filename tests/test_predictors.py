@@ -408,3 +408,43 @@ def test_adaptive_stops_when_the_budget_is_spent(space, description):
         dict(GROUP),
     )
     assert len(calls) == 1 and result.predictor.manifest["training"]["n_subnetworks"] == len(calls[0])
+
+
+def _latency_record(arch: dict, precision: str, ms: float, workload: str = "prefill:1x128") -> dict:
+    return {"arch": arch, "precision": precision, "workload": workload, "stats_ms": {"median": ms}}
+
+
+def test_latency_ratios_pair_precisions_on_the_same_subnetwork_and_workload():
+    from predictors.dataset import latency_ratios
+
+    a, b = {"embed_dim": 576, "num_layers": 30}, {"embed_dim": 288, "num_layers": 15}
+    records = [
+        _latency_record(a, "fp32", 100.0),
+        _latency_record(a, "int8", 40.0),
+        _latency_record(a, "int8-pc7", 104.0),
+        _latency_record(b, "fp32", 20.0),
+        _latency_record(b, "int8-pc7", 21.0),
+        _latency_record(b, "int8", 9.0, workload="decode:1x128"),  # no fp32 twin: not counted
+    ]
+    ratios = latency_ratios(records)
+    assert ratios["int8"] == {"median": 0.4, "pairs": 1}
+    assert ratios["int8-pc7"]["pairs"] == 2 and abs(ratios["int8-pc7"]["median"] - 1.045) < 1e-9
+
+
+def test_compress_searches_only_precisions_that_measured_faster_than_fp32(tmp_path, monkeypatch):
+    """On a host where a recipe is slower than fp32 it can only add quality loss to the front: the
+    search leaves it out (an explicit search.precisions is kept as given)."""
+    import predictors.dataset
+    from nasprune.pipeline import Pipeline, PipelineConfig
+
+    a = {"embed_dim": 576, "num_layers": 30}
+    records = [
+        _latency_record(a, "fp32", 100.0),
+        _latency_record(a, "int8", 60.0),
+        _latency_record(a, "int8-pc7", 103.0),
+    ]
+    monkeypatch.setattr(predictors.dataset, "read_store", lambda *_, **__: records)
+    pipeline = Pipeline("default", tmp_path / "run", PipelineConfig(), log=lambda *_: None)
+    kept, dropped = pipeline.faster_precisions(["fp32", "int8", "int8-pc7"])
+    assert kept == ["fp32", "int8"] and dropped == {"int8-pc7": 1.03}
+    assert pipeline.faster_precisions(["int8-pc7"]) == (["int8-pc7"], {})  # nothing to compare with
