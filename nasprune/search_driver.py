@@ -104,16 +104,18 @@ def run_search_cli(
     if cfg.max_minutes is not None:
         t = time.perf_counter()
         quality(big)  # cached: the original's row below reuses it
-        after = (time.perf_counter() - t) * ((cfg.population if one_shot is not None else 0) + 1)
+        after = (time.perf_counter() - t) * ((cfg.population if one_shot is not None else 0) + len(predictors))
         left = cfg.max_minutes * 60 - (time.perf_counter() - start) - after
         cfg = replace(cfg, max_minutes=max(left, 1e-3) / 60)
     result = run_nsga2(sn.space, quality, latency, cfg)
     original = Evaluated(big, quality(big), float(latency([big])[0]), sn.space.num_params(big), -1)
+    # the original at every precision with a predictor, searched or not: each is an alternative the user has
+    baseline_precisions = list(predictors) if len(predictors) > 1 else cfg.precisions or [predictor.group["precision"]]
     baselines = {
         f"original {p}": Evaluated(
             big, quality(big, p), float(latency([big], p)[0]), sn.space.num_params(big), -1, precision=p
         )
-        for p in cfg.precisions or [predictor.group["precision"]]
+        for p in baseline_precisions
     }
     if one_shot is not None:
         plain = QualityOracle(one_shot.supernet(), windows)
