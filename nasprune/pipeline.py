@@ -87,7 +87,7 @@ class SearchStageConfig:
     precisions: list[str] | None = None
     one_shot_baseline: bool = True  # score the untrained pruned model at the front's architectures too
     calibrate: bool = False  # re-measure the predictor's anchor first: predictions follow the machine's drift
-    minutes: float | None = None  # wall-clock budget: fewer generations where the next would overrun it
+    minutes: float | None = None  # wall-clock budget of the whole stage (baselines included): fewer generations
 
 
 @dataclass
