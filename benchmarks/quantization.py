@@ -14,6 +14,9 @@ and each precision (fp32 and every recipe of ``compressor.quantize``):
   precisions of one model timed round-robin in the same rounds, so their ratios to fp32 cancel the
   machine's slow drift.
 
+Static recipes (``int8-static*``) are calibrated on ``--calibration`` (the demo's calibration text,
+16 x 128 tokens; engine and simulation on the same windows), never on the test text.
+
     python benchmarks/quantization.py [--models DIR,DIR] [--tokens 2048] [--rounds 5]
 
 Prints a table and writes benchmarks/results/quantization.json.
@@ -40,7 +43,7 @@ from compressor.extract import extract
 from compressor.modeldir import load_model, now
 from compressor.onnx_export import ExportRecipe, export_graphs
 from compressor.quant_sim import simulate
-from compressor.quantize import RECIPES, quantize_graph_dir
+from compressor.quantize import RECIPES, StaticCalibration, calibration_windows, needs_calibration, quantize_graph_dir
 from profilers.standalone import load_average
 
 
@@ -76,6 +79,7 @@ def main():
     ap.add_argument("--models", default=None, help="comma-separated model dirs (default: the last make demo's)")
     ap.add_argument("--precisions", default=",".join(["fp32", *RECIPES]))
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--calibration", default="builtin:northanger_abbey", help="text static recipes calibrate on")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=5)
@@ -94,6 +98,7 @@ def main():
             _, text = read_source(resolve_data("builtin:persuasion_heldout"))
             windows = token_windows(loaded.tokenizer, text, args.seq_len, args.tokens)
             ids = windows[:1].numpy().astype(np.int64)
+            calib = calibration_windows(loaded.tokenizer, args.calibration)
         sub = sn.space.largest()
         model = extract(sn, sub).eval()
         print(f"{directory}: {sub} ({sn.space.num_params(sub) / 1e6:.1f}M)", flush=True)
@@ -105,14 +110,19 @@ def main():
                 if p == "fp32":
                     continue
                 t = time.perf_counter()
-                graphs[p] = quantize_graph_dir(base, Path(tmp) / p, p, ("prefill", "logits"))
+                cal = StaticCalibration(calib.numpy(), args.calibration) if needs_calibration(p) else None
+                graphs[p] = quantize_graph_dir(base, Path(tmp) / p, p, ("prefill", "logits"), cal)
                 seconds[p] = time.perf_counter() - t
             timing = time_prefill(
                 {p: session(graphs[p]["prefill"], threads=1) for p in precisions}, ids, args.rounds, args.iters
             )
             for p in precisions:
                 engine, tokens = graph_mean_loss(graphs[p]["logits"], windows, threads=1)
-                with torch.no_grad(), sn.selected(sub), simulate(p, sn.model):
+                with (
+                    torch.no_grad(),
+                    sn.selected(sub),
+                    simulate(p, sn.model, lambda sn=sn, c=calib: mean_loss(sn, c, 4)),
+                ):
                     sim = mean_loss(sn, windows, 1)
                 ratios = [a / b for a, b in zip(timing[p], timing["fp32"])]
                 row = {

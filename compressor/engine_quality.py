@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from compressor.onnx_export import GRAPH_FILE, ExportRecipe, export_graphs
-from compressor.quantize import export_dtype, is_quantized, quantize_graph
+from compressor.quantize import StaticCalibration, export_dtype, is_quantized, quantize_graph
 
 
 @dataclass
@@ -67,25 +67,32 @@ def graph_mean_loss(graph: Path, windows: torch.Tensor, threads: int = 0) -> tup
     return total / max(count, 1), count
 
 
-def logits_graph(model, directory: Path, precision: str) -> tuple[Path, dict | None]:
-    """Export ``model``'s full-logits graph into ``directory`` and quantize it by ``precision``."""
+def logits_graph(
+    model, directory: Path, precision: str, calibration: StaticCalibration | None = None
+) -> tuple[Path, dict | None]:
+    """Export ``model``'s full-logits graph into ``directory`` and quantize it by ``precision``
+    (a static recipe calibrates on ``calibration``: the same windows its bundle's engine used)."""
     directory = Path(directory)
     exported = export_graphs(model, directory / "fp32", ExportRecipe(precision=export_dtype(precision)), ("logits",))
     graph = exported.paths["logits"]
     if not is_quantized(precision):
         return graph, None
     target = directory / precision / "logits" / GRAPH_FILE
-    done = quantize_graph(graph, target, precision)
+    done = quantize_graph(graph, target, precision, calibration)
     return target, done
 
 
 def engine_qualities(
-    model, windows: torch.Tensor, precisions, work_dir: Path | None = None
+    model,
+    windows: torch.Tensor,
+    precisions,
+    work_dir: Path | None = None,
+    calibration: StaticCalibration | None = None,
 ) -> dict[str, EngineQuality]:
     """Loss of ``model`` (an extracted sub-network or a checkpoint) through the ONNX Runtime CPU
     engine at each of ``precisions`` on ``windows``. The fp32 logits graph is exported once and
     quantized per recipe (export is the expensive step); graphs live in a temporary dir under
-    ``work_dir``."""
+    ``work_dir``. ``calibration``: for static recipes (never the evaluation ``windows``)."""
     out: dict[str, EngineQuality] = {}
     with tempfile.TemporaryDirectory(prefix="nasprune-quality-", dir=work_dir) as tmp:
         base = None
@@ -94,14 +101,20 @@ def engine_qualities(
                 if base is None:
                     base, _ = logits_graph(model, Path(tmp), "fp32")
                 graph = Path(tmp) / precision / "logits" / GRAPH_FILE
-                done = quantize_graph(base, graph, precision)
+                done = quantize_graph(base, graph, precision, calibration)
             else:
-                graph, done = logits_graph(model, Path(tmp) / precision, precision)
+                graph, done = logits_graph(model, Path(tmp) / precision, precision, calibration)
             loss, tokens = graph_mean_loss(graph, windows)
             out[precision] = EngineQuality(precision, loss, tokens, done)
     return out
 
 
-def engine_quality(model, windows: torch.Tensor, precision: str, work_dir: Path | None = None) -> EngineQuality:
+def engine_quality(
+    model,
+    windows: torch.Tensor,
+    precision: str,
+    work_dir: Path | None = None,
+    calibration: StaticCalibration | None = None,
+) -> EngineQuality:
     """:func:`engine_qualities` for one precision."""
-    return engine_qualities(model, windows, [precision], work_dir)[precision]
+    return engine_qualities(model, windows, [precision], work_dir, calibration)[precision]

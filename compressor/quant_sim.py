@@ -10,6 +10,10 @@ sub-network's graph quantizes:
   sequence (``DynamicQuantizeLinear``; the engine is run at batch 1), weights symmetric int8 in
   ORT's reduced range [-64, 64] per tensor or per output channel; integer products are exact, so
   dequantize-then-matmul in fp32 is the same function up to fp32 summation order.
+* static INT8 (QDQ, ``MatMulIntegerToFloat``): the same weights as dynamic per-channel; activations
+  uint8 with a scale and zero point fixed by the min/max of that layer's input over the calibration
+  windows (ORT's MinMax calibrator), observed through the same sub-network before it is scored
+  (``simulate(..., calibrate=...)``).
 * weight-only blockwise (``MatMulNBits``, symmetric, block B along the input dimension): the
   block's signed extreme maps to -2^(bits-1); with ``accuracy_level`` 4 the activations are
   quantized symmetric int8 per block of B inputs inside the kernel.
@@ -26,11 +30,13 @@ remains the judge — bundles are evaluated through the quantized graph, and
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from compressor.errors import NaspruneError
 from compressor.quantize import QuantRecipe, recipe_for
 
 
@@ -38,6 +44,20 @@ from compressor.quantize import QuantRecipe, recipe_for
 class _Simulation:
     recipe: QuantRecipe
     excluded: frozenset[int]  # id() of modules kept in float
+    ranges: dict | None = None  # static recipes: id(module) -> (min, max) of its input over the calibration
+
+
+@dataclass
+class _Observer:
+    """Records each quantized linear's input range (min, max over everything it sees); computes float."""
+
+    excluded: frozenset[int]
+    ranges: dict = field(default_factory=dict)
+
+    def observe(self, module, x: torch.Tensor) -> None:
+        lo, hi = float(x.detach().amin()), float(x.detach().amax())
+        old = self.ranges.get(id(module))
+        self.ranges[id(module)] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
 
 
 # A plain module global, not a ContextVar: torch.compile(fullgraph=True) traces a global's None check
@@ -50,16 +70,26 @@ def linear(module: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor, bias:
     sim = _ACTIVE
     if sim is None or id(module) in sim.excluded:
         return F.linear(x, weight, bias)
+    if isinstance(sim, _Observer):
+        sim.observe(module, x)
+        return F.linear(x, weight, bias)
     r = sim.recipe
     if r.method == "dynamic":
         return F.linear(_dynamic_activation(x), _symmetric_weight(weight, r), bias)
+    if r.method == "static":
+        lo, hi = sim.ranges[id(module)]
+        return F.linear(_static_activation(x, lo, hi), _symmetric_weight(weight, r), bias)
     xq = _blockwise_activation(x, r.block_size) if r.accuracy_level == 4 else x
     return F.linear(xq, _blockwise_weight(weight, r.bits, r.block_size), bias)
 
 
 @contextlib.contextmanager
-def simulate(precision: str, model: torch.nn.Module):
-    """Run ``model``'s elastic linears as ``precision``'s recipe inside the block (no-op for floats)."""
+def simulate(precision: str, model: torch.nn.Module, calibrate: Callable[[], object] | None = None):
+    """Run ``model``'s elastic linears as ``precision``'s recipe inside the block (no-op for floats).
+
+    ``calibrate``: runs the calibration windows through ``model`` as it is selected now (a static
+    recipe's activation ranges are observed during that call, then fixed, as ORT's calibrator does on
+    the extracted graph); required for static recipes, ignored by the others."""
     recipe = recipe_for(precision)
     if recipe is None:
         yield
@@ -68,8 +98,17 @@ def simulate(precision: str, model: torch.nn.Module):
         id(m) for name, m in model.named_modules() if any(role in name.split(".") for role in recipe.exclude)
     )
     global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, _Simulation(recipe, excluded)
+    previous = _ACTIVE
+    ranges = None
     try:
+        if recipe.method == "static":
+            if calibrate is None:
+                raise NaspruneError(f"simulating '{precision}' needs calibration windows (a static recipe)")
+            observer = _ACTIVE = _Observer(excluded)
+            with torch.no_grad():
+                calibrate()
+            ranges = observer.ranges
+        _ACTIVE = _Simulation(recipe, excluded, ranges)
         yield
     finally:
         _ACTIVE = previous
@@ -93,6 +132,17 @@ def _dynamic_activation(x: torch.Tensor) -> torch.Tensor:
     lo, hi = _per_sequence_range(x.detach())
     scale = ((hi - lo) / 255.0).clamp(min=torch.finfo(torch.float32).tiny)
     zero = torch.round(-lo / scale).clamp(0, 255)
+    q = torch.clamp(_round(x / scale) + zero, 0, 255)
+    return (q - zero) * scale
+
+
+def _static_activation(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """QuantizeLinear with calibrated uint8 parameters (ORT's compute_scale_zp, asymmetric): range
+    [min(lo, 0), max(hi, 0)], scale = range / 255, zero point = round(-min / scale); values outside
+    the calibrated range saturate at 0 / 255."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255.0 if hi > lo else 1.0
+    zero = float(min(max(round(-lo / scale), 0), 255))
     q = torch.clamp(_round(x / scale) + zero, 0, 255)
     return (q - zero) * scale
 

@@ -23,6 +23,15 @@ two INT8 recipes of the same graph differ by 2x in speed and by orders of magnit
   substitutes them there (:func:`host_precision`). Measured on SmolLM2 on such a CPU: 1.56x and
   1.04x the fp32 perplexity (int8: 1.90x), and on that CPU no dynamic-INT8 recipe was faster than
   fp32 for prefill (0.98-1.01x; 0.36-0.54x on the VNNI CPU): whether INT8 pays is a host property.
+* ``int8-static`` / ``int8-static-mixed``: *static* INT8 (``quantize_static``, QDQ format): the
+  activation ranges are fixed once, on calibration text (min/max over it, uint8 per tensor), instead
+  of being measured on every call; weights per-channel 7-bit (safe on every x86 CPU); only the
+  MatMuls with a constant weight are quantized and their outputs stay float, so ONNX Runtime fuses
+  each into ``MatMulIntegerToFloat`` with a constant-scale ``QuantizeLinear`` in front (no run-time
+  min/max reduction). LM head fp32; ``-mixed`` keeps the FFN down-projections fp32 too. The graph
+  depends on its calibration data, so these recipes need token windows (:class:`StaticCalibration`):
+  real text where quality matters (export, engine evaluation), synthetic ids where only latency
+  does (profiling). The decode graph is calibrated on real KV caches from the fp32 prefill graph.
 * ``w8`` / ``w4``: weight-only blockwise quantization (``MatMulNBits``, symmetric, block 32) with
   ``accuracy_level`` 4: activations are quantized to int8 per block inside the kernel, so
   prefill runs on integer dot products instead of dequantizing every weight to fp32 (the
@@ -54,7 +63,7 @@ class QuantRecipe:
     """How an fp32 ONNX graph becomes a quantized one. Every field changes speed or numbers."""
 
     name: str
-    method: str  # "dynamic" (quantize_dynamic) | "weight_only" (MatMulNBits)
+    method: str  # "dynamic" (quantize_dynamic) | "static" (quantize_static, QDQ) | "weight_only" (MatMulNBits)
     bits: int = 8
     per_channel: bool = False
     reduce_range: bool = True  # dynamic: ORT's MatMulInteger weights use 7 bits (its default)
@@ -104,6 +113,21 @@ RECIPES: dict[str, QuantRecipe] = {
         summary="dynamic INT8, per-channel 7-bit weights; LM head and FFN down-projections fp32 (int8-mixed "
         "for CPUs without VNNI)",
     ),
+    "int8-static": QuantRecipe(
+        "int8-static",
+        "static",
+        per_channel=True,
+        exclude=("lm_head",),
+        summary="static INT8 (QDQ): activation ranges calibrated once (uint8 per tensor), per-channel 7-bit "
+        "weights, LM head fp32",
+    ),
+    "int8-static-mixed": QuantRecipe(
+        "int8-static-mixed",
+        "static",
+        per_channel=True,
+        exclude=("lm_head", "down_proj"),
+        summary="static INT8 (QDQ), per-channel 7-bit weights; LM head and FFN down-projections fp32",
+    ),
     "w8": QuantRecipe("w8", "weight_only", bits=8, summary="weight-only 8-bit blockwise (MatMulNBits, block 32)"),
     "w4": QuantRecipe("w4", "weight_only", bits=4, summary="weight-only 4-bit blockwise (MatMulNBits, block 32)"),
 }
@@ -121,6 +145,12 @@ def recipe_for(precision: str) -> QuantRecipe | None:
 
 def is_quantized(precision: str) -> bool:
     return recipe_for(precision) is not None
+
+
+def needs_calibration(precision: str) -> bool:
+    """True for the static recipes: their graph is a function of the calibration data."""
+    recipe = RECIPES.get(precision)
+    return recipe is not None and recipe.method == "static"
 
 
 def export_dtype(precision: str) -> str:
@@ -241,15 +271,19 @@ def _quiet_quantizer():
         root.setLevel(level)
 
 
-def quantize_graph(src: Path, dst: Path, precision: str) -> dict:
+def quantize_graph(src: Path, dst: Path, precision: str, calibration: StaticCalibration | None = None) -> dict:
     """Quantize the fp32 graph ``src`` into ``dst`` (a ``model.onnx`` path) by ``precision``'s recipe.
 
+    ``calibration``: the token windows a static recipe fixes its activation ranges on (ignored by the
+    other recipes, required by the static ones).
     Returns what was done (the recipe dict plus the nodes kept in float), recorded in manifests.
     External data beside ``src`` is read; ``dst`` is written as one file (graphs here are < 2 GB).
     """
     recipe = recipe_for(precision)
     if recipe is None:
         raise NaspruneError(f"precision '{precision}' is not a quantization recipe")
+    if recipe.method == "static" and calibration is None:
+        raise NaspruneError(f"'{precision}' is static quantization: it needs calibration text (token windows)")
     import onnx
 
     src, dst = Path(src), Path(dst)
@@ -259,6 +293,13 @@ def quantize_graph(src: Path, dst: Path, precision: str) -> dict:
         exclude = excluded_nodes(model, recipe)
         if recipe.method == "dynamic":
             _dynamic(src, dst, recipe, exclude)
+        elif recipe.method == "static":
+            _static(src, dst, recipe, model, exclude, calibration)
+            return {
+                **recipe.to_dict(),
+                "nodes_kept_float": len(exclude),
+                "calibration": calibration.describe(),
+            }
         elif recipe.method == "weight_only":
             _weight_only(onnx.load(str(src)), dst, recipe, exclude)
         else:  # pragma: no cover - RECIPES is closed
@@ -284,6 +325,148 @@ def _dynamic(src: Path, dst: Path, recipe: QuantRecipe, exclude: list[str]) -> N
     )
 
 
+# How much text a static recipe calibrates on, everywhere (engine graph and torch simulation alike):
+# 16 windows of 128 tokens. MinMax ranges saturate quickly in the number of windows; more would only
+# cost calibration time (one prefill per window, and one more per window for the decode graph).
+CALIBRATION_WINDOWS, CALIBRATION_SEQ = 16, 128
+
+
+def calibration_windows(tokenizer, data: str, online: bool = False):
+    """The token windows [N, T] static recipes calibrate on, from the text ``data`` (a path or
+    ``builtin:NAME``): the first ``CALIBRATION_WINDOWS`` x ``CALIBRATION_SEQ`` tokens."""
+    from compressor.data import read_source, resolve_data
+    from compressor.evaluate import token_windows
+
+    kind, text = read_source(resolve_data(data), online)
+    if kind != "text":
+        raise NaspruneError(f"static quantization calibrates on plain text (.txt), not {data}")
+    return token_windows(tokenizer, text, CALIBRATION_SEQ, CALIBRATION_WINDOWS * CALIBRATION_SEQ)
+
+
+def static_calibration(tokenizer, data: str, online: bool = False) -> StaticCalibration:
+    """:class:`StaticCalibration` on the calibration text ``data`` (see :func:`calibration_windows`)."""
+    windows = calibration_windows(tokenizer, data, online)
+    return StaticCalibration(windows.numpy(), str(data))
+
+
+@dataclass(frozen=True)
+class StaticCalibration:
+    """Token windows ``[N, T]`` (int64) that a static recipe fixes its activation ranges on.
+
+    ``prefill``: the fp32 prefill graph of the same model; a decode graph is calibrated on the KV
+    caches it produces for ``window[:-1]`` and the window's last token (the state decode really
+    sees). Without it (``synthetic``: profiling, where only the graph's speed matters) the past is
+    zeros. ``source`` says where the tokens came from, for the manifest.
+    """
+
+    windows: object  # numpy array or torch tensor [N, T]
+    source: str
+    prefill: Path | None = None
+    synthetic: bool = False
+
+    @staticmethod
+    def synthetic_ids(windows: int = 2, seq: int = 16, seed: int = 0) -> StaticCalibration:
+        """Random token ids: the static graph's *speed* does not depend on its ranges (profiling)."""
+        import numpy as np
+
+        ids = np.random.default_rng(seed).integers(3, 100, size=(windows, seq), dtype=np.int64)
+        return StaticCalibration(ids, "synthetic token ids (latency only)", synthetic=True)
+
+    def with_prefill(self, prefill: Path | None) -> StaticCalibration:
+        return StaticCalibration(self.windows, self.source, prefill, self.synthetic)
+
+    def describe(self) -> dict:
+        import numpy as np
+
+        n, t = np.asarray(self.windows).shape
+        return {"source": self.source, "windows": int(n), "seq_len": int(t), "synthetic": self.synthetic}
+
+    def feeds(self, model) -> list[dict]:
+        """One feed per window for the ONNX graph ``model`` (its inputs decide prefill vs decode)."""
+        import numpy as np
+
+        windows = np.asarray(self.windows, dtype=np.int64)
+        inputs = {i.name: i for i in model.graph.input}
+        pasts = [n for n in inputs if n.startswith("past_key_values.")]
+        if not pasts:
+            return [{"input_ids": w[None], "attention_mask": np.ones((1, w.size), np.int64)} for w in windows]
+        if windows.shape[1] < 2:
+            raise NaspruneError("calibrating a decode graph needs windows of at least 2 tokens")
+        if self.prefill is None and not self.synthetic:
+            raise NaspruneError("calibrating a decode graph on real text needs the fp32 prefill graph (real KV caches)")
+        feeds = []
+        session = _session(self.prefill) if self.prefill is not None else None
+        for w in windows:
+            head, last = w[None, :-1], w[None, -1:]
+            if session is not None:
+                outs = session.run(None, {"input_ids": head, "attention_mask": np.ones_like(head)})
+                present = dict(zip([o.name for o in session.get_outputs()], outs))
+                past = {p: present[p.replace("past_key_values.", "present.", 1)] for p in pasts}
+            else:
+                past = {p: np.zeros(_past_shape(inputs[p], head.shape[1]), np.float32) for p in pasts}
+            feeds.append({"input_ids": last, "attention_mask": np.ones((1, w.size), np.int64), **past})
+        return feeds
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _past_shape(value_info, past: int) -> tuple[int, ...]:
+    """[1, kv_heads, past, head_dim] from a past_key_values input's declared shape."""
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+    return (1, dims[1], past, dims[3])
+
+
+def _static(src: Path, dst: Path, recipe: QuantRecipe, model, exclude: list[str], calibration) -> None:
+    """``quantize_static`` (QDQ) of the MatMul/Gemm nodes with a constant weight, outputs left float.
+
+    Only weight MatMuls: ORT's default would also quantize the attention's activation x activation
+    MatMuls and every MatMul output (``QLinearMatMul``), two more roundings per layer that dynamic
+    INT8 does not make. With outputs excluded, ORT fuses ``DequantizeLinear -> MatMul`` into
+    ``MatMulIntegerToFloat`` (checked by the tests), the same integer kernel as dynamic INT8 minus
+    its per-call range reduction. Ranges: MinMax over the calibration windows (ORT's default)."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    constants = {i.name for i in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    skip = set(exclude)
+    nodes = [n.name for n in _matmul_nodes(model) if n.input[1] in constants and n.name not in skip]
+    feeds = calibration.feeds(model)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    quantize_static(
+        str(src),
+        str(dst),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul", "Gemm"],
+        nodes_to_quantize=nodes,
+        per_channel=recipe.per_channel,
+        reduce_range=recipe.reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
+    )
+
+
 def _weight_only(model, dst: Path, recipe: QuantRecipe, exclude: list[str]) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -300,15 +483,25 @@ def _weight_only(model, dst: Path, recipe: QuantRecipe, exclude: list[str]) -> N
     onnx.save_model(q.model.model, str(dst))
 
 
-def quantize_graph_dir(src_dir: Path, dst_dir: Path, precision: str, graphs: tuple[str, ...]) -> dict[str, Path]:
-    """Quantize ``src_dir/<graph>/model.onnx`` for each graph into ``dst_dir/<graph>/model.onnx``."""
+def quantize_graph_dir(
+    src_dir: Path,
+    dst_dir: Path,
+    precision: str,
+    graphs: tuple[str, ...],
+    calibration: StaticCalibration | None = None,
+) -> dict[str, Path]:
+    """Quantize ``src_dir/<graph>/model.onnx`` for each graph into ``dst_dir/<graph>/model.onnx``.
+    A static recipe calibrates the decode graph on ``src_dir/prefill``'s KV caches when that exists."""
     from compressor.onnx_export import GRAPH_FILE
 
+    prefill = Path(src_dir) / "prefill" / GRAPH_FILE
+    if calibration is not None and calibration.prefill is None and prefill.exists():
+        calibration = calibration.with_prefill(prefill)
     out = {}
     for g in graphs:
         target = Path(dst_dir) / g / GRAPH_FILE
         if target.parent.exists():
             shutil.rmtree(target.parent)
-        quantize_graph(Path(src_dir) / g / GRAPH_FILE, target, precision)
+        quantize_graph(Path(src_dir) / g / GRAPH_FILE, target, precision, calibration)
         out[g] = target
     return out

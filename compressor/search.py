@@ -33,17 +33,28 @@ from compressor.workload import Workload
 
 
 class QualityOracle:
-    """Held-out loss of a sub-network through the super-network, cached per sub-network."""
+    """Held-out loss of a sub-network through the super-network, cached per sub-network.
 
-    def __init__(self, supernet, windows, batch_size: int = 8):
+    ``calibration``: token windows a static quantization recipe fixes its activation ranges on
+    (observed through the same sub-network first, as the engine's calibrator does on its graph);
+    never the held-out ``windows`` themselves."""
+
+    def __init__(self, supernet, windows, batch_size: int = 8, calibration=None):
         self.supernet, self.windows, self.batch_size = supernet.eval(), windows, batch_size
+        self.calibration = calibration
         self.cache: dict[tuple[SubNetwork, str], float] = {}
 
     def __call__(self, sub: SubNetwork, precision: str = "fp32") -> float:
         """Loss of ``sub`` at ``precision`` (a quantization recipe is simulated in the forward)."""
         key = (sub, precision)
         if key not in self.cache:
-            with self.supernet.selected(sub), simulate(precision, self.supernet.model):
+            calibrate = None
+            if self.calibration is not None:
+
+                def calibrate():
+                    return mean_loss(self.supernet, self.calibration, self.batch_size)
+
+            with self.supernet.selected(sub), simulate(precision, self.supernet.model, calibrate):
                 self.cache[key] = mean_loss(self.supernet, self.windows, self.batch_size)
         return self.cache[key]
 

@@ -38,6 +38,8 @@ BYTES_PER_PARAM = {
     "int8-pc7": 1,
     "int8-mixed": 1.7,
     "int8-mixed7": 1.7,
+    "int8-static": 1,
+    "int8-static-mixed": 1.7,
     "w8": 1,
     "w4": 0.5,
 }

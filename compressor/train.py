@@ -112,10 +112,15 @@ class TrainConfig:
         if self.distill not in DISTILL_MODES:
             raise NaspruneError(f"distill must be one of {', '.join(DISTILL_MODES)} (got {self.distill!r})")
         if self.quantization is not None:
-            from compressor.quantize import recipe_for
+            from compressor.quantize import needs_calibration, recipe_for
 
             if recipe_for(self.quantization) is None:
                 raise NaspruneError(f"quantization must be a quantization recipe, not {self.quantization!r}")
+            if needs_calibration(self.quantization):
+                raise NaspruneError(
+                    f"quantization-aware training with the static recipe {self.quantization!r} is not supported "
+                    "(its activation ranges are calibrated on the trained weights at export); train in float"
+                )
         if self.teacher not in TEACHERS:
             raise NaspruneError(f"teacher must be one of {', '.join(TEACHERS)} (got {self.teacher!r})")
         if not (isinstance(self.distill_alpha, (int, float)) and 0.0 <= self.distill_alpha <= 1.0):

@@ -101,8 +101,11 @@ def build_bundle(
     overwrite: bool = False,
     model=None,
     repair: dict | None = None,
+    calibration=None,
 ) -> Path:
     """Extract ``sub``, write the checkpoint and every requested engine variant, and the manifest.
+
+    ``calibration``: a :class:`compressor.quantize.StaticCalibration` for static INT8 variants.
 
     ``model``: an already extracted model of ``sub`` to ship instead (the closed-form repaired one);
     ``repair``: what was done about repair (:func:`compressor.repair.repair_and_measure`'s record, or
@@ -113,14 +116,26 @@ def build_bundle(
     supernet.space.validate(sub)
     return atomic_dir_write(
         Path(out),
-        lambda tmp: _write_bundle(loaded, supernet, sub, tmp, variants, providers, search_row, log, model, repair),
+        lambda tmp: _write_bundle(
+            loaded, supernet, sub, tmp, variants, providers, search_row, log, model, repair, calibration
+        ),
         "bundle",
         overwrite,
     )
 
 
 def _write_bundle(
-    loaded, supernet, sub: SubNetwork, out: Path, variants, providers, search_row, log, model=None, repair=None
+    loaded,
+    supernet,
+    sub: SubNetwork,
+    out: Path,
+    variants,
+    providers,
+    search_row,
+    log,
+    model=None,
+    repair=None,
+    calibration=None,
 ) -> None:
     import tempfile
 
@@ -145,13 +160,15 @@ def _write_bundle(
             "optimization": f"ORT_ENABLE_EXTENDED for {providers[0]}",
         }
         for variant in (v for v in variants if v in RECIPES):  # the profiled recipe, applied to the shipped weights
-            done = {g: quantize_graph(raw.paths[g], graph_paths(out, variant)[g], variant) for g in GRAPHS}
+            cal = calibration.with_prefill(raw.paths["prefill"]) if calibration is not None else None
+            done = {g: quantize_graph(raw.paths[g], graph_paths(out, variant)[g], variant, cal) for g in GRAPHS}
             recipe = {**raw.recipe, "quantization": RECIPES[variant].to_dict()}
             engines[variant] = {
                 "recipe": recipe,
                 "recipe_id": recipe_id(recipe),
                 "quantization": RECIPES[variant].summary,
                 "nodes_kept_float": {g: d["nodes_kept_float"] for g, d in done.items()},
+                **({"calibration": done["prefill"]["calibration"]} if "calibration" in done["prefill"] else {}),
             }
         if "fp16" in variants:
             for g in GRAPHS:

@@ -96,6 +96,9 @@ def export(
         help="held-out text for perplexity before/after repair (default: the DATA tokens after the calibration ones)",
     ),
     repair_eval_tokens: int = typer.Option(2048, "--repair-eval-tokens", help="tokens for that perplexity"),
+    calibration: Optional[str] = typer.Option(
+        None, "--calibration", metavar="TEXT", help="text static INT8 precisions (int8-static*) calibrate on"
+    ),
 ):
     """Export chosen sub-networks as engine bundles (HF checkpoint, optimized ONNX, INT8/FP16, TensorRT)."""
     from compressor.console import STATE
@@ -123,6 +126,7 @@ def export(
         log=_console().print,
         overwrite=overwrite,
         repair=fix,
+        calibration_data=calibration,
     )
     for p in paths:
         _console().print(f"wrote bundle {p}")

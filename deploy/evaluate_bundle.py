@@ -28,12 +28,14 @@ def evaluate_model(model, tokenizer, windows, cfg, task_dir: Path | None, task_n
     return out
 
 
-def engine_ppls(model, windows, variants, log=None) -> dict[str, float]:
-    """Test perplexity through each quantized engine variant (fp32/fp16 are not quantized: skipped)."""
+def engine_ppls(model, windows, variants, log=None, calibration=None) -> dict[str, float]:
+    """Test perplexity through each quantized engine variant (fp32/fp16 are not quantized: skipped).
+    ``calibration``: the windows static variants were calibrated on at export (the calibration text)."""
     from compressor.engine_quality import engine_qualities
     from compressor.quantize import RECIPES
 
-    measured = engine_qualities(model, windows, [v for v in variants if v in RECIPES])  # one export for all
+    quantized = [v for v in variants if v in RECIPES]
+    measured = engine_qualities(model, windows, quantized, calibration=calibration)  # one export for all
     out = {v: q.ppl for v, q in measured.items()}
     for v, ppl in out.items():
         if log:
@@ -51,6 +53,7 @@ def evaluate_run(pipeline, cfg) -> dict:
     tok = original.tokenizer
     _, text = read_source(resolve_data(pipeline.cfg.data.test))
     windows = token_windows(tok, text, cfg.seq_len, cfg.ppl_tokens)
+    calibration = _calibration_if_static(pipeline, tok)
     results = {
         "test": pipeline.cfg.data.test,
         "ppl_tokens": int(windows.numel()),
@@ -76,11 +79,12 @@ def evaluate_run(pipeline, cfg) -> dict:
             manifest = read_manifest(bundle)
             loaded = load_model(str(bundle / "model"))
             acc = evaluate_model(loaded.model, loaded.tokenizer, windows, cfg, task_dir, names)
-            acc["engine_ppl"] = {"fp32": acc["ppl"], **engine_ppls(loaded.model, windows, manifest["engines"])}
+            engines = manifest["engines"]
+            acc["engine_ppl"] = {"fp32": acc["ppl"], **engine_ppls(loaded.model, windows, engines, None, calibration)}
             acc["params"] = manifest["params"]
             if not bundle.name.startswith("original") and one_shot_sn is not None:
                 results.setdefault("one_shot", {})[bundle.name] = one_shot_of(
-                    one_shot_sn, manifest, windows, pipeline.log
+                    one_shot_sn, manifest, windows, pipeline.log, calibration
                 )
             update_manifest(
                 bundle,
@@ -99,7 +103,20 @@ def evaluate_run(pipeline, cfg) -> dict:
     return results
 
 
-def one_shot_of(supernet, manifest: dict, windows, log=None) -> dict:
+def _calibration_if_static(pipeline, tokenizer):
+    """The static recipes' calibration windows (as the export stage made them), if any bundle has one."""
+    from compressor.data import resolve_data
+    from compressor.quantize import needs_calibration, static_calibration
+
+    engines = set()
+    for manifest in Path(pipeline.bundles_dir).glob("*/manifest.json"):
+        engines |= set(read_manifest(manifest.parent)["engines"])
+    if not any(needs_calibration(e) for e in engines if not e.startswith("tensorrt")):
+        return None
+    return static_calibration(tokenizer, resolve_data(pipeline.cfg.data.calibration), pipeline.online)
+
+
+def one_shot_of(supernet, manifest: dict, windows, log=None, calibration=None) -> dict:
     """Test perplexity of the one-shot pruned model at a bundle's architecture, torch and every
     quantized engine variant of that bundle (same recipes, so same latency as the bundle's engines)."""
     from compressor.extract import extract
@@ -108,7 +125,7 @@ def one_shot_of(supernet, manifest: dict, windows, log=None) -> dict:
     sub = SubNetwork.from_dict(manifest["arch"])
     model = extract(supernet, sub).eval()
     out = {"arch": manifest["arch"], "ppl": perplexity(hf_logits(model), windows)}
-    out["engine_ppl"] = {"fp32": out["ppl"], **engine_ppls(model, windows, manifest["engines"])}
+    out["engine_ppl"] = {"fp32": out["ppl"], **engine_ppls(model, windows, manifest["engines"], None, calibration)}
     if log:
         log(f"    one-shot {sub}: ppl {out['ppl']:.2f}")
     return out

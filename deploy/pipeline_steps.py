@@ -7,6 +7,7 @@ from pathlib import Path
 
 from compressor.errors import NaspruneError
 from compressor.outputs import claim_output, mark_output
+from compressor.quantize import needs_calibration, static_calibration
 from compressor.workload import WorkloadMix
 from deploy.bundle import build_bundle, check_variants, read_manifest, update_manifest
 
@@ -122,8 +123,12 @@ def export_bundles(
     log=print,
     overwrite: bool = False,
     repair=None,
+    calibration_data: str | None = None,
 ) -> list[Path]:
     """One bundle at ``out`` (a single --arch), or one per pick under the bundles dir ``out``.
+
+    ``calibration_data``: the text static INT8 variants calibrate their activation ranges on
+    (required when one is asked for).
 
     ``repair``: None, or ``repair(sub) -> (model or None, record)``: the model to ship instead of the
     plain extraction (closed-form repaired) and the manifest's ``repair`` section.
@@ -132,6 +137,10 @@ def export_bundles(
     refusal costs nothing and leaves nothing behind."""
     out = Path(out)
     check_variants(variants)
+    static = [v for v in variants if needs_calibration(v)]
+    if static and calibration_data is None:
+        raise NaspruneError(f"{static}: static INT8 needs calibration text (--calibration TEXT)")
+    calibration = static_calibration(loaded.tokenizer, calibration_data) if static else None
     ws = [WorkloadMix.of(w) for w in workloads]  # a workload or a weighted mix (prefill:1x512 + 128*decode:1x512)
     if threads < 1:
         raise NaspruneError(f"--threads must be >= 1, not {threads}")
@@ -164,6 +173,7 @@ def export_bundles(
             overwrite=overwrite,
             model=model,
             repair=record,
+            calibration=calibration,
         )
         manifest = read_manifest(bundle)
         recipe_ids = {v: e.get("recipe_id") for v, e in manifest["engines"].items()}

@@ -74,6 +74,9 @@ def search(
     calibrate: bool = typer.Option(
         False, "--calibrate/--no-calibrate", help="re-measure the predictor's anchor; scale predictions by the drift"
     ),
+    calibration: Optional[str] = typer.Option(
+        None, "--calibration", help="text static INT8 recipes calibrate on (needed when one is searched)"
+    ),
 ):
     """NSGA-II over super-network quality and predicted latency; writes the Pareto front."""
     from compressor.search import SearchConfig
@@ -102,6 +105,7 @@ def search(
         strict,
         overwrite,
         calibrate=calibrate,
+        calibration_data=calibration,
     )
     console.print(
         f"{len(result.evaluated)} sub-networks evaluated in {result.seconds:.0f}s; "

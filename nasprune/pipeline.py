@@ -654,6 +654,7 @@ class Pipeline:
             overwrite=True,
             calibrate=c.calibrate,
             one_shot=load_model(str(self.importance_dir)) if c.one_shot_baseline else None,
+            calibration_data=resolve_data(self.cfg.data.calibration),
         )
         return {
             "evaluated": len(result.evaluated),
@@ -706,13 +707,15 @@ class Pipeline:
             return {"enabled": False}
         from dataclasses import replace
 
-        from compressor.quantize import is_quantized
+        from compressor.quantize import is_quantized, needs_calibration
         from compressor.refine import refine
 
         records = {}
         for name, sub, row in self.picks():
             precision = (row or {}).get("precision") or "fp32"
-            qat = precision if self.cfg.refine.quantization_aware and is_quantized(precision) else None
+            # static recipes are calibrated on the refined weights at export: their points train in float
+            trainable = is_quantized(precision) and not needs_calibration(precision)
+            qat = precision if self.cfg.refine.quantization_aware and trainable else None
             how = f", {qat} simulated" if qat else ""
             self.log(f"  refining {sub} for {self.cfg.refine.minutes:g} min{how}")
             resume = (self.refined_dir / f"{name}-{sub}.train" / "checkpoint.pt").exists()
@@ -779,6 +782,7 @@ class Pipeline:
                 c.threads,
                 log=self.log,
                 overwrite=True,
+                calibration_data=resolve_data(self.cfg.data.calibration),
             )
             del original
         if not refined:
@@ -808,6 +812,7 @@ class Pipeline:
                 log=self.log,
                 overwrite=True,
                 repair=fix,
+                calibration_data=resolve_data(self.cfg.data.calibration),
             )
             return {
                 "bundles": [str(p) for p in paths],
@@ -831,6 +836,7 @@ class Pipeline:
                 log=self.log,
                 overwrite=True,
                 repair=lambda _sub, note=note: (None, note),
+                calibration_data=resolve_data(self.cfg.data.calibration),
             )
         return {
             "bundles": [str(p) for p in paths],

@@ -18,6 +18,7 @@ from compressor.data import read_source
 from compressor.errors import NaspruneError
 from compressor.evaluate import token_windows
 from compressor.outputs import claim_output
+from compressor.quantize import calibration_windows, needs_calibration
 from compressor.search import Evaluated, QualityOracle, SearchConfig, SearchResult, run_nsga2, write_results
 from compressor.workload import WorkloadMix
 from predictors import load_predictor
@@ -56,6 +57,7 @@ def run_search_cli(
     overwrite: bool = False,
     calibrate: bool = False,
     one_shot=None,
+    calibration_data: str | None = None,
 ) -> SearchResult:
     """Load the predictor(s), build the quality oracle on held-out text, search, write the results.
 
@@ -66,6 +68,8 @@ def run_search_cli(
     ``one_shot``: the untrained pruned model (the importance-permuted original, a loaded model) whose
     sub-networks at the front's architectures and precisions are written as baselines too: what
     pruning without nasprune's training would give at the same latency.
+    ``calibration_data``: the text static quantization recipes calibrate on (required when one is
+    searched; the same text the bundle's engine will be calibrated on, never the validation text).
     ``cfg.max_minutes`` bounds the whole call: the predictors' re-calibration and the baselines
     scored after NSGA-II (one evaluation per front point at most) come out of it, estimated from
     the time of one evaluation of the largest sub-network, so NSGA-II gets the rest (>= 1 generation)."""
@@ -85,7 +89,11 @@ def run_search_cli(
         raise NaspruneError("the search's quality objective needs held-out plain text (.txt)")
     windows = token_windows(loaded.tokenizer, text, seq_len, eval_tokens)
     sn = loaded.supernet()
-    quality = QualityOracle(sn, windows)
+    static = [p for p in predictors if needs_calibration(p)]
+    if static and calibration_data is None:
+        raise NaspruneError(f"searching {static} (static quantization) needs calibration text (--calibration)")
+    calib = calibration_windows(loaded.tokenizer, calibration_data, online) if static else None
+    quality = QualityOracle(sn, windows, calibration=calib)
     # drift-proof: predictions x (anchor sub-network measured now / at fit time), see predictors.calibration
     calibration = {}
     for prec in list(predictors):
@@ -118,7 +126,7 @@ def run_search_cli(
         for p in baseline_precisions
     }
     if one_shot is not None:
-        plain = QualityOracle(one_shot.supernet(), windows)
+        plain = QualityOracle(one_shot.supernet(), windows, calibration=calib)
         for i, p in enumerate(result.pareto):
             prec = p.precision or predictor.group["precision"]
             baselines[f"one-shot {i}"] = Evaluated(

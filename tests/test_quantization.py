@@ -14,7 +14,7 @@ from compressor.errors import NaspruneError
 from compressor.evaluate import mean_loss
 from compressor.modeldir import load_model
 from compressor.quant_sim import simulate
-from compressor.quantize import RECIPES, excluded_nodes, is_quantized, recipe_for
+from compressor.quantize import RECIPES, StaticCalibration, excluded_nodes, is_quantized, needs_calibration, recipe_for
 
 torch.set_num_threads(1)
 
@@ -31,12 +31,20 @@ def windows():
 
 
 @pytest.fixture(scope="module")
-def graphs(tiny, tmp_path_factory):
+def calibration_windows():
+    """Token windows static recipes calibrate on: other tokens than the evaluation ``windows``."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, 1024, (6, 24), generator=g)
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny, tmp_path_factory, calibration_windows):
     """The tiny model's fp32 logits graph and each recipe's quantized graph (made once)."""
     root = tmp_path_factory.mktemp("qgraphs")
+    cal = StaticCalibration(calibration_windows.numpy(), "test windows")
     out = {}
     for precision in ("fp32", *RECIPES):
-        out[precision], _ = logits_graph(tiny.model, root / precision, precision)
+        out[precision], _ = logits_graph(tiny.model, root / precision, precision, cal)
     return out
 
 
@@ -70,14 +78,49 @@ def test_quantized_graph_quality_is_measured_from_the_graph(graphs, windows, tmp
     assert abs(broken - base) > 0.05
 
 
-def test_simulation_matches_the_engine(tiny, graphs, windows):
-    """The search's torch simulation of each recipe against ORT running the quantized graph."""
+def test_simulation_matches_the_engine(tiny, graphs, windows, calibration_windows):
+    """The search's torch simulation of each recipe against ORT running the quantized graph (static
+    recipes: both calibrated on the same windows, the simulation through the super-network)."""
     sn = tiny.supernet().eval()
     for precision in ("fp32", *RECIPES):
         engine, _ = graph_mean_loss(graphs[precision], windows)
-        with torch.no_grad(), simulate(precision, sn.model):
+        with torch.no_grad(), simulate(precision, sn.model, lambda: mean_loss(sn, calibration_windows, 2)):
             sim = mean_loss(sn, windows, 1)
         assert abs(sim - engine) < 0.02 * engine, (precision, sim, engine)
+
+
+def test_static_int8_runs_integer_matmuls_on_calibrated_ranges(tiny, graphs, windows, calibration_windows, tmp_path):
+    """Static INT8 quantizes only the weight MatMuls and leaves their outputs float, so ONNX Runtime
+    fuses them into MatMulIntegerToFloat (no QLinearMatMul re-quantizing outputs, attention's
+    activation x activation MatMuls stay float); its ranges come from the calibration text, so other
+    text gives another graph; no calibration, or no calibrate call in the simulation, is refused."""
+    import onnxruntime as ort
+
+    from compressor.quantize import quantize_graph
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(graphs["int8-static"]), opts, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 4 * 7 and "QLinearMatMul" not in ops  # 4 layers x 7, head fp32
+    # one constant-scale QuantizeLinear per quantized input tensor (q/k/v share one, gate/up one, o, down)
+    assert ops.count("QuantizeLinear") == 4 * 4 and "DynamicQuantizeLinear" not in ops
+    assert needs_calibration("int8-static-mixed") and not needs_calibration("int8") and not needs_calibration("fp16")
+
+    fp32 = graphs["fp32"]
+    other = quantize_graph(fp32, tmp_path / "other.onnx", "int8-static", StaticCalibration(windows.numpy(), "other"))
+    assert other["calibration"] == {"source": "other", "windows": 4, "seq_len": 24, "synthetic": False}
+
+    def scales(path):
+        return [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.name.endswith("_scale")]
+
+    assert any(not np.array_equal(a, b) for a, b in zip(scales(graphs["int8-static"]), scales(tmp_path / "other.onnx")))
+    with pytest.raises(NaspruneError, match="needs calibration text"):
+        quantize_graph(fp32, tmp_path / "x.onnx", "int8-static")
+    sn = tiny.supernet().eval()
+    with pytest.raises(NaspruneError, match="needs calibration windows"):
+        with simulate("int8-static", sn.model):
+            pass
 
 
 def test_simulation_is_scoped_and_float_precisions_are_untouched(tiny, windows):
@@ -160,6 +203,8 @@ def test_quantization_aware_training_learns_through_the_rounding(tiny_model, win
     assert step() < first
     with pytest.raises(NaspruneError, match="quantization must be a quantization recipe"):
         TrainConfig(quantization="fp32")
+    with pytest.raises(NaspruneError, match="static recipe 'int8-static' is not supported"):
+        TrainConfig(quantization="int8-static")
 
 
 def test_full_range_int8_is_flagged_on_avx2_cpus_without_vnni():
@@ -207,3 +252,53 @@ def test_compress_replaces_saturating_recipes_by_their_7bit_counterparts_on_such
 
     same, why = host_safe_config(cfg, avx2_only | {"avx512_vnni"})
     assert same.profile.precisions == ["fp32", "int8-pc"] and why == {}
+
+
+def test_static_int8_bundle_is_calibrated_on_real_kv_and_matches_its_profile(tiny, calibration_windows, tmp_path):
+    """A bundle's static engines are calibrated on the given text (the decode graph on the KV caches
+    of the fp32 prefill graph), record that text, and carry the recipe id that profiling (synthetic
+    calibration: speed does not depend on ranges) recorded; a static export without calibration text
+    is refused before any work."""
+    import onnxruntime as ort
+
+    from deploy.bundle import build_bundle, graph_paths, read_manifest
+    from deploy.pipeline_steps import export_bundles
+    from profilers.api import profile_subnetworks
+    from profilers.standalone import Protocol
+
+    sub = tiny.supernet().space.largest()
+    fast = Protocol(warmup_iters=1, warmup_seconds=0.0, min_iters=3, min_seconds=0.0, max_remeasure=0)
+    rec = profile_subnetworks(
+        tiny, [sub], ["decode:1x8"], precision="int8-static", protocol=fast, progress=False, workdir=tmp_path / "p"
+    )[0]
+    cal = StaticCalibration(calibration_windows.numpy(), "test windows")
+    bundle = build_bundle(
+        tiny,
+        tiny.supernet(),
+        sub,
+        tmp_path / "b",
+        variants=("fp32", "int8-static"),
+        log=lambda *_: None,
+        calibration=cal,
+    )
+    engine = read_manifest(bundle)["engines"]["int8-static"]
+    assert engine["recipe_id"] == rec["recipe_id"] and np.isfinite(rec["stats_ms"]["median"])
+    assert engine["calibration"]["source"] == "test windows" and engine["calibration"]["windows"] == 6
+
+    def next_logits(variant):  # prefill 7 tokens, then decode the 8th through that variant's graphs
+        paths = graph_paths(bundle, variant)
+        pre, dec = (
+            ort.InferenceSession(str(paths[g]), providers=["CPUExecutionProvider"]) for g in ("prefill", "decode")
+        )
+        ids = calibration_windows[:1, :8].numpy()
+        outs = pre.run(None, {"input_ids": ids[:, :7], "attention_mask": np.ones((1, 7), np.int64)})
+        past = {o.name.replace("present.", "past_key_values.", 1): v for o, v in zip(pre.get_outputs()[1:], outs[1:])}
+        return dec.run(None, {"input_ids": ids[:, 7:], "attention_mask": np.ones((1, 8), np.int64), **past})[0]
+
+    ref, q = next_logits("fp32"), next_logits("int8-static")
+    assert np.isfinite(q).all() and not np.array_equal(q, ref)
+    assert np.corrcoef(q.ravel(), ref.ravel())[0, 1] > 0.95  # quantized, not broken
+
+    with pytest.raises(NaspruneError, match="static INT8 needs calibration text"):
+        export_bundles(tiny, [("", sub, None)], tmp_path / "c", ["int8-static"], None, ["prefill:1x8"], False)
+    assert not (tmp_path / "c").exists()
