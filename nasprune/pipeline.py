@@ -601,19 +601,26 @@ class Pipeline:
         return {"records": counts}
 
     def stage_predictor(self) -> dict:
+        from compressor.quantize import is_quantized
         from predictors.dataset import read_store, select_group
         from predictors.fit import FitConfig, fit_predictor
         from predictors.modelspace import describe_model
 
         c = self.cfg.predictor
         store = read_store(self.store)
-        info = {}
-        for precision, directory in self.predictor_dirs.items():
+        info, reference = {}, None
+        # float precisions first: a quantized precision (profiled on fewer sub-networks) may then be
+        # predicted as a ratio to the fp32 predictor, if that cross-validates better (predictors.models)
+        order = sorted(self.predictor_dirs.items(), key=lambda item: is_quantized(item[0]))
+        for precision, directory in order:
             result = fit_predictor(
                 select_group(store, precision=precision, engine=self.cfg.profile.engine),
                 describe_model(str(self.supernet_dir)),
                 FitConfig(folds=c.folds, seed=c.seed, candidates=tuple(c.models)),
+                reference=reference if is_quantized(precision) else None,
             )
+            if precision == "fp32":
+                reference = result.predictor
             result.predictor.save(directory, overwrite=True)
             cv = result.predictor.manifest["cv"]
             sel = cv["models"][cv["selected"]]

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from compressor.console import STATE, console, err_console, handles_errors
 from compressor.console import quiet_transformers as quiet_transformers
+from compressor.errors import NaspruneError
 from compressor.outputs import claim_output
 
 _FP = typer.Option(None, "--fingerprint", help="Device fingerprint id to select from the store.")
@@ -78,6 +79,11 @@ def fit_cmd(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing predictor at --out."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Adaptive: profiler threads."),
+    reference: Optional[Path] = typer.Option(
+        None,
+        "--reference",
+        help="A predictor of this device and engine at another precision (fp32): adds the ratio-to-it candidate.",
+    ),
 ):
     """Fit a latency predictor on one (device, engine, precision, recipe) group of a profile store."""
     claim_output(out, "predictor", overwrite=overwrite)  # before profiling/fitting, not after
@@ -88,6 +94,8 @@ def fit_cmd(
     quiet_transformers()
     config = FitConfig(folds=folds, seed=seed, candidates=tuple(m.strip() for m in models.split(",") if m.strip()))
     wanted = dict(fingerprint_id=fingerprint, engine=engine, precision=precision, recipe_id=recipe)
+    if adaptive and reference is not None:
+        raise NaspruneError("--reference is for a direct fit; --adaptive profiles until the precision fits alone")
     if adaptive:
         from predictors.adaptive import AdaptiveConfig, adaptive_fit
 
@@ -114,8 +122,11 @@ def fit_cmd(
         source = model or resolve_source(records[0]["model"].get("source"))
         with console.status(f"reading the search space of {source} ..."):
             description = describe_model(source, online=_online())
+        from predictors import load_predictor
+
+        ref = load_predictor(reference) if reference is not None else None
         with console.status(f"cross-validating {', '.join(config.candidates)} on {len(records)} records ..."):
-            result = fit_predictor(records, description, config)
+            result = fit_predictor(records, description, config, reference=ref)
     result.predictor.save(out, overwrite=overwrite)
     m = result.predictor.manifest
     console.print(

@@ -12,8 +12,8 @@ from compressor.modeldir import now
 from compressor.search_space import DIMENSIONS
 from predictors.calibration import anchor_from_records
 from predictors.dataset import Dataset, to_dataset
-from predictors.features import ANALYTIC, FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix
-from predictors.models import CANDIDATES
+from predictors.features import ANALYTIC, FEATURE_NAMES, FEATURE_SCHEMA, bytes_per_param, feature_matrix
+from predictors.models import CANDIDATES, ratio_spec
 from predictors.modelspace import space_from_description
 from predictors.predictor import SCHEMA, LatencyPredictor, library_versions
 from predictors.selection import SELECTION_METRIC, CVResult, arch_groups, cross_validate, select
@@ -64,23 +64,38 @@ def _median_cv(records: list[dict]) -> float | None:
     return float(np.median(cvs)) if cvs else None
 
 
-def fit_predictor(records: list[dict], model_description: dict, config: FitConfig = FitConfig()) -> FitResult:
-    """Records of one group + the profiled model's description (:func:`predictors.modelspace.describe_model`)."""
+def fit_predictor(
+    records: list[dict],
+    model_description: dict,
+    config: FitConfig = FitConfig(),
+    reference: LatencyPredictor | None = None,
+) -> FitResult:
+    """Records of one group + the profiled model's description (:func:`predictors.modelspace.describe_model`).
+
+    ``reference``: a predictor of the same device and engine at another precision (fp32, fitted on
+    many sub-networks); adds the ``ratio-to-<precision>`` candidate (:class:`predictors.models.
+    RatioToReference`), which cross-validation weighs against the direct ones like any other."""
     ds = to_dataset(records)
     space = space_from_description(model_description)
     for s in ds.subs:
         space.validate(s)
     X = feature_matrix(space, ds.subs, ds.workloads, ds.group.precision)
     groups = arch_groups(ds.subs)
-    cv = [
-        cross_validate(CANDIDATES[name], X, ds.median_ms, groups, config.folds, config.seed)
-        for name in config.candidates
-    ]
+    specs = [CANDIDATES[name] for name in config.candidates]
+    ratio = None
+    if reference is not None:
+        ratio = _check_reference(reference, ds, space)
+        specs.append(ratio_spec(reference.estimators["median"], ratio["column_scale"], ratio["name"]))
+    cv = [cross_validate(spec, X, ds.median_ms, groups, config.folds, config.seed) for spec in specs]
     best = select(cv)
-    spec = CANDIDATES[best.name]
+    spec = next(s for s in specs if s.name == best.name)
     estimators = {"median": spec.fit(X, ds.median_ms, config.seed)}
     if config.p90 and ds.p90_ms is not None:
-        estimators["p90"] = spec.fit(X, ds.p90_ms, config.seed)
+        if ratio is None or spec.name != ratio["name"]:
+            estimators["p90"] = spec.fit(X, ds.p90_ms, config.seed)
+        elif "p90" in reference.estimators:
+            p90 = ratio_spec(reference.estimators["p90"], ratio["column_scale"], ratio["name"])
+            estimators["p90"] = p90.fit(X, ds.p90_ms, config.seed)
     first = ds.records[0]
     manifest = {
         "schema": SCHEMA,
@@ -94,6 +109,7 @@ def fit_predictor(records: list[dict], model_description: dict, config: FitConfi
         "versions": library_versions(),
         "features": {"schema": FEATURE_SCHEMA, "names": list(FEATURE_NAMES), "analytic": list(ANALYTIC)},
         "estimator": {"format": "skops", "selected": best.name, "quantiles": list(estimators)},
+        "reference": None if ratio is None else {k: v for k, v in ratio.items() if k != "column_scale"},
         "training": {
             "n_records": len(ds),
             "n_subnetworks": int(len(np.unique(groups))),
@@ -114,3 +130,40 @@ def fit_predictor(records: list[dict], model_description: dict, config: FitConfi
         },
     }
     return FitResult(LatencyPredictor(estimators, manifest, space), ds, cv)
+
+
+def _check_reference(reference: LatencyPredictor, ds: Dataset, space) -> dict:
+    """The reference must describe the same model on the same device and engine, at another precision."""
+    mine, theirs = ds.group.to_dict(), reference.group
+    here = _device_id(ds.records[0].get("fingerprint", {}))
+    there = _device_id(reference.manifest.get("fingerprint", {}))
+    for key, a, b in (("engine", mine["engine"], theirs["engine"]), ("device", here, there)):
+        if str(a) != str(b):
+            raise NaspruneError(
+                f"the reference predictor is for {key} {b}, these records for {key} {a}; "
+                "a ratio only transfers within one device and engine"
+            )
+    if theirs["precision"] == mine["precision"]:
+        raise NaspruneError(f"the reference predictor has the same precision ({mine['precision']}); fit directly")
+    if reference.space.num_params(reference.space.largest()) != space.num_params(space.largest()):
+        raise NaspruneError("the reference predictor was fitted for another model; use one of the same model")
+    scale = np.ones(len(FEATURE_NAMES))
+    factor = bytes_per_param(theirs["precision"]) / bytes_per_param(mine["precision"])
+    for column in ("weight_traffic_bytes", "weight_bytes"):  # the only features a precision changes
+        scale[FEATURE_NAMES.index(column)] = factor
+    return {
+        "name": f"ratio-to-{theirs['precision']}",
+        "precision": theirs["precision"],
+        "recipe_id": theirs.get("recipe_id"),
+        "selected": reference.manifest["cv"]["selected"],
+        "n_subnetworks": reference.manifest["training"]["n_subnetworks"],
+        "column_scale": scale,
+    }
+
+
+def _device_id(fingerprint: dict) -> str:
+    """The fingerprint id without the precision and recipe (a profile's ``fingerprint_id`` includes
+    them, so fp32 and int8 records of one machine differ there but share this)."""
+    from profilers.standalone import fingerprint_id
+
+    return fingerprint_id({k: v for k, v in fingerprint.items() if k not in ("precision", "recipe_id")})

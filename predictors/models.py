@@ -10,6 +10,11 @@ All three are fitted to *relative* error, because that is what they are selected
   (``TransformedTargetRegressor``): an additive error in log space is a relative error. Trees
   capture effects the formulas miss but cannot extrapolate (they predict a constant beyond the
   last split), which is why predictors warn outside the training ranges.
+
+One more candidate exists only when a *reference* predictor is given (:class:`RatioToReference`,
+``ratio-to-fp32``): a quantized precision is profiled on a few sub-networks (quantizing a graph
+costs tens of seconds), too few to fit the cost terms, but its latency is mostly the fp32
+latency of the same sub-network times a ratio the recipe sets.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from sklearn.base import RegressorMixin
+from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.compose import ColumnTransformer, TransformedTargetRegressor
 from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
 from sklearn.linear_model import LinearRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import MaxAbsScaler
 
-from predictors.features import analytic_columns
+from predictors.features import FEATURE_NAMES, analytic_columns
 
 
 @dataclass(frozen=True)
@@ -78,3 +83,49 @@ CANDIDATES: dict[str, ModelSpec] = {
     "gbrt": ModelSpec("gbrt", _gbrt, relative_weights=False),
     "random_forest": ModelSpec("random_forest", _random_forest, relative_weights=False),
 }
+
+
+KIND_COLUMNS = tuple(FEATURE_NAMES.index(f"is_{k}") for k in ("prefill", "decode", "generate"))
+
+
+class RatioToReference(RegressorMixin, BaseEstimator):
+    """Latency = a reference estimator's latency x a ratio per workload kind (geometric mean).
+
+    ``reference``: a fitted estimator of the same device and engine at another precision (fp32),
+    fitted on many sub-networks; ``column_scale``: per-feature factors that turn this precision's
+    feature rows into the reference's (the byte-width columns; every other feature is shared).
+    Fitting estimates one log-ratio per workload kind present (prefill / decode / generate) from
+    this precision's records: 1-3 numbers, so four profiled sub-networks pin it down where the cost
+    terms of ``linear`` (eight) cannot be. What it cannot see is a ratio that changes with shape
+    (e.g. an fp32 LM head weighing more in narrow sub-networks); cross-validation against the
+    direct candidates decides whether that matters for the records at hand.
+    """
+
+    def __init__(self, reference=None, column_scale=None):
+        self.reference = reference
+        self.column_scale = column_scale
+
+    def _reference_ms(self, X: np.ndarray) -> np.ndarray:
+        scale = np.ones(X.shape[1]) if self.column_scale is None else np.asarray(self.column_scale)
+        return np.asarray(self.reference.predict(X * scale), dtype=np.float64)
+
+    @staticmethod
+    def _kinds(X: np.ndarray) -> np.ndarray:
+        return np.argmax(X[:, list(KIND_COLUMNS)], axis=1)
+
+    def fit(self, X: np.ndarray, y: np.ndarray):
+        log_ratio = np.log(np.asarray(y, dtype=np.float64) / self._reference_ms(X))
+        kinds = self._kinds(X)
+        self.overall_ = float(np.mean(log_ratio))
+        self.log_ratio_ = np.array(
+            [float(np.mean(log_ratio[kinds == k])) if np.any(kinds == k) else self.overall_ for k in range(3)]
+        )
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self._reference_ms(X) * np.exp(self.log_ratio_[self._kinds(X)])
+
+
+def ratio_spec(reference, column_scale: np.ndarray, name: str) -> ModelSpec:
+    """The :class:`RatioToReference` candidate over ``reference`` (a fitted estimator)."""
+    return ModelSpec(name, lambda seed: RatioToReference(reference, column_scale), relative_weights=False)

@@ -7,7 +7,8 @@ Directory layout::
 
 skops, not pickle/joblib: a predictor is a file people exchange (one per device), and loading a
 pickle from a stranger runs arbitrary code. skops only builds the types we allow
-(:data:`ALLOWED_TYPE_PREFIXES`); anything else in the file is refused before loading.
+(:data:`ALLOWED_TYPE_PREFIXES`, and nasprune's own :data:`ALLOWED_TYPES`); anything else in the
+file is refused before loading.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ MANIFEST = "manifest.json"
 ESTIMATOR = "estimator.skops"
 SCHEMA = "nasprune-predictor/1"
 ALLOWED_TYPE_PREFIXES = ("sklearn.",)
+# nasprune's own estimator (a reference estimator x per-kind ratios): plain attributes, no code to run
+ALLOWED_TYPES = ("predictors.models.RatioToReference",)
 
 
 class ExtrapolationWarning(UserWarning):
@@ -211,7 +214,7 @@ def _load_estimators(directory: Path, manifest: dict) -> dict:
     if _sha256(path) != manifest["estimator"].get("sha256"):
         raise NaspruneError(f"{path} does not match the sha256 in {MANIFEST}; the predictor was modified, re-fit it")
     untrusted = sio.get_untrusted_types(file=path)
-    foreign = [t for t in untrusted if not t.startswith(ALLOWED_TYPE_PREFIXES)]
+    foreign = [t for t in untrusted if not t.startswith(ALLOWED_TYPE_PREFIXES) and t not in ALLOWED_TYPES]
     if foreign:
         raise NaspruneError(f"{path} contains types outside scikit-learn ({', '.join(foreign)}); refusing to load it")
     return sio.load(path, trusted=untrusted)

@@ -163,6 +163,49 @@ def test_recovers_known_formula_on_unseen_subnetworks(fitted, space, split):
         assert kendall_tau(truth, got) > 0.95
 
 
+def test_few_quantized_profiles_borrow_the_fp32_predictor_as_a_ratio(fitted, space, description, split, tmp_path):
+    """Two profiled sub-networks cannot pin down the eight cost terms of a direct fit, but they pin
+    down the quantized/fp32 ratio: with the fp32 predictor as reference, the ratio-to-fp32
+    candidate wins cross-validation, predicts unseen sub-networks far better than the direct fit,
+    survives save/load (skops, allow-listed type), and a reference from another engine is refused."""
+
+    def quantized(subs):  # the 'device' at int8: about half of fp32, a little less for deeper nets
+        recs = make_records(space, subs, precision="int8", recipe_id="r-int8", fingerprint_id="fp-int8")
+        for r in recs:
+            depth = SubNetwork.from_dict(r["arch"]).num_layers / space.largest().num_layers
+            r["stats_ms"] = {k: v * 0.5 * (1 - 0.04 * depth) for k, v in r["stats_ms"].items() if k != "cv"}
+            r["stats_ms"]["cv"] = 0.01
+        return recs
+
+    few, held_out = quantized(split[0][:2]), quantized(split[1])
+    reference = fitted.predictor
+    with_ratio = fit_predictor(few, description, FitConfig(folds=2), reference=reference)
+    direct = fit_predictor(few, description, FitConfig(folds=2))
+    assert with_ratio.predictor.manifest["cv"]["selected"] == "ratio-to-fp32"
+    assert with_ratio.predictor.manifest["reference"]["precision"] == "fp32"
+
+    def held_out_mape(predictor):
+        ds = to_dataset(held_out)
+        pred = np.concatenate([predictor.predict_ms([s], w) for s, w in zip(ds.subs, ds.workloads)])
+        return mape(ds.median_ms, pred)
+
+    ratio_mape, direct_mape = held_out_mape(with_ratio.predictor), held_out_mape(direct.predictor)
+    assert ratio_mape < 4.0 and direct_mape > 2 * ratio_mape, (ratio_mape, direct_mape)
+    loaded = load_predictor(with_ratio.predictor.save(tmp_path / "int8"))
+    probe = split[1][:5]
+    assert np.allclose(
+        loaded.predict_ms(probe, Workload.parse("prefill:1x64")),
+        with_ratio.predictor.predict_ms(probe, Workload.parse("prefill:1x64")),
+    )
+    other = make_records(space, split[0][:4], precision="int8", recipe_id="r-int8", engine="tensorrt")
+    for r in other:
+        r["fingerprint"] = {"cpu": "another"}
+    with pytest.raises(NaspruneError, match="within one device and engine"):
+        fit_predictor(other, description, FitConfig(folds=2), reference=reference)
+    with pytest.raises(NaspruneError, match="same precision"):
+        fit_predictor(make_records(space, split[0][:4]), description, FitConfig(folds=2), reference=reference)
+
+
 def test_cv_folds_keep_each_subnetwork_in_one_fold(fitted):
     m = fitted.predictor.manifest
     assert m["cv"]["grouped_by"] == "architecture"
