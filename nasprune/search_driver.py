@@ -109,13 +109,15 @@ def run_search_cli(
             return predict_mix_ms(chosen, subs, w)
 
     big = sn.space.largest()
+    nsga2_cfg = cfg
     if cfg.max_minutes is not None:
         t = time.perf_counter()
         quality(big)  # cached: the original's row below reuses it
         after = (time.perf_counter() - t) * ((cfg.population if one_shot is not None else 0) + len(predictors))
         left = cfg.max_minutes * 60 - (time.perf_counter() - start) - after
-        cfg = replace(cfg, max_minutes=max(left, 1e-3) / 60)
-    result = run_nsga2(sn.space, quality, latency, cfg)
+        nsga2_cfg = replace(cfg, max_minutes=max(left, 1e-3) / 60)
+    result = run_nsga2(sn.space, quality, latency, nsga2_cfg)
+    result.config = cfg  # what the user asked for (the stage's budget), not NSGA-II's share of it
     original = Evaluated(big, quality(big), float(latency([big])[0]), sn.space.num_params(big), -1)
     # the original at every precision with a predictor, searched or not: each is an alternative the user has
     baseline_precisions = list(predictors) if len(predictors) > 1 else cfg.precisions or [predictor.group["precision"]]
@@ -148,6 +150,7 @@ def run_search_cli(
             "workload_terms": [{"workload": str(m.workload), "weight": m.weight} for m in w.members],
             "extrapolated": outside,
             "calibration": calibration,
+            "nsga2_minutes": nsga2_cfg.max_minutes,
         },
         overwrite=overwrite,
         baselines=baselines,

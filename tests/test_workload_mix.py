@@ -180,7 +180,7 @@ def test_a_real_predictor_predicts_a_mix_as_the_weighted_sum(fitted):
 
 
 # ---- the search ranks by the mix -----------------------------------------------------------------
-def _search(tiny_model, tmp_path, monkeypatch, workload, fake=None):
+def _search(tiny_model, tmp_path, monkeypatch, workload, fake=None, minutes=None):
     import nasprune.search_driver as driver
     from compressor.modeldir import load_model
     from compressor.search import SearchConfig
@@ -190,9 +190,17 @@ def _search(tiny_model, tmp_path, monkeypatch, workload, fake=None):
     text = tmp_path / "heldout.txt"
     text.write_text("It is a truth universally acknowledged that a tiny model needs held-out text. " * 30)
     out = tmp_path / "search"
-    cfg = SearchConfig(population=8, generations=3, seed=0)
+    cfg = SearchConfig(population=8, generations=3, seed=0, max_minutes=minutes)
     driver.run_search_cli(load_model(str(tiny_model)), tmp_path / "p", workload, str(text), out, cfg, 256, 32)
     return fake, json.loads((out / "pareto.json").read_text()), json.loads((out / "history.json").read_text())
+
+
+def test_search_records_the_stage_budget_and_nsga2s_share_of_it(tiny_model, tmp_path, monkeypatch):
+    """--minutes bounds the whole search stage; pareto.json keeps the user's budget as the config and
+    says how much of it NSGA-II got (the rest was reserved for the baselines' evaluations)."""
+    _, pareto, _ = _search(tiny_model, tmp_path, monkeypatch, "prefill:1x32", minutes=5.0)
+    assert pareto["config"]["max_minutes"] == 5.0
+    assert 0 < pareto["nsga2_minutes"] < 5.0
 
 
 def test_search_ranks_sub_networks_by_the_mix(tiny_model, tmp_path, monkeypatch):
