@@ -428,14 +428,27 @@ def run_bld_speed(args, results, imp, paths):
     results.save()
 
 
+def selected_archs(args) -> dict:
+    """The architectures ``--archs`` names (by the start of their label, e.g. "75%"); all by default."""
+    if not args.archs:
+        return dict(ARCHS)
+    wanted = [w.strip() for w in args.archs.split(",") if w.strip()]
+    chosen = {k: v for k, v in ARCHS.items() if any(k.startswith(w) for w in wanted)}
+    if not chosen:
+        raise SystemExit(f"--archs {args.archs!r} matches none of {list(ARCHS)}")
+    return chosen
+
+
 def run_refine(args, results, ev, imp, paths, method="refine"):
     """Repair, then train the one sub-network for its share of the budget: KD from the original
-    ("refine") or plain cross-entropy with no teacher ("refine-ce"), at equal minutes."""
+    ("refine") or plain cross-entropy with no teacher ("refine-ce"), at equal minutes. The budget is
+    split over the selected architectures (``--archs``), so one selected arch gets all of it."""
     from compressor.modeldir import load_model
     from compressor.refine import RefineConfig, refine
 
-    per_arch = args.minutes / len(ARCHS)
-    for name, sub in ARCHS.items():
+    archs = selected_archs(args)
+    per_arch = args.minutes / len(archs)
+    for name, sub in archs.items():
         if results.has(method, name, per_arch):
             continue
         out = refine_dir(args, method, sub, per_arch)
@@ -637,6 +650,9 @@ def main():
     ap.add_argument(
         "--methods",
         default="references,retest,one-shot,repair,sandwich-ce,sandwich-kd,inplace-kd,refine,refine-ce,bld,bld-speed",
+    )
+    ap.add_argument(
+        "--archs", default="", help='refine only these architectures, by label prefix (e.g. "75%%"); default all'
     )
     ap.add_argument("--steps", type=int, default=120, help="cosine schedule length (the time budget stops first)")
     ap.add_argument("--batch-size", type=int, default=2)
