@@ -295,16 +295,14 @@ def quantize_graph(src: Path, dst: Path, precision: str, calibration: StaticCali
             _dynamic(src, dst, recipe, exclude)
         elif recipe.method == "static":
             _static(src, dst, recipe, model, exclude, calibration)
-            return {
-                **recipe.to_dict(),
-                "nodes_kept_float": len(exclude),
-                "calibration": calibration.describe(),
-            }
         elif recipe.method == "weight_only":
             _weight_only(onnx.load(str(src)), dst, recipe, exclude)
         else:  # pragma: no cover - RECIPES is closed
             raise NaspruneError(f"unknown quantization method {recipe.method}")
-    return {**recipe.to_dict(), "nodes_kept_float": len(exclude)}
+    done = {**recipe.to_dict(), "nodes_kept_float": len(exclude)}
+    if recipe.method == "static":
+        done["calibration"] = calibration.describe()
+    return done
 
 
 def _dynamic(src: Path, dst: Path, recipe: QuantRecipe, exclude: list[str]) -> None:
@@ -394,8 +392,10 @@ class StaticCalibration:
             raise NaspruneError("calibrating a decode graph needs windows of at least 2 tokens")
         if self.prefill is None and not self.synthetic:
             raise NaspruneError("calibrating a decode graph on real text needs the fp32 prefill graph (real KV caches)")
+        from compressor.engine_quality import session as ort_session  # (it imports this module)
+
         feeds = []
-        session = _session(self.prefill) if self.prefill is not None else None
+        session = ort_session(self.prefill) if self.prefill is not None else None
         for w in windows:
             head, last = w[None, :-1], w[None, -1:]
             if session is not None:
@@ -406,14 +406,6 @@ class StaticCalibration:
                 past = {p: np.zeros(_past_shape(inputs[p], head.shape[1]), np.float32) for p in pasts}
             feeds.append({"input_ids": last, "attention_mask": np.ones((1, w.size), np.int64), **past})
         return feeds
-
-
-def _session(path: Path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _past_shape(value_info, past: int) -> tuple[int, ...]:

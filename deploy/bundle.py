@@ -159,8 +159,9 @@ def _write_bundle(
             "parity": raw.parity,
             "optimization": f"ORT_ENABLE_EXTENDED for {providers[0]}",
         }
+        # static variants calibrate the decode graph on the KV caches of this model's fp32 prefill graph
+        cal = calibration.with_prefill(raw.paths["prefill"]) if calibration is not None else None
         for variant in (v for v in variants if v in RECIPES):  # the profiled recipe, applied to the shipped weights
-            cal = calibration.with_prefill(raw.paths["prefill"]) if calibration is not None else None
             done = {g: quantize_graph(raw.paths[g], graph_paths(out, variant)[g], variant, cal) for g in GRAPHS}
             recipe = {**raw.recipe, "quantization": RECIPES[variant].to_dict()}
             engines[variant] = {

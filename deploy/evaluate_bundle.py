@@ -79,8 +79,8 @@ def evaluate_run(pipeline, cfg) -> dict:
             manifest = read_manifest(bundle)
             loaded = load_model(str(bundle / "model"))
             acc = evaluate_model(loaded.model, loaded.tokenizer, windows, cfg, task_dir, names)
-            engines = manifest["engines"]
-            acc["engine_ppl"] = {"fp32": acc["ppl"], **engine_ppls(loaded.model, windows, engines, None, calibration)}
+            quantized = engine_ppls(loaded.model, windows, manifest["engines"], calibration=calibration)
+            acc["engine_ppl"] = {"fp32": acc["ppl"], **quantized}
             acc["params"] = manifest["params"]
             if not bundle.name.startswith("original") and one_shot_sn is not None:
                 results.setdefault("one_shot", {})[bundle.name] = one_shot_of(
@@ -125,7 +125,8 @@ def one_shot_of(supernet, manifest: dict, windows, log=None, calibration=None) -
     sub = SubNetwork.from_dict(manifest["arch"])
     model = extract(supernet, sub).eval()
     out = {"arch": manifest["arch"], "ppl": perplexity(hf_logits(model), windows)}
-    out["engine_ppl"] = {"fp32": out["ppl"], **engine_ppls(model, windows, manifest["engines"], None, calibration)}
+    quantized = engine_ppls(model, windows, manifest["engines"], calibration=calibration)
+    out["engine_ppl"] = {"fp32": out["ppl"], **quantized}
     if log:
         log(f"    one-shot {sub}: ppl {out['ppl']:.2f}")
     return out
