@@ -1,0 +1,171 @@
+"""Refine recipe screening: which ~75 % architecture and which learning rate recover most per token?
+
+``benchmarks/recovery.py`` compares recovery *methods* at equal minutes; this screens the knobs of
+the winning method (refine: closed-form repair, then logit KD from the original) at equal
+*tokens*, the unit that transfers between this project's VMs (their speed differs 2-5x). Every run
+repairs the sub-network on the same 4,096 training tokens and then distils it for ``--steps``
+steps of 2 x 256 tokens from the same cached teacher (``recovery_work/teacher``), so a row differs
+from another only in what its label says. Test texts are the recovery benchmark's: Persuasion
+(held-out Austen, the training domain) and BIG-bench narratives (out of domain).
+
+Rows are stored as they finish (``--out``, rewritten atomically) and skipped when present, so an
+interrupted run continues. Prints a table with the repair-only and original rows beside.
+
+    python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4;576,9,1152,26:2e-4" --steps 35
+    python benchmarks/refine_recipe.py --repair-only --runs "576,9,896,30;576,9,1536,21"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import recovery  # noqa: E402  (shares data, evaluator, work dir and teacher cache)
+import torch  # noqa: E402
+
+from compressor.search_space import SubNetwork  # noqa: E402
+
+TESTS = ["persuasion", "narratives"]
+
+
+def parse_runs(spec: str) -> list[tuple[SubNetwork, float | None]]:
+    """``"e,h,f,l:lr;..."`` -> [(sub-network, lr or None)]."""
+    runs = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        arch, _, lr = item.partition(":")
+        runs.append((SubNetwork(*(int(x) for x in arch.split(","))), float(lr) if lr else None))
+    if not runs:
+        raise SystemExit("--runs names no architecture")
+    return runs
+
+
+class RecipeResults:
+    """Rows keyed by their label, stored (atomically) as soon as each exists."""
+
+    def __init__(self, path: Path):
+        import json
+
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.exists() else {"rows": [], "meta": {}}
+
+    def has(self, key: str) -> bool:
+        return any(r["key"] == key for r in self.data["rows"])
+
+    def add(self, row: dict) -> None:
+        from compressor.modeldir import write_json_atomic
+
+        self.data["rows"].append(row)
+        write_json_atomic(self.path, self.data)
+        print(
+            f"  {row['key']:<44} persuasion {row['persuasion']:8.2f}  narratives {row['narratives']:8.2f}"
+            f"  {row.get('tokens', 0):>7} tokens  {row['seconds'] / 60:5.1f} min",
+            flush=True,
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", required=True, help='"embed,heads,ffn,layers:lr;..." (lr omitted with --repair-only)')
+    ap.add_argument("--steps", type=int, default=35, help="training steps of 2 x 256 tokens per run")
+    ap.add_argument("--repair-only", action="store_true", help="closed-form repair, no training")
+    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "recovery_work")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "refine_recipe.json")
+    ap.add_argument("--test-tokens", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    from compressor.modeldir import load_model
+
+    hf_logging.set_verbosity_error()
+    paths = recovery.make_data(args.work)
+    imp = recovery.importance_dir(argparse.Namespace(importance=None, work=args.work), paths)
+    parent = load_model(str(imp))
+    ev = recovery.Evaluator(parent.tokenizer, paths, argparse.Namespace(test_tokens=args.test_tokens, mc_tasks=[]))
+    results = RecipeResults(args.out)
+    results.data.setdefault("meta", {}).update(test_tokens=args.test_tokens, batch="2 x 256 tokens", repair_tokens=4096)
+    if not results.has("original"):
+        t = time.perf_counter()
+        results.add({"key": "original", "seconds": time.perf_counter() - t, **ev.model(parent.model, False, TESTS)})
+    for sub, lr in parse_runs(args.runs):
+        t = time.perf_counter()
+        if args.repair_only:
+            key = f"repair {sub}"
+            if results.has(key):
+                continue
+            from compressor.repair import repair_model
+
+            cfg, windows = recovery.repair_setup(argparse.Namespace(repair_tokens=4096), parent, paths)
+            model, _ = repair_model(parent, sub, windows, cfg)
+            params = sum(p.numel() for p in model.parameters())
+            results.add(
+                {
+                    "key": key,
+                    "arch": sub.to_dict(),
+                    "params": params,
+                    "tokens": 0,
+                    "seconds": time.perf_counter() - t,
+                    **ev.model(model, False, TESTS),
+                }
+            )
+            continue
+        if lr is None:
+            raise SystemExit(f"{sub}: give a learning rate (arch:lr) or --repair-only")
+        key = f"refine {sub} lr {lr:g} steps {args.steps} warmup {args.warmup_steps}"
+        if results.has(key):
+            continue
+        from compressor.refine import RefineConfig, refine
+
+        out = args.work / f"recipe-{sub}-lr{lr:g}-s{args.steps}-w{args.warmup_steps}"
+        cfg = RefineConfig(
+            minutes=600,  # the step count ends every run: equal tokens, whatever this VM's speed
+            steps=args.steps,
+            batch_size=2,
+            seq_len=256,
+            lr=lr,
+            warmup_steps=args.warmup_steps,
+            repair_tokens=4096,
+        )
+        record = refine(
+            str(imp),
+            sub,
+            str(paths["train"]),
+            out,
+            cfg,
+            overwrite=True,
+            log=lambda *_: None,
+            teacher_cache_dir=args.work / "teacher",
+        )
+        model = load_model(str(out)).model
+        results.add(
+            {
+                "key": key,
+                "arch": sub.to_dict(),
+                "lr": lr,
+                "steps": record["training"]["steps"],
+                "tokens": record["training"]["tokens"],
+                "params": sum(p.numel() for p in model.parameters()),
+                "seconds": time.perf_counter() - t,
+                **ev.model(model, False, TESTS),
+            }
+        )
+    ref = next(r for r in results.data["rows"] if r["key"] == "original")
+    print("\n| run | params | tokens | persuasion | x orig | narratives | x orig |")
+    print("|---|---|---|---|---|---|---|")
+    for r in sorted(results.data["rows"], key=lambda r: (r.get("tokens", 0), r["key"])):
+        print(
+            f"| {r['key']} | {r.get('params', 0) / 1e6:.1f}M | {r.get('tokens', 0)} | {r['persuasion']:.2f} "
+            f"| {r['persuasion'] / ref['persuasion']:.2f} | {r['narratives']:.2f} "
+            f"| {r['narratives'] / ref['narratives']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
