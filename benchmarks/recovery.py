@@ -439,12 +439,30 @@ def selected_archs(args) -> dict:
     return chosen
 
 
+def refine_in_work(work: Path, imp, paths, sub, out: Path, cfg):
+    """Refine ``sub`` of the importance-permuted model on the benchmark's training text, with the teacher
+    cache every recovery run shares (``WORK/teacher``); returns the refine record and the loaded model."""
+    from compressor.modeldir import load_model
+    from compressor.refine import refine
+
+    record = refine(
+        str(imp),
+        sub,
+        str(paths["train"]),
+        out,
+        cfg,
+        overwrite=True,
+        log=lambda *_: None,
+        teacher_cache_dir=work / "teacher",
+    )
+    return record, load_model(str(out))
+
+
 def run_refine(args, results, ev, imp, paths, method="refine"):
     """Repair, then train the one sub-network for its share of the budget: KD from the original
     ("refine") or plain cross-entropy with no teacher ("refine-ce"), at equal minutes. The budget is
     split over the selected architectures (``--archs``), so one selected arch gets all of it."""
-    from compressor.modeldir import load_model
-    from compressor.refine import RefineConfig, refine
+    from compressor.refine import RefineConfig
 
     archs = selected_archs(args)
     per_arch = args.minutes / len(archs)
@@ -462,17 +480,7 @@ def run_refine(args, results, ev, imp, paths, method="refine"):
             seed=args.seed,
             distill_alpha=0.0 if method == "refine-ce" else 1.0,
         )
-        record = refine(
-            str(imp),
-            sub,
-            str(paths["train"]),
-            out,
-            cfg,
-            overwrite=True,
-            log=lambda *_: None,
-            teacher_cache_dir=args.work / "teacher",
-        )
-        refined = load_model(str(out))
+        record, refined = refine_in_work(args.work, imp, paths, sub, out, cfg)
         results.add(
             method=method,
             arch=name,

@@ -121,7 +121,7 @@ def main() -> None:
         key = f"refine {sub} lr {lr:g} steps {args.steps} warmup {args.warmup_steps}"
         if results.has(key):
             continue
-        from compressor.refine import RefineConfig, refine
+        from compressor.refine import RefineConfig
 
         out = args.work / f"recipe-{sub}-lr{lr:g}-s{args.steps}-w{args.warmup_steps}"
         cfg = RefineConfig(
@@ -133,17 +133,8 @@ def main() -> None:
             warmup_steps=args.warmup_steps,
             repair_tokens=4096,
         )
-        record = refine(
-            str(imp),
-            sub,
-            str(paths["train"]),
-            out,
-            cfg,
-            overwrite=True,
-            log=lambda *_: None,
-            teacher_cache_dir=args.work / "teacher",
-        )
-        model = load_model(str(out)).model
+        record, loaded = recovery.refine_in_work(args.work, imp, paths, sub, out, cfg)
+        model = loaded.model
         results.add(
             {
                 "key": key,
