@@ -30,6 +30,8 @@ import numpy as np
 from pymoo.indicators.hv import HV
 from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
+from deploy.report import fastest_within
+
 
 def objectives(points: list[dict]) -> np.ndarray:
     return np.array([[p["ms"], math.log(p["ppl"])] for p in points], dtype=float).reshape(-1, 2)
@@ -83,6 +85,17 @@ def main():
     originals = [r for r in data["dominance"] if r["kind"] == "original"]
     beaten = [r for r in originals if r["dominated_by"]]
     print(f"\noriginal-model baselines dominated by a nasprune point: {len(beaten)} of {len(originals)}")
+    budgets = fastest_within(points)  # from the points, so runs written before the report kept it work too
+    print("\n| quality budget | nasprune: fastest within it | speed-up | original quantized only | speed-up |")
+    print("|---|---|---|---|---|")
+    for b in budgets:
+        cells = [
+            (f"{p['name']} {p['variant']} ({p['ppl']:.2f}, {p['ms']:.1f} ms)", f"{p['speedup']:.2f}x")
+            if p
+            else ("–", "–")
+            for p in (b["nasprune"], b["original"])
+        ]
+        print(f"| <= {b['budget']:g}x ({b['max_ppl']:.2f}) | " + " | ".join(c for pair in cells for c in pair) + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
@@ -95,6 +108,7 @@ def main():
                 "fronts": {k: front_of(v) for k, v in groups.items()},
                 "dominance": data["dominance"],
                 "original_dominated": f"{len(beaten)} of {len(originals)}",
+                "fastest_within": budgets,
             },
             indent=1,
         )

@@ -13,6 +13,7 @@ interrupted run continues. Prints a table with the repair-only and original rows
 
     python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4;576,9,1152,26:2e-4" --steps 35
     python benchmarks/refine_recipe.py --repair-only --runs "576,9,896,30;576,9,1536,21"
+    python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4" --steps 35 --distill-states 1
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "refine_recipe.json")
     ap.add_argument("--test-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--distill-states",
+        type=float,
+        default=0.0,
+        help="weight of intermediate-state distillation (the parent's blocks run live every step); 0: logits only",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -118,12 +125,13 @@ def main() -> None:
             continue
         if lr is None:
             raise SystemExit(f"{sub}: give a learning rate (arch:lr) or --repair-only")
-        key = f"refine {sub} lr {lr:g} steps {args.steps} warmup {args.warmup_steps}"
+        states = f" states {args.distill_states:g}" if args.distill_states > 0 else ""
+        key = f"refine {sub} lr {lr:g} steps {args.steps} warmup {args.warmup_steps}{states}"
         if results.has(key):
             continue
         from compressor.refine import RefineConfig
 
-        out = args.work / f"recipe-{sub}-lr{lr:g}-s{args.steps}-w{args.warmup_steps}"
+        out = args.work / f"recipe-{sub}-lr{lr:g}-s{args.steps}-w{args.warmup_steps}{states.replace(' ', '-')}"
         cfg = RefineConfig(
             minutes=600,  # the step count ends every run: equal tokens, whatever this VM's speed
             steps=args.steps,
@@ -132,6 +140,7 @@ def main() -> None:
             lr=lr,
             warmup_steps=args.warmup_steps,
             repair_tokens=4096,
+            distill_states=args.distill_states,
         )
         record, loaded = recovery.refine_in_work(args.work, imp, paths, sub, out, cfg)
         model = loaded.model
@@ -142,6 +151,8 @@ def main() -> None:
                 "lr": lr,
                 "steps": record["training"]["steps"],
                 "tokens": record["training"]["tokens"],
+                "distill_states": args.distill_states,
+                "training_seconds": record["training"]["seconds"],
                 "params": sum(p.numel() for p in model.parameters()),
                 "seconds": time.perf_counter() - t,
                 **ev.model(model, False, TESTS),

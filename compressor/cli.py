@@ -355,6 +355,12 @@ def refine(
     distill_alpha: float = typer.Option(
         1.0, "--distill-alpha", help="alpha x KD + (1 - alpha) x cross-entropy; 0: cross-entropy only, no teacher"
     ),
+    distill_states: float = typer.Option(
+        0.0,
+        "--distill-states",
+        help="weight of intermediate-state distillation (the student's residual stream follows the parent's, "
+        "block by block; runs the parent's blocks every step); 0: logits only",
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted refine of the same --out"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
@@ -373,6 +379,7 @@ def refine(
         lr=lr,
         repair=not no_repair,
         distill_alpha=distill_alpha,
+        distill_states=distill_states,
     )
     record = run_refine(
         model,

@@ -41,6 +41,9 @@ class RefineConfig:
     # quantization-aware refine: train with the recipe the point ships in simulated (straight-through);
     # None: float training (the pipeline sets the precision the search chose for the point)
     quantization: str | None = None
+    # weight of intermediate-state distillation (compressor.distill_states; runs the parent's blocks live
+    # every step); 0: logit KD only
+    distill_states: float = 0.0
 
     def __post_init__(self):
         if not (self.minutes > 0 and math.isfinite(self.minutes)):
@@ -50,6 +53,9 @@ class RefineConfig:
                 raise NaspruneError(f"refine {name} must be >= 1 (got {getattr(self, name)})")
         if not (isinstance(self.distill_alpha, (int, float)) and 0.0 <= self.distill_alpha <= 1.0):
             raise NaspruneError(f"refine distill_alpha must be in [0, 1] (got {self.distill_alpha})")
+        ok = isinstance(self.distill_states, (int, float)) and not isinstance(self.distill_states, bool)
+        if not (ok and math.isfinite(self.distill_states) and self.distill_states >= 0):
+            raise NaspruneError(f"refine distill_states must be a number >= 0 (got {self.distill_states})")
 
     @staticmethod
     def from_dict(d: dict | None) -> RefineConfig:
@@ -87,6 +93,7 @@ class RefineConfig:
             seed=self.seed,
             checkpoint_every=max(1, min(50, self.steps)),
             quantization=self.quantization,
+            distill_states=self.distill_states if self.distills else 0.0,
         )
 
 
@@ -131,6 +138,27 @@ def time_teacher_window(teacher_loaded, cfg: RefineConfig) -> float:
             topk_targets(teacher(ids, None), cfg.distill_topk, cfg.distill_temperature)
             seconds.append(time.perf_counter() - start)
     return seconds[-1] / cfg.batch_size
+
+
+def time_state_teacher(teacher_loaded, cfg: RefineConfig) -> float:
+    """Seconds of the parent's blocks on one ``batch_size x seq_len`` batch (what intermediate-state
+    distillation adds to every step); the second of two."""
+    import time
+
+    import torch
+
+    from compressor.distill_states import teacher_states
+
+    teacher = teacher_loaded.supernet().eval()
+    vocab = teacher_loaded.model.config.vocab_size
+    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=torch.Generator().manual_seed(cfg.seed))
+    last = [teacher_loaded.model.config.num_hidden_layers - 1]
+    seconds = []
+    for _ in range(2):
+        start = time.perf_counter()
+        teacher_states(teacher, ids, None, last)
+        seconds.append(time.perf_counter() - start)
+    return seconds[-1]
 
 
 def planned_steps(
@@ -283,6 +311,9 @@ def refine(
             record["ppl_repaired"] = _validation_ppl(model, parent_loaded.tokenizer, val_text, cfg)
         save_extracted(parent_loaded, sn, sub, student_dir, overwrite=True, model=model, repair=repair)
         record["step_seconds_timed"] = time_step(model, cfg, model.config.vocab_size)
+        if cfg.distills and cfg.distill_states > 0:  # the parent's blocks run live every step
+            record["state_teacher_seconds_timed"] = time_state_teacher(teacher_loaded, cfg)
+            record["step_seconds_timed"] += record["state_teacher_seconds_timed"]
         if cfg.distills:
             record["teacher_window_seconds_timed"] = time_teacher_window(teacher_loaded, cfg)
             missing = missing_teacher_windows(teacher_loaded, data, cfg.train_config(), teacher_cache_dir, online)

@@ -61,11 +61,17 @@ class SuperNetwork(torch.nn.Module):
         return x, self.family.rotary(self.model)(x, positions)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, layers: list[int] | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        layers: list[int] | None = None,
+        states: list | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` of the active sub-network.
 
         ``layers`` overrides which blocks run (e.g. to measure the loss with one block dropped).
+        ``states``: a list that receives the residual stream after every block that runs (with its
+        graph: intermediate-state distillation trains on them).
         """
         s, fam = self._shape, self.family
         x, cos_sin = self._embed(input_ids)
@@ -77,6 +83,8 @@ class SuperNetwork(torch.nn.Module):
                 )
             else:
                 x = fam.block(blocks[i], x, cos_sin, attention_mask, s)
+            if states is not None:
+                states.append(x)
         return fam.head(self.model, x, s)
 
     def block_io(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):

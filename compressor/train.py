@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from compressor.data import IGNORE, TokenizedData, load_data
 from compressor.distill import TeacherCache, inplace_targets, kd_loss, kd_loss_full, state_dict_hash
+from compressor.distill_states import state_loss, teacher_layer_targets, teacher_states
 from compressor.errors import NaspruneError
 from compressor.modeldir import LoadedModel, ModelMeta, cache_dir, load_model, save_model_dir, versions
 from compressor.quant_sim import simulate
@@ -100,6 +101,10 @@ class TrainConfig:
     # quantization-aware training: every forward runs this precision's recipe simulated (compressor.quant_sim,
     # straight-through rounding), so the weights learn to survive the engine's quantization; None: float
     quantization: str | None = None
+    # intermediate-state distillation (compressor.distill_states): weight of the normalized MSE between the
+    # student's residual stream after each block and the teacher's at the same point, added to the loss.
+    # Needs a single extracted student and its unpruned parent as teacher (refine); 0: logits only
+    distill_states: float = 0.0
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -121,6 +126,19 @@ class TrainConfig:
                     f"quantization-aware training with the static recipe {self.quantization!r} is not supported "
                     "(its activation ranges are calibrated on the trained weights at export); train in float"
                 )
+        if not (
+            isinstance(self.distill_states, (int, float))
+            and math.isfinite(self.distill_states)
+            and self.distill_states >= 0
+        ):
+            raise NaspruneError(f"distill_states must be a number >= 0 (got {self.distill_states})")
+        if self.distill_states > 0 and (
+            self.distill != "logits" or self.teacher != "original" or self.strategy != "standard"
+        ):
+            raise NaspruneError(
+                "distill_states needs distill 'logits' from teacher 'original' on one sub-network (strategy "
+                "'standard'): it distils an extracted student from its unpruned parent, as refine does"
+            )
         if self.teacher not in TEACHERS:
             raise NaspruneError(f"teacher must be one of {', '.join(TEACHERS)} (got {self.teacher!r})")
         if not (isinstance(self.distill_alpha, (int, float)) and 0.0 <= self.distill_alpha <= 1.0):
@@ -285,6 +303,17 @@ class Trainer:
             raise NaspruneError("an external teacher needs distill 'logits' with teacher 'original'")
         # an external teacher (refine: the unpruned parent of an extracted student) replaces the start model
         self._external_teacher = teacher.supernet().eval() if teacher is not None else None
+        self._state_teacher, self._state_targets = None, []
+        if cfg.distill_states > 0:
+            if teacher is None:
+                raise NaspruneError(
+                    "distill_states needs the unpruned parent as teacher (refine passes it): the student's "
+                    "own start weights have no other depth to learn from"
+                )
+            self._state_teacher = self._external_teacher
+            self._state_targets = teacher_layer_targets(
+                student_kept_layers(loaded, teacher), teacher.model.config.num_hidden_layers
+            )
         teacher_hash = state_dict_hash(teacher.model if teacher is not None else model) if cached_teacher else None
         if cfg.untie_lm_head:
             untie_lm_head(model)
@@ -346,7 +375,7 @@ class Trainer:
             self.teacher_fill = self.teacher_cache.ensure(
                 needed, self._teacher_logits, batch_size=cfg.batch_size, device=acc.device, log=log
             )
-        self._external_teacher = None  # its targets are on disk now: free it
+        self._external_teacher = None  # its targets are on disk now: free it (the state loss keeps its own)
 
     def _teacher_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The frozen teacher: the largest sub-network with the weights the trainer started with, or the
@@ -453,7 +482,7 @@ class Trainer:
         inplace = cfg.distill == "logits" and cfg.teacher == "largest"
         if inplace and subs[0] != self.supernet.space.largest():
             raise NaspruneError("in-place distillation needs the largest sub-network first in the sandwich")
-        tokens = 0
+        tokens, state_teacher_seconds, state_losses = 0, 0.0, {}
         for micro in range(cfg.grad_accum):
             idx = batch_indices(
                 self.step, micro, cfg, len(self.data), self.accelerator.num_processes, self.accelerator.process_index
@@ -463,12 +492,23 @@ class Trainer:
             mask = batch.attention_mask.to(device) if batch.kind == "instruct" else None
             tokens += int(batch.attention_mask.sum())
             targets = self.teacher_cache.fetch(idx, device) if self.teacher_cache is not None else None
-            teacher_logprob = None
+            teacher_logprob, wanted = None, None
+            if self._state_teacher is not None:
+                start = time.perf_counter()
+                with self.accelerator.autocast():
+                    wanted = teacher_states(self._state_teacher.to(device), ids, mask, self._state_targets)
+                state_teacher_seconds += time.perf_counter() - start
             for i, sub in enumerate(subs):
                 self.supernet.select(sub)
+                states = [] if wanted is not None else None
                 with self.accelerator.autocast(), simulate(cfg.quantization or "fp32", self.supernet.model):
-                    logits = self.model(ids, mask)
+                    logits = self.model(ids, mask, states=states)
                 loss, ce, kd = self._sub_loss(logits, labels, targets, teacher_logprob)
+                if wanted is not None:
+                    hidden = state_loss(states, wanted, batch.attention_mask.to(device).bool())
+                    loss = loss + cfg.distill_states * hidden
+                    state_losses[str(sub)] = state_losses.get(str(sub), 0.0) + hidden.item() / cfg.grad_accum
+                    del states
                 if inplace and i == 0:  # the largest: CE only, then it teaches the rest (detached)
                     teacher_logprob = inplace_targets(logits, cfg.distill_temperature)
                 del logits
@@ -489,6 +529,9 @@ class Trainer:
         if cfg.distill != "none":
             out["kd_losses"] = kd_losses
             out["teacher_seconds"] = self.teacher_cache.take_fetch_seconds() if self.teacher_cache else 0.0
+            if self._state_teacher is not None:  # the live teacher of the state loss is teacher time too
+                out["teacher_seconds"] += state_teacher_seconds
+                out["state_losses"] = state_losses
         return out
 
     def run(self, progress: bool = True) -> dict:
@@ -536,6 +579,8 @@ class Trainer:
                             teacher_seconds=out["teacher_seconds"],
                             teacher_fraction=out["teacher_seconds"] / dt,
                         )
+                        if "state_losses" in out:
+                            record["state_losses"] = out["state_losses"]
                     self._log(record)
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -568,6 +613,21 @@ class Trainer:
         """The trained HF model (LoRA merged) with the layout nasprune expects."""
         model = self.supernet.model
         return merge_lora(model) if self.cfg.lora else model
+
+
+def student_kept_layers(student: LoadedModel, teacher: LoadedModel) -> list[int]:
+    """The parent layers an extracted student kept (recorded by extraction); a student as deep as its
+    teacher kept them all."""
+    kept = (student.meta.subnetwork or {}).get("kept_layers")
+    if kept is not None:
+        return [int(i) for i in kept]
+    depth, parent_depth = student.model.config.num_hidden_layers, teacher.model.config.num_hidden_layers
+    if depth == parent_depth:
+        return list(range(depth))
+    raise NaspruneError(
+        f"distill_states: {student.source} ({depth} layers) records no kept layers of its {parent_depth}-layer "
+        "teacher; extract it with nasprune extract (or refine) so the layers can be matched"
+    )
 
 
 def prepare_model(loaded: LoadedModel, cfg: TrainConfig, calib: TokenizedData | None, log=print) -> LoadedModel:

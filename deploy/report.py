@@ -84,6 +84,38 @@ def dominance(points: list[dict]) -> list[dict]:
     return rows
 
 
+QUALITY_BUDGETS = (1.1, 1.3, 1.5, 2.0)
+
+
+def fastest_within(points: list[dict], budgets=QUALITY_BUDGETS) -> list[dict]:
+    """Per quality budget r: the fastest nasprune point and the fastest original-model point whose test
+    perplexity is <= r x the original fp32's, each with its speed-up over the original fp32. The question
+    a user with a quality budget asks ("how much faster, at most 1.3x worse?"), answered for nasprune and
+    for quantizing the original alone; [] without an original fp32 point."""
+    ref = next((p for p in points if p["kind"] == "original" and p["variant"] == "fp32"), None)
+    if ref is None:
+        return []
+    rows = []
+    for r in budgets:
+        row: dict = {"budget": r, "max_ppl": r * ref["ppl"], "reference_ms": ref["ms"]}
+        for kind in ("nasprune", "original"):
+            ok = [p for p in points if p["kind"] == kind and p["ppl"] <= r * ref["ppl"]]
+            best = min(ok, key=lambda p: (p["ms"], p["ppl"])) if ok else None
+            row[kind] = (
+                None
+                if best is None
+                else {
+                    "name": best["name"],
+                    "variant": best["variant"],
+                    "ms": best["ms"],
+                    "ppl": best["ppl"],
+                    "speedup": ref["ms"] / best["ms"],
+                }
+            )
+        rows.append(row)
+    return rows
+
+
 def write_report(pipeline) -> Path:
     run = Path(pipeline.run)
     state = pipeline.state
@@ -179,7 +211,10 @@ def write_report(pipeline) -> Path:
             )
     points = front_points(manifests, w, one_shot)
     rows = dominance(points)
-    write_json_atomic(run / "front.json", {"workload": w, "points": points, "dominance": rows})
+    budgets = fastest_within(points)
+    write_json_atomic(
+        run / "front.json", {"workload": w, "points": points, "dominance": rows, "fastest_within": budgets}
+    )
     if rows:
         lines += [
             "",
@@ -200,6 +235,27 @@ def write_report(pipeline) -> Path:
         beaten = sum(bool(r["dominated_by"]) for r in rows if r["kind"] == "original")
         total = sum(r["kind"] == "original" for r in rows)
         lines += ["", f"Original-model baselines dominated: **{beaten} of {total}**."]
+    if budgets:
+
+        def cell(p):
+            return (
+                "none within budget"
+                if p is None
+                else f"{p['name']} {p['variant']}: {p['ppl']:.2f}, {p['ms']:.1f} ms (**{p['speedup']:.2f}x**)"
+            )
+
+        lines += [
+            "",
+            "Fastest within a quality budget (test perplexity <= r x the original fp32's; speed-up over the "
+            "original fp32, measured):",
+            "",
+            "| budget | max test ppl | nasprune | the original, quantized only |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {b['budget']:g}x | {b['max_ppl']:.2f} | {cell(b['nasprune'])} | {cell(b['original'])} |"
+            for b in budgets
+        ]
     refine = state["stages"].get("refine", {}).get("points")
     if refine:
         lines += [

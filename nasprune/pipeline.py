@@ -124,6 +124,8 @@ class RefineStageConfig:
     eval_tokens: int = 4096
     # 1 = pure logit KD from the original (measured best out of domain); 0 = cross-entropy, no teacher
     distill_alpha: float = 1.0
+    # + intermediate-state distillation with this weight (the parent's blocks run live every step); 0: off
+    distill_states: float = 0.0
     # a point the search chose at a quantization recipe is refined with that recipe simulated in the
     # forward (straight-through rounding): its weights learn to survive the engine's quantization
     quantization_aware: bool = True
@@ -139,6 +141,23 @@ def eligible_points(rows: list[dict], original_ppl: float | None, max_ppl_ratio:
     keep = [i for i in by_quality if rows[i]["ppl"] <= max_ppl_ratio * original_ppl]
     keep = keep if len(keep) >= n else by_quality[:n]
     return sorted(keep)
+
+
+def target_points(rows: list[dict], original_ppl: float | None, targets: list[float]) -> list[tuple[float, int]]:
+    """For every quality budget ``r`` in ``targets``: (r, index of the fastest front row whose validation
+    perplexity is <= r x the original's), at whatever precision the search chose for it. A budget
+    nothing meets gets the lowest-perplexity row (the closest the front comes); without an original
+    to compare with, every budget does. Budgets that land on the same row keep it once."""
+    if not rows:
+        return []
+    best = min(range(len(rows)), key=lambda i: rows[i]["ppl"])
+    out: list[tuple[float, int]] = []
+    for r in targets:
+        ok = [i for i, row in enumerate(rows) if original_ppl is not None and row["ppl"] <= r * original_ppl]
+        i = min(ok, key=lambda i: (rows[i]["predicted_ms"], rows[i]["ppl"])) if ok else best
+        if i not in (j for _, j in out):
+            out.append((r, i))
+    return out
 
 
 @dataclass
@@ -164,6 +183,11 @@ class ExportConfig:
     # whole front. The front's fast end (e.g. a 22M model at 30x the original's perplexity) is no
     # alternative to the original at any precision: refining and shipping it spends minutes on nothing
     max_ppl_ratio: float | None = None
+    # quality budgets instead of ``points``/``max_ppl_ratio``: for each ratio r, ship the fastest front point
+    # (any searched precision) whose validation perplexity is <= r x the original's: "the fastest model
+    # within 1.3x of the original" is the question a user with a latency target asks. The search scores
+    # the super-network's weights before refine, which takes 1.2-1.5x off, so a budget is conservative
+    targets: list[float] | None = None
 
 
 @dataclass
@@ -253,6 +277,7 @@ class PipelineConfig:
             repair=r.repair,
             repair_tokens=r.repair_tokens,
             distill_alpha=r.distill_alpha,
+            distill_states=r.distill_states,
             eval_tokens=r.eval_tokens,
         )
 
@@ -315,6 +340,7 @@ class PipelineConfig:
             ("blocks", lambda: self.blocks_config()),
             ("export", lambda: _repair_config(x.repair_tokens) if x.repair else None),
             ("export", lambda: _positive_or_none("max_ppl_ratio", x.max_ppl_ratio)),
+            ("export", lambda: _targets(x.targets, x.max_ppl_ratio)),
             ("profile", lambda: _positive_or_none("minutes", p.minutes)),
             ("search", lambda: _positive_or_none("minutes", self.search.minutes)),
         ]
@@ -328,6 +354,18 @@ class PipelineConfig:
 def _positive_or_none(key: str, value) -> None:
     if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
         raise NaspruneError(f"{key} must be a number > 0 (or absent), not {value!r}")
+
+
+def _targets(targets: list[float] | None, max_ppl_ratio: float | None) -> None:
+    if targets is None:
+        return
+    numbers = isinstance(targets, list) and all(
+        isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0 for r in targets
+    )
+    if not targets or not numbers:
+        raise NaspruneError(f"targets must list perplexity ratios > 0, at least one, not {targets!r}")
+    if max_ppl_ratio is not None:
+        raise NaspruneError("targets and max_ppl_ratio both choose the exported points: set one of them")
 
 
 def _at_least_one_precision(precisions: list[str]) -> None:
@@ -696,8 +734,14 @@ class Pipeline:
 
         pareto = json.loads((self.search_dir / "pareto.json").read_text())
         rows = pareto["pareto"]
+        original_ppl = (pareto.get("original") or {}).get("ppl")
+        if self.cfg.export.targets:
+            return [
+                (str(i), SubNetwork.from_dict(rows[i]["arch"]), rows[i])
+                for _, i in sorted(target_points(rows, original_ppl, self.cfg.export.targets), key=lambda t: t[1])
+            ]
         n = min(self.cfg.export.points, len(rows))
-        pool = eligible_points(rows, (pareto.get("original") or {}).get("ppl"), self.cfg.export.max_ppl_ratio, n)
+        pool = eligible_points(rows, original_ppl, self.cfg.export.max_ppl_ratio, n)
         spread = [round(i * (len(pool) - 1) / max(1, n - 1)) for i in range(n)] if n > 1 else [len(pool) // 2]
         idx = sorted({pool[j] for j in spread})
         return [(str(i), SubNetwork.from_dict(rows[i]["arch"]), rows[i]) for i in idx]

@@ -746,6 +746,18 @@ CASES = [
         write("c.yaml", "export:\n  max_ppl_ratio: -2\n"),
     ),
     Case(
+        "compress-export-targets-and-ppl-ratio",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "section 'export': targets and max_ppl_ratio both choose the exported points",
+        write("c.yaml", "export:\n  max_ppl_ratio: 4\n  targets: [1.3]\n"),
+    ),
+    Case(
+        "compress-export-targets-not-numbers",
+        ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
+        "section 'export': targets must list perplexity ratios > 0",
+        write("c.yaml", "export:\n  targets: 1.3\n"),
+    ),
+    Case(
         "compress-refine-distill-alpha-out-of-range",
         ["compress", "{fx}/model", "--out", "{tmp}/run", "--config", "{tmp}/c.yaml"],
         "section 'refine': refine distill_alpha must be in [0, 1] (got 1.5)",

@@ -110,6 +110,31 @@ def test_dominance_table_marks_what_beats_each_baseline():
     assert rows["original-x int8"] == ["0-small fp32"]  # its int8 (ppl 66) is faster but worse than 64
 
 
+def test_fastest_within_a_quality_budget_for_nasprune_and_for_quantizing_alone():
+    """Per budget r: the fastest point of each kind at test ppl <= r x the original fp32's, with its speed-up
+    over the original fp32; one-shot baselines are neither; no original fp32, no table."""
+    from deploy.report import fastest_within
+
+    def pt(name, variant, ms, ppl, kind):
+        return {"name": name, "variant": variant, "ms": ms, "ppl": ppl, "kind": kind, "baseline": kind != "nasprune"}
+
+    points = [
+        pt("original", "fp32", 400.0, 40.0, "original"),
+        pt("original", "int8-mixed", 200.0, 42.0, "original"),
+        pt("original", "int8", 130.0, 75.0, "original"),
+        pt("0-a", "int8-mixed", 160.0, 50.0, "nasprune"),
+        pt("0-a", "fp32", 300.0, 48.0, "nasprune"),
+        pt("1-b", "int8-pc", 100.0, 70.0, "nasprune"),
+        pt("one-shot 1-b", "int8-pc", 100.0, 41.0, "one-shot"),  # a baseline, never counted
+    ]
+    rows = {r["budget"]: r for r in fastest_within(points, (1.1, 1.3, 2.0))}
+    assert rows[1.1]["nasprune"] is None and rows[1.1]["original"]["variant"] == "int8-mixed"
+    assert rows[1.3]["nasprune"]["name"] == "0-a" and rows[1.3]["nasprune"]["variant"] == "int8-mixed"
+    assert abs(rows[1.3]["nasprune"]["speedup"] - 2.5) < 1e-9 and abs(rows[1.3]["original"]["speedup"] - 2.0) < 1e-9
+    assert rows[2.0]["nasprune"]["name"] == "1-b" and rows[2.0]["original"]["variant"] == "int8"
+    assert fastest_within(points[1:], (1.3,)) == []
+
+
 def test_export_picks_only_points_that_could_replace_the_original():
     """``export.max_ppl_ratio`` keeps the 22M-at-30x end of the front out of refine and export; when too
     few points qualify, the lowest-perplexity ones are taken; without it, the whole front."""
@@ -120,3 +145,23 @@ def test_export_picks_only_points_that_could_replace_the_original():
     assert eligible_points(rows, 30.0, 3.5, 2) == [3, 4, 5]  # <= 105
     assert eligible_points(rows, 30.0, 2.0, 2) == [4, 5]  # only 60 qualifies: topped up with 70
     assert eligible_points(rows, None, 2.0, 2) == [0, 1, 2, 3, 4, 5]  # no original to compare with
+
+
+def test_export_targets_ship_the_fastest_point_within_each_quality_budget():
+    """``export.targets``: per budget r, the fastest front point at <= r x the original's validation
+    perplexity, at whatever precision; a budget nothing meets gets the best point; duplicates once."""
+    from nasprune.pipeline import target_points
+
+    rows = [
+        {"ppl": 90.0, "predicted_ms": 20.0, "precision": "int8-pc"},
+        {"ppl": 60.0, "predicted_ms": 50.0, "precision": "int8-pc"},
+        {"ppl": 38.0, "predicted_ms": 80.0, "precision": "int8-mixed"},
+        {"ppl": 36.0, "predicted_ms": 150.0, "precision": "fp32"},
+        {"ppl": 30.0, "predicted_ms": 160.0, "precision": "fp32"},
+    ]
+    assert target_points(rows, 30.0, [1.3, 2.0]) == [(1.3, 2), (2.0, 1)]
+    assert target_points(rows, 30.0, [1.3, 1.35]) == [(1.3, 2)]  # the same row once
+    assert target_points(rows, 30.0, [1.25]) == [(1.25, 3)]  # 38 > 37.5: the next fastest, 36
+    assert target_points(rows, 30.0, [0.5]) == [(0.5, 4)]  # nothing that good: the closest the front comes
+    assert target_points(rows, None, [2.0]) == [(2.0, 4)]
+    assert target_points([], 30.0, [2.0]) == []

@@ -107,3 +107,108 @@ def test_cross_entropy_refine_runs_no_teacher(tiny_model, tmp_path):
     assert record["teacher_fill_planned_seconds"] == 0 and record["training"]["steps"] >= 1
     assert not (tmp_path / "t").exists()
     assert load_model(str(tmp_path / "ce")).meta.provenance["training"]["config"]["distill"] == "none"
+
+
+def test_state_targets_map_each_student_block_to_the_parent_state_its_next_block_reads():
+    """Student block j replaces the parent's layers kept[j] .. kept[j+1]-1: its target is the parent's output
+    just before the next kept layer; the last block's is the parent's last layer (as the logit KD's)."""
+    import pytest
+
+    from compressor.distill_states import teacher_layer_targets
+
+    assert teacher_layer_targets([0, 1, 2, 3], 4) == [0, 1, 2, 3]  # full depth: block for block
+    assert teacher_layer_targets([0, 2, 3, 6], 8) == [1, 2, 5, 7]
+    assert teacher_layer_targets([1, 4], 5) == [3, 4]
+    for bad in ([], [2, 1], [0, 0], [0, 5]):
+        with pytest.raises(ValueError):
+            teacher_layer_targets(bad, 5)
+
+
+def test_state_loss_is_zero_for_the_parent_itself_and_positive_for_a_pruned_student(tiny_model):
+    """The full-depth, full-width student is the teacher: zero state loss; a shallower, narrower one is not.
+    Only the student's first embed_dim channels of the parent's stream are compared."""
+    from compressor.distill_states import state_loss, teacher_layer_targets, teacher_states
+
+    parent = load_model(str(tiny_model))
+    teacher = parent.supernet().eval()
+    ids = torch.randint(0, parent.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    depth = parent.model.config.num_hidden_layers
+    full = list(range(depth))
+    wanted = teacher_states(teacher, ids, None, teacher_layer_targets(full, depth))
+    states: list = []
+    with torch.no_grad():
+        parent.supernet().eval()(ids, states=states)
+    assert float(state_loss(states, wanted, None)) < 1e-10
+    space = teacher.space
+    sub = SubNetwork(space.choices["embed_dim"][0], space.choices["num_heads"][0], space.choices["ffn_dim"][0], 3)
+    student = extract(teacher, sub).eval()
+    kept = space.kept_layers(sub)
+    wanted = teacher_states(teacher, ids, None, teacher_layer_targets(kept, depth))
+    states = []
+    with torch.no_grad():
+        from compressor.supernet import SuperNetwork
+
+        SuperNetwork(student).eval()(ids, states=states)
+    assert len(states) == 3 and states[0].shape[-1] == sub.embed_dim < wanted[0].shape[-1]
+    assert float(state_loss(states, wanted, None)) > 1e-3
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :4] = True  # masked positions do not count
+    s2 = [s.clone() for s in states]
+    for s in s2:
+        s[:, 4:] += 100.0
+    assert abs(float(state_loss(s2, wanted, mask)) - float(state_loss(states, wanted, mask))) < 1e-5
+
+
+def test_refine_with_state_distillation_lowers_the_state_loss(tiny_model, tmp_path):
+    """refine --distill-states: the parent's blocks run live (timed into the plan), the state loss is logged,
+    and on held-out text the refined student's states are closer to the parent's than before, and closer
+    than after the same logits-only refine. Anything but single-student logit KD is refused."""
+    import pytest
+
+    from compressor.distill_states import state_loss, teacher_layer_targets, teacher_states
+    from compressor.errors import NaspruneError
+    from compressor.supernet import SuperNetwork
+    from compressor.train import TrainConfig
+
+    text = (PACKAGE_DATA / "northanger_abbey.txt").read_text()
+    train = tmp_path / "train.txt"
+    train.write_text(text[:60_000])
+    parent = load_model(str(tiny_model))
+    teacher = parent.supernet().eval()
+    held = token_windows(parent.tokenizer, text[200_000:230_000], 32, 1024)
+    space = teacher.space
+    sub = SubNetwork(space.choices["embed_dim"][-1], space.choices["num_heads"][-1], space.choices["ffn_dim"][0], 3)
+
+    def held_out_state_loss(path) -> float:
+        student = load_model(str(path))
+        kept = student.meta.subnetwork["kept_layers"]
+        wanted = teacher_states(teacher, held, None, teacher_layer_targets(kept, parent.model.config.num_hidden_layers))
+        states: list = []
+        with torch.no_grad():
+            SuperNetwork(student.model).eval()(held, states=states)
+        return float(state_loss(states, wanted, None))
+
+    runs = {}
+    for weight in (50.0, 0.0):
+        cfg = RefineConfig(
+            minutes=2.0,
+            steps=60,
+            batch_size=4,
+            seq_len=32,
+            lr=3e-3,
+            repair=False,
+            eval_tokens=64,
+            distill_states=weight,
+        )
+        out = tmp_path / f"refined-{weight:g}"
+        runs[weight] = refine(
+            str(tiny_model), sub, str(train), out, cfg, log=lambda *_: None, teacher_cache_dir=tmp_path / "teacher"
+        )
+    assert runs[50.0]["state_teacher_seconds_timed"] > 0 and "state_teacher_seconds_timed" not in runs[0.0]
+    log = [json.loads(line) for line in (tmp_path / "refined-50" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r.get("state_losses") for r in log)
+    before = held_out_state_loss(tmp_path / "refined-50.student")
+    with_states, logits_only = held_out_state_loss(tmp_path / "refined-50"), held_out_state_loss(tmp_path / "refined-0")
+    assert with_states < 0.9 * before and with_states < 0.9 * logits_only, (before, with_states, logits_only)
+    with pytest.raises(NaspruneError, match="distill_states needs distill 'logits'"):
+        TrainConfig(strategy="importance-random", distill="logits", distill_states=1.0)
