@@ -116,3 +116,17 @@ def test_search_minutes_stops_before_a_generation_that_would_overrun():
     some = SearchConfig(population=8, generations=400, seed=0, max_minutes=0.5 / 60)
     result = run_nsga2(space, slow, latency, some, progress=False)
     assert 1 < len(result.hypervolume) < 400 and result.seconds < 0.5 + 0.2
+
+
+def test_first_generation_holds_the_largest_subnetwork_at_every_precision():
+    """The unpruned model at each searched precision is the front's high-quality end: the initial population
+    is seeded with it, so a short search can no longer miss it; the rest stays random and seeded."""
+    space = smollm2_space()
+    q, lat = _precision_oracles(space, {"fp32", "int8"})
+    cfg = SearchConfig(population=8, generations=1, seed=0, precisions=["fp32", "int8"])
+    result = run_nsga2(space, q, lat, cfg, progress=False)
+    first = {(e.arch, e.precision) for e in result.evaluated if e.generation == 0}
+    assert {(space.largest(), "fp32"), (space.largest(), "int8")} <= first and len(first) == 8
+    assert min(result.pareto, key=lambda e: e.loss).arch == space.largest()  # the best quality is on the front
+    again = run_nsga2(space, q, lat, cfg, progress=False)
+    assert [(e.arch, e.precision) for e in again.evaluated] == [(e.arch, e.precision) for e in result.evaluated]
