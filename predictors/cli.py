@@ -82,7 +82,8 @@ def fit_cmd(
     reference: Optional[Path] = typer.Option(
         None,
         "--reference",
-        help="A predictor of this device and engine at another precision (fp32): adds the ratio-to-it candidate.",
+        help="A predictor of this device and engine at another precision (fp32): adds the ratio-to-it "
+        "and affine-to-it candidates.",
     ),
 ):
     """Fit a latency predictor on one (device, engine, precision, recipe) group of a profile store."""

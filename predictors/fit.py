@@ -13,7 +13,7 @@ from compressor.search_space import DIMENSIONS
 from predictors.calibration import anchor_from_records
 from predictors.dataset import Dataset, to_dataset
 from predictors.features import ANALYTIC, FEATURE_NAMES, FEATURE_SCHEMA, bytes_per_param, feature_matrix
-from predictors.models import CANDIDATES, ratio_spec
+from predictors.models import CANDIDATES, affine_spec, ratio_spec
 from predictors.modelspace import space_from_description
 from predictors.predictor import SCHEMA, LatencyPredictor, library_versions
 from predictors.selection import SELECTION_METRIC, CVResult, arch_groups, cross_validate, select
@@ -86,15 +86,17 @@ def fit_predictor(
     if reference is not None:
         ratio = _check_reference(reference, ds, space)
         specs.append(ratio_spec(reference.estimators["median"], ratio["column_scale"], ratio["name"]))
+        specs.append(affine_spec(reference.estimators["median"], ratio["column_scale"], ratio["affine_name"]))
     cv = [cross_validate(spec, X, ds.median_ms, groups, config.folds, config.seed) for spec in specs]
     best = select(cv)
     spec = next(s for s in specs if s.name == best.name)
     estimators = {"median": spec.fit(X, ds.median_ms, config.seed)}
     if config.p90 and ds.p90_ms is not None:
-        if ratio is None or spec.name != ratio["name"]:
+        borrowed = {ratio["name"]: ratio_spec, ratio["affine_name"]: affine_spec} if ratio is not None else {}
+        if spec.name not in borrowed:
             estimators["p90"] = spec.fit(X, ds.p90_ms, config.seed)
         elif "p90" in reference.estimators:
-            p90 = ratio_spec(reference.estimators["p90"], ratio["column_scale"], ratio["name"])
+            p90 = borrowed[spec.name](reference.estimators["p90"], ratio["column_scale"], spec.name)
             estimators["p90"] = p90.fit(X, ds.p90_ms, config.seed)
     first = ds.records[0]
     manifest = {
@@ -153,6 +155,7 @@ def _check_reference(reference: LatencyPredictor, ds: Dataset, space) -> dict:
         scale[FEATURE_NAMES.index(column)] = factor
     return {
         "name": f"ratio-to-{theirs['precision']}",
+        "affine_name": f"affine-to-{theirs['precision']}",
         "precision": theirs["precision"],
         "recipe_id": theirs.get("recipe_id"),
         "selected": reference.manifest["cv"]["selected"],

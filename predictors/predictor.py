@@ -35,7 +35,7 @@ ESTIMATOR = "estimator.skops"
 SCHEMA = "nasprune-predictor/1"
 ALLOWED_TYPE_PREFIXES = ("sklearn.",)
 # nasprune's own estimator (a reference estimator x per-kind ratios): plain attributes, no code to run
-ALLOWED_TYPES = ("predictors.models.RatioToReference",)
+ALLOWED_TYPES = ("predictors.models.RatioToReference", "predictors.models.AffineToReference")
 
 
 class ExtrapolationWarning(UserWarning):

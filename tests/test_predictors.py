@@ -206,6 +206,36 @@ def test_few_quantized_profiles_borrow_the_fp32_predictor_as_a_ratio(fitted, spa
         fit_predictor(make_records(space, split[0][:4]), description, FitConfig(folds=2), reference=reference)
 
 
+def test_a_fixed_fp32_share_is_an_intercept_the_affine_candidate_sees(fitted, space, description, split, tmp_path):
+    """A quantized graph keeping a fixed fp32 share (LM head, norms) is not a constant ratio of fp32: small
+    sub-networks run relatively slower. With the fp32 predictor as reference, affine-to-fp32 (a + b x fp32)
+    wins cross-validation on five profiled sub-networks, beats the ratio on unseen ones, and survives
+    save/load (skops, allow-listed type)."""
+    from predictors.models import AffineToReference, RatioToReference
+
+    def quantized(subs):
+        recs = make_records(space, subs, precision="int8-mixed", recipe_id="r-mixed", fingerprint_id="fp-mixed")
+        for r in recs:
+            r["stats_ms"] = {k: 0.3 + 0.45 * v for k, v in r["stats_ms"].items() if k != "cv"}
+            r["stats_ms"]["cv"] = 0.01
+        return recs
+
+    few, held_out = quantized(split[0][:5]), quantized(split[1])
+    result = fit_predictor(few, description, FitConfig(folds=5), reference=fitted.predictor)
+    assert result.predictor.manifest["cv"]["selected"] == "affine-to-fp32"
+    cv = result.predictor.manifest["cv"]["models"]
+    assert cv["affine-to-fp32"]["mape"] < 0.5 * cv["ratio-to-fp32"]["mape"], cv
+    ds = to_dataset(held_out)
+    pred = np.concatenate([result.predictor.predict_ms([s], w) for s, w in zip(ds.subs, ds.workloads)])
+    estimator = result.predictor.estimators["median"]
+    assert isinstance(estimator, AffineToReference) and isinstance(estimator, RatioToReference)
+    assert mape(ds.median_ms, pred) < 3.0
+    loaded = load_predictor(result.predictor.save(tmp_path / "mixed"))
+    probe = split[1][:5]
+    w = Workload.parse("prefill:1x64")
+    assert np.allclose(loaded.predict_ms(probe, w), result.predictor.predict_ms(probe, w))
+
+
 def test_cv_folds_keep_each_subnetwork_in_one_fold(fitted):
     m = fitted.predictor.manifest
     assert m["cv"]["grouped_by"] == "architecture"
