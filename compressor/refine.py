@@ -101,62 +101,64 @@ def time_step(model, cfg: RefineConfig, vocab: int) -> float:
     """Seconds of one training step of ``model`` (forward, log-softmax over the vocabulary, backward) on a
     ``batch_size x seq_len`` batch; the second of two (the first pays one-off allocation). The model's
     weights are not changed (no optimizer step)."""
-    import time
-
     import torch
 
-    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=torch.Generator().manual_seed(cfg.seed))
-    model.train()
-    seconds = []
-    for _ in range(2):
-        start = time.perf_counter()
+    ids = _random_batch(cfg, vocab)
+
+    def step():
         logits = model(input_ids=ids, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         loss.backward()
-        seconds.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)  # each backward allocates its grads anew, as in training
+
+    model.train()
+    try:
+        seconds = _second_of_two(step)
+    finally:
         model.zero_grad(set_to_none=True)
-    model.eval()
-    return seconds[-1]
+        model.eval()
+    return seconds
 
 
 def time_teacher_window(teacher_loaded, cfg: RefineConfig) -> float:
     """Seconds per window of what the teacher cache runs on a window it has not cached yet: the teacher's
     forward and its top-k targets (:meth:`compressor.distill.TeacherCache.ensure`); the second of two."""
-    import time
-
     import torch
 
     from compressor.distill import topk_targets
 
     teacher = teacher_loaded.supernet().eval()
-    vocab = teacher_loaded.model.config.vocab_size
-    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=torch.Generator().manual_seed(cfg.seed))
-    seconds = []
+    ids = _random_batch(cfg, teacher_loaded.model.config.vocab_size)
     with torch.no_grad():
-        for _ in range(2):
-            start = time.perf_counter()
-            topk_targets(teacher(ids, None), cfg.distill_topk, cfg.distill_temperature)
-            seconds.append(time.perf_counter() - start)
-    return seconds[-1] / cfg.batch_size
+        seconds = _second_of_two(lambda: topk_targets(teacher(ids, None), cfg.distill_topk, cfg.distill_temperature))
+    return seconds / cfg.batch_size
 
 
 def time_state_teacher(teacher_loaded, cfg: RefineConfig) -> float:
     """Seconds of the parent's blocks on one ``batch_size x seq_len`` batch (what intermediate-state
-    distillation adds to every step); the second of two."""
-    import time
-
-    import torch
-
+    distillation adds to every step); the second of two. Every block runs: the last one is wanted."""
     from compressor.distill_states import teacher_states
 
     teacher = teacher_loaded.supernet().eval()
-    vocab = teacher_loaded.model.config.vocab_size
-    ids = torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=torch.Generator().manual_seed(cfg.seed))
+    ids = _random_batch(cfg, teacher_loaded.model.config.vocab_size)
     last = [teacher_loaded.model.config.num_hidden_layers - 1]
+    return _second_of_two(lambda: teacher_states(teacher, ids, None, last))
+
+
+def _random_batch(cfg: RefineConfig, vocab: int):
+    import torch
+
+    return torch.randint(0, vocab, (cfg.batch_size, cfg.seq_len), generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def _second_of_two(run) -> float:
+    """Seconds of the second of two calls of ``run`` (the first pays one-off allocation)."""
+    import time
+
     seconds = []
     for _ in range(2):
         start = time.perf_counter()
-        teacher_states(teacher, ids, None, last)
+        run()
         seconds.append(time.perf_counter() - start)
     return seconds[-1]
 
