@@ -14,6 +14,12 @@ interrupted run continues. Prints a table with the repair-only and original rows
     python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4;576,9,1152,26:2e-4" --steps 35
     python benchmarks/refine_recipe.py --repair-only --runs "576,9,896,30;576,9,1536,21"
     python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4" --steps 35 --distill-states 1
+    python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4" --steps 50 --block-steps 100
+
+``--block-steps`` adds block-local distillation of the chosen sub-network between repair and KD
+(:func:`compressor.bld.distill_chosen_blocks`); its seconds are stored beside the KD's, so rows compare
+at equal *minutes* too (issue 11's "BLD + KD in <= 0.5x the minutes of KD alone"). All rows of one
+comparison must come from one run on one machine: minutes do not transfer between VMs.
 """
 
 from __future__ import annotations
@@ -85,6 +91,9 @@ def main() -> None:
         default=0.0,
         help="weight of intermediate-state distillation (the parent's blocks run live every step); 0: logits only",
     )
+    ap.add_argument("--block-steps", type=int, default=0, help="block-local distillation steps per block first")
+    ap.add_argument("--block-lr", type=float, default=1e-4)
+    ap.add_argument("--block-tokens", type=int, default=8192)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -126,6 +135,8 @@ def main() -> None:
         if lr is None:
             raise SystemExit(f"{sub}: give a learning rate (arch:lr) or --repair-only")
         states = f" states {args.distill_states:g}" if args.distill_states > 0 else ""
+        if args.block_steps > 0:
+            states += f" blocks {args.block_steps} lr {args.block_lr:g} tokens {args.block_tokens}"
         key = f"refine {sub} lr {lr:g} steps {args.steps} warmup {args.warmup_steps}{states}"
         if results.has(key):
             continue
@@ -141,6 +152,9 @@ def main() -> None:
             warmup_steps=args.warmup_steps,
             repair_tokens=4096,
             distill_states=args.distill_states,
+            block_steps=args.block_steps,
+            block_lr=args.block_lr,
+            block_tokens=args.block_tokens,
         )
         record, loaded = recovery.refine_in_work(args.work, imp, paths, sub, out, cfg)
         model = loaded.model
@@ -153,17 +167,24 @@ def main() -> None:
                 "tokens": record["training"]["tokens"],
                 "distill_states": args.distill_states,
                 "training_seconds": record["training"]["seconds"],
+                "block_steps": args.block_steps,
+                "block_seconds": (record.get("block_distillation") or {}).get("seconds", 0.0),
+                "block_teacher_seconds": (record.get("block_distillation") or {}).get("teacher_seconds", 0.0),
+                "ppl_repaired_val": record.get("ppl_repaired"),
+                "ppl_blocks_val": record.get("ppl_blocks"),
                 "params": sum(p.numel() for p in model.parameters()),
                 "seconds": time.perf_counter() - t,
                 **ev.model(model, False, TESTS),
             }
         )
     ref = next(r for r in results.data["rows"] if r["key"] == "original")
-    print("\n| run | params | tokens | persuasion | x orig | narratives | x orig |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| run | params | tokens | BLD + KD min | persuasion | x orig | narratives | x orig |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in sorted(results.data["rows"], key=lambda r: (r.get("tokens", 0), r["key"])):
+        minutes = (r.get("block_seconds") or 0.0) / 60 + (r.get("training_seconds") or 0.0) / 60
         print(
-            f"| {r['key']} | {r.get('params', 0) / 1e6:.1f}M | {r.get('tokens', 0)} | {r['persuasion']:.2f} "
+            f"| {r['key']} | {r.get('params', 0) / 1e6:.1f}M | {r.get('tokens', 0)} | {minutes:.2f} "
+            f"| {r['persuasion']:.2f} "
             f"| {r['persuasion'] / ref['persuasion']:.2f} | {r['narratives']:.2f} "
             f"| {r['narratives'] / ref['narratives']:.2f} |"
         )

@@ -115,6 +115,30 @@ def block_loss(supernet, layer_index: int, x: torch.Tensor, t: torch.Tensor, sub
     return ((y - xk) - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-12)
 
 
+def _optimize_block(sn, layer_index: int, steps: int, lr: float, draw) -> tuple[list[float], list[float]]:
+    """AdamW on block ``layer_index``'s parameters alone; ``draw(step) -> (x, t, sub)`` supplies each step's
+    teacher input, teacher output and widths. Returns the losses of the first tenth and of the rest."""
+    layer = sn.family.layers(sn.model)[layer_index]
+    params = [p for p in layer.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    first, last = [], []
+    layer.train()
+    for step in range(steps):
+        x, t, sub = draw(step)
+        loss = block_loss(sn, layer_index, x, t, sub)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        (first if step < max(1, steps // 10) else last).append(float(loss.detach()))
+    layer.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return first, last
+
+
 def train_block(supernet, layer_index: int, acts: Path, cfg: BlockDistillConfig) -> dict:
     """Train one block over sampled widths; returns its loss curve summary. Deterministic in (seed, block)."""
     sn = supernet
@@ -123,30 +147,103 @@ def train_block(supernet, layer_index: int, acts: Path, cfg: BlockDistillConfig)
     torch.manual_seed(cfg.seed * 100_003 + layer_index)
     x_all, t_all = _open(acts, layer_index), _open(acts, layer_index + 1)
     n = x_all.shape[0]
-    layer = sn.family.layers(sn.model)[layer_index]
-    params = [p for p in layer.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     bounds = space.gene_upper_bounds()
-    first, last = [], []
-    layer.train()
-    for step in range(cfg.steps):
+
+    def draw(step):
         idx = np.sort(rng.choice(n, size=min(cfg.batch_size, n), replace=False))
         x = torch.from_numpy(np.asarray(x_all[idx], dtype=np.float32))
         t = torch.from_numpy(np.asarray(t_all[idx], dtype=np.float32))
-        genes = [int(rng.integers(0, b + 1)) for b in bounds]
-        sub = space.decode(genes)
-        loss = block_loss(sn, layer_index, x, t, sub)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        (first if step < max(1, cfg.steps // 10) else last).append(float(loss.detach()))
-    layer.eval()
-    for p in params:
-        p.requires_grad_(False)
+        return x, t, space.decode([int(rng.integers(0, b + 1)) for b in bounds])
+
+    first, last = _optimize_block(sn, layer_index, cfg.steps, cfg.lr, draw)
     return {"layer": layer_index, "loss_first": float(np.mean(first)), "loss_last": float(np.mean(last or first))}
+
+
+# ---- one chosen sub-network (refine) --------------------------------------------------------
+@torch.no_grad()
+def teacher_residuals(teacher, windows: torch.Tensor, wanted: set[int], chunk: int = 4) -> dict[int, torch.Tensor]:
+    """The teacher's (a :class:`compressor.supernet.SuperNetwork`, run at its largest sub-network)
+    residual stream ``h_i`` for every ``i`` in ``wanted``: ``h_0`` is the embedding output, ``h_{i+1}``
+    the stream after layer ``i``. Kept in memory (fp32): one sub-network needs at most depth + 1 of them."""
+    out = {i: [] for i in sorted(wanted)}
+    with teacher.selected(teacher.space.largest()):
+        for b in range(0, len(windows), chunk):
+            x, cos_sin = teacher._embed(windows[b : b + chunk])
+            if 0 in out:
+                out[0].append(x)
+            for i, layer in enumerate(teacher.family.layers(teacher.model)):
+                if i + 1 > max(out):
+                    break
+                x = teacher.family.block(layer, x, cos_sin, None, teacher._shape)
+                if i + 1 in out:
+                    out[i + 1].append(x)
+    return {i: torch.cat(parts) for i, parts in out.items()}
+
+
+def distill_chosen_blocks(
+    student_model,
+    teacher,
+    kept: list[int],
+    windows: torch.Tensor,
+    steps: int,
+    lr: float = 1e-4,
+    batch_size: int = 4,
+    seed: int = 0,
+) -> dict:
+    """Block-local distillation of *one* extracted sub-network (in place), Puzzle's BLD of the chosen
+    child: the student's block ``j`` (the parent's layer ``kept[j]``) reads the teacher's residual entering
+    that layer (first ``embed_dim`` channels) and learns to produce the teacher's residual where the
+    student's next block reads it, i.e. before the parent's next kept layer (the last block: after the
+    parent's last layer). A block thereby absorbs the layers dropped after it, which matrix-prefix BLD over
+    all widths (:func:`train_block`) cannot train. All of the block's weights move, not only the two
+    output projections closed-form repair refits. Blocks are independent (teacher-forced inputs).
+
+    Why before refine's end-to-end KD: a block-local step costs one block's forward and backward, no LM
+    head or 49k-way softmax; whether that buys end-to-end quality per minute is measured in
+    ``benchmarks/refine_recipe.py --block-steps``."""
+    from compressor.distill_states import teacher_layer_targets
+    from compressor.supernet import SuperNetwork
+
+    start = time.perf_counter()
+    depth = len(teacher.family.layers(teacher.model))
+    targets = [t + 1 for t in teacher_layer_targets(kept, depth)]
+    states = teacher_residuals(teacher, windows, set(kept) | set(targets))
+    fill = time.perf_counter() - start
+    student = SuperNetwork(student_model)
+    if len(student.family.layers(student.model)) != len(kept):
+        raise NaspruneError(f"the student has {len(student.family.layers(student.model))} blocks, kept {len(kept)}")
+    sub = student.space.largest()
+    n = len(windows)
+    blocks = []
+    for j, (i, t_index) in enumerate(zip(kept, targets)):
+        rng = np.random.default_rng([seed, j])
+        torch.manual_seed(seed * 100_003 + j)
+        x_all, t_all = states[i], states[t_index]
+
+        def draw(step, rng=rng, x_all=x_all, t_all=t_all):
+            idx = torch.from_numpy(np.sort(rng.choice(n, size=min(batch_size, n), replace=False)))
+            return x_all[idx], t_all[idx], sub
+
+        first, last = _optimize_block(student, j, steps, lr, draw)
+        blocks.append(
+            {
+                "block": j,
+                "parent_layer": i,
+                "target_state": t_index,
+                "loss_first": float(np.mean(first)),
+                "loss_last": float(np.mean(last or first)),
+            }
+        )
+    student_model.eval()
+    return {
+        "steps": steps,
+        "lr": lr,
+        "batch_size": batch_size,
+        "windows": n,
+        "teacher_seconds": fill,
+        "seconds": time.perf_counter() - start,
+        "blocks": blocks,
+    }
 
 
 # ---- all blocks, split over processes -----------------------------------------------------

@@ -361,6 +361,12 @@ def refine(
         help="weight of intermediate-state distillation (the student's residual stream follows the parent's, "
         "block by block; runs the parent's blocks every step); 0: logits only",
     ),
+    block_steps: int = typer.Option(
+        0,
+        "--block-steps",
+        help="block-local distillation of the repaired sub-network first: steps per block on teacher-forced "
+        "windows (its time comes out of --minutes); 0: off",
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted refine of the same --out"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
@@ -380,6 +386,7 @@ def refine(
         repair=not no_repair,
         distill_alpha=distill_alpha,
         distill_states=distill_states,
+        block_steps=block_steps,
     )
     record = run_refine(
         model,
@@ -396,7 +403,7 @@ def refine(
     )
     shown = ", ".join(
         f"{k.removeprefix('ppl_')} {record[k]:.2f}"
-        for k in ("ppl_one_shot", "ppl_repaired", "ppl_refined")
+        for k in ("ppl_one_shot", "ppl_repaired", "ppl_blocks", "ppl_refined")
         if record.get(k) is not None
     )
     console.print(

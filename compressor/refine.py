@@ -44,11 +44,21 @@ class RefineConfig:
     # weight of intermediate-state distillation (compressor.distill_states; runs the parent's blocks live
     # every step); 0: logit KD only
     distill_states: float = 0.0
+    # block-local distillation of the chosen sub-network after repair (compressor.bld.distill_chosen_blocks):
+    # optimizer steps per block on teacher-forced windows of the training data; its time comes out of
+    # ``minutes``. 0: off
+    block_steps: int = 0
+    block_lr: float = 1e-4
+    block_tokens: int = 8192
 
     def __post_init__(self):
         if not (self.minutes > 0 and math.isfinite(self.minutes)):
             raise NaspruneError(f"refine minutes must be > 0 (got {self.minutes})")
-        for name in ("steps", "batch_size", "seq_len", "repair_tokens", "eval_tokens"):
+        if isinstance(self.block_steps, bool) or not isinstance(self.block_steps, int) or self.block_steps < 0:
+            raise NaspruneError(f"refine block_steps must be an integer >= 0 (got {self.block_steps})")
+        if not (isinstance(self.block_lr, (int, float)) and math.isfinite(self.block_lr) and self.block_lr > 0):
+            raise NaspruneError(f"refine block_lr must be > 0 (got {self.block_lr})")
+        for name in ("steps", "batch_size", "seq_len", "repair_tokens", "eval_tokens", "block_tokens"):
             if int(getattr(self, name)) < 1:
                 raise NaspruneError(f"refine {name} must be >= 1 (got {getattr(self, name)})")
         if not (isinstance(self.distill_alpha, (int, float)) and 0.0 <= self.distill_alpha <= 1.0):
@@ -244,6 +254,26 @@ def _quantized_validation_ppl(supernet, tokenizer, text: str | None, cfg: Refine
         return perplexity(supernet.eval(), windows)
 
 
+def _distill_blocks(model, teacher_loaded, kept: list[int], data: str, cfg: RefineConfig, online: bool) -> dict:
+    """Block-local distillation of the (repaired) extracted ``model`` in place, on windows of ``data``."""
+    from compressor.bld import distill_chosen_blocks
+    from compressor.repair import RepairConfig, calibration_windows
+
+    windows = calibration_windows(
+        teacher_loaded.tokenizer, data, RepairConfig(tokens=cfg.block_tokens, seq_len=cfg.seq_len), online
+    )
+    teacher = teacher_loaded.supernet().eval()
+    return distill_chosen_blocks(model, teacher, kept, windows, cfg.block_steps, lr=cfg.block_lr, seed=cfg.seed)
+
+
+def _after_blocks(cfg: RefineConfig, record: dict) -> RefineConfig:
+    """``cfg`` with the minutes block-local distillation already spent taken off the training budget."""
+    from dataclasses import replace
+
+    spent = float((record.get("block_distillation") or {}).get("seconds") or 0.0) / 60
+    return replace(cfg, minutes=max(cfg.minutes * 0.1, cfg.minutes - spent)) if spent else cfg
+
+
 def refine(
     parent: str,
     sub: SubNetwork,
@@ -311,6 +341,15 @@ def refine(
             )
             repair = {"data": str(data), **report.summary()}
             record["ppl_repaired"] = _validation_ppl(model, parent_loaded.tokenizer, val_text, cfg)
+        if cfg.block_steps > 0:
+            record["block_distillation"] = _distill_blocks(
+                model, teacher_loaded, sn.space.kept_layers(sub), data, cfg, online
+            )
+            record["ppl_blocks"] = _validation_ppl(model, parent_loaded.tokenizer, val_text, cfg)
+            log(
+                f"  block-local distillation: {cfg.block_steps} steps x {len(sn.space.kept_layers(sub))} blocks in "
+                f"{record['block_distillation']['seconds']:.0f} s"
+            )
         save_extracted(parent_loaded, sn, sub, student_dir, overwrite=True, model=model, repair=repair)
         record["step_seconds_timed"] = time_step(model, cfg, model.config.vocab_size)
         if cfg.distills and cfg.distill_states > 0:  # the parent's blocks run live every step
@@ -322,7 +361,10 @@ def refine(
         else:
             record["teacher_window_seconds_timed"], missing = 0.0, lambda steps: 0
         steps = planned_steps(
-            cfg, record["step_seconds_timed"], window_seconds=record["teacher_window_seconds_timed"], missing=missing
+            _after_blocks(cfg, record),
+            record["step_seconds_timed"],
+            window_seconds=record["teacher_window_seconds_timed"],
+            missing=missing,
         )
         record["steps_planned"] = steps
         record["teacher_fill_planned_seconds"] = missing(steps) * record["teacher_window_seconds_timed"]
@@ -344,11 +386,12 @@ def refine(
     train_cfg = cfg.train_config()
     # the teacher fill comes out of the same budget (the training clock starts after it)
     fill_minutes = float(record.get("teacher_fill_planned_seconds") or 0.0) / 60
+    budget = _after_blocks(cfg, record).minutes
     train_cfg = replace(
         train_cfg,
         steps=steps,
         checkpoint_every=max(1, min(train_cfg.checkpoint_every, steps)),
-        max_minutes=max(cfg.minutes * 0.1, cfg.minutes - fill_minutes),
+        max_minutes=max(cfg.minutes * 0.1, budget - fill_minutes),
     )
     del sn, parent_loaded  # only the teacher is needed from here on
     run_training(

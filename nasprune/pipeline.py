@@ -71,6 +71,7 @@ class PredictorConfig:
     folds: int = 5
     models: list[str] = field(default_factory=lambda: ["linear", "gbrt", "random_forest"])
     seed: int = 0
+    anchors: int = 1  # calibration anchors each predictor stores (median ratio when > 1)
 
 
 @dataclass
@@ -126,6 +127,8 @@ class RefineStageConfig:
     distill_alpha: float = 1.0
     # + intermediate-state distillation with this weight (the parent's blocks run live every step); 0: off
     distill_states: float = 0.0
+    # block-local distillation of each point after repair, steps per block (time from the budget); 0: off
+    block_steps: int = 0
     # a point the search chose at a quantization recipe is refined with that recipe simulated in the
     # forward (straight-through rounding): its weights learn to survive the engine's quantization
     quantization_aware: bool = True
@@ -278,6 +281,7 @@ class PipelineConfig:
             repair_tokens=r.repair_tokens,
             distill_alpha=r.distill_alpha,
             distill_states=r.distill_states,
+            block_steps=r.block_steps,
             eval_tokens=r.eval_tokens,
         )
 
@@ -328,7 +332,10 @@ class PipelineConfig:
             (
                 "predictor",
                 lambda: FitConfig(
-                    folds=self.predictor.folds, seed=self.predictor.seed, candidates=tuple(self.predictor.models)
+                    folds=self.predictor.folds,
+                    seed=self.predictor.seed,
+                    candidates=tuple(self.predictor.models),
+                    anchors=self.predictor.anchors,
                 ),
             ),
             ("search", lambda: _profiled(WorkloadMix.parse(str(self.search.workload)), p.workloads)),
@@ -654,7 +661,7 @@ class Pipeline:
             result = fit_predictor(
                 select_group(store, precision=precision, engine=self.cfg.profile.engine),
                 describe_model(str(self.supernet_dir)),
-                FitConfig(folds=c.folds, seed=c.seed, candidates=tuple(c.models)),
+                FitConfig(folds=c.folds, seed=c.seed, candidates=tuple(c.models), anchors=c.anchors),
                 reference=reference if is_quantized(precision) else None,
             )
             if precision == "fp32":

@@ -9,6 +9,7 @@ import torch
 
 from compressor.bld import BlockDistillConfig, block_loss, cache_teacher_activations, distill_blocks, train_block
 from compressor.modeldir import ModelMeta, save_model_dir
+from compressor.search_space import SubNetwork
 from tests.conftest import TINY_SPACE, make_tiny
 
 
@@ -106,3 +107,106 @@ def test_distill_blocks_command_reruns_with_overwrite(tiny_model, tmp_path):
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert runner.invoke(app, args + ["--overwrite"]).exit_code == 0
+
+
+# ---- one chosen sub-network (refine --block-steps) ------------------------------------------
+def _held_out_block_losses(teacher, student_model, kept, windows) -> list[float]:
+    """Teacher-forced normalized MSE of every student block on ``windows`` (the loss BLD trains)."""
+    from compressor.bld import teacher_residuals
+    from compressor.distill_states import teacher_layer_targets
+    from compressor.supernet import SuperNetwork
+
+    depth = len(teacher.family.layers(teacher.model))
+    targets = [t + 1 for t in teacher_layer_targets(kept, depth)]
+    states = teacher_residuals(teacher, windows, set(kept) | set(targets))
+    student = SuperNetwork(student_model)
+    with torch.no_grad():
+        return [
+            float(block_loss(student, j, states[i], states[t], student.space.largest()))
+            for j, (i, t) in enumerate(zip(kept, targets))
+        ]
+
+
+def test_chosen_blocks_of_the_parent_itself_have_zero_loss_and_stay_put(tiny_dir):
+    """The largest sub-network is the teacher: every block's loss is zero and BLD leaves its weights as they were."""
+    from compressor.bld import distill_chosen_blocks
+    from compressor.extract import extract
+    from compressor.modeldir import load_model
+
+    teacher = load_model(str(tiny_dir)).supernet().eval()
+    largest = teacher.space.largest()
+    student = extract(teacher, largest)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    report = distill_chosen_blocks(student, teacher, teacher.space.kept_layers(largest), _windows(), steps=5, lr=1e-2)
+    assert all(b["loss_first"] < 1e-9 and b["loss_last"] < 1e-9 for b in report["blocks"])
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert [b["target_state"] for b in report["blocks"]] == [i + 1 for i in teacher.space.kept_layers(largest)]
+
+
+def test_chosen_blocks_learn_on_held_out_windows_and_absorb_dropped_layers(tiny_dir):
+    """A narrower, shallower student: each block is trained towards the teacher's stream before the parent's
+    next kept layer, so the last kept block of a cut stack targets the parent's last state; on windows it
+    never saw, the teacher-forced block losses fall."""
+    from compressor.bld import distill_chosen_blocks
+    from compressor.extract import extract
+    from compressor.modeldir import load_model
+
+    teacher = load_model(str(tiny_dir)).supernet().eval()
+    c = teacher.space.choices
+    sub = SubNetwork(c["embed_dim"][0], c["num_heads"][0], c["ffn_dim"][0], c["num_layers"][0])
+    kept = teacher.space.kept_layers(sub)
+    depth = len(teacher.family.layers(teacher.model))
+    assert len(kept) < depth
+    student = extract(teacher, sub)
+    held = _windows(n=8, seed=1)
+    before = _held_out_block_losses(teacher, student, kept, held)
+    report = distill_chosen_blocks(student, teacher, kept, _windows(n=16), steps=40, lr=3e-3, batch_size=4)
+    after = _held_out_block_losses(teacher, student, kept, held)
+    assert report["blocks"][-1]["target_state"] == depth  # the last block stands in for every layer after it
+    assert sum(after) < 0.8 * sum(before), (before, after)
+    assert all(b["loss_last"] < b["loss_first"] for b in report["blocks"])
+
+
+def test_refine_with_block_steps_spends_its_time_from_the_budget(tiny_model, tmp_path):
+    """refine --block-steps: BLD runs after repair, is recorded with its own perplexity, and its minutes come
+    off the KD budget; wrong settings are refused in one line."""
+    from compressor.data import PACKAGE_DATA
+    from compressor.errors import NaspruneError
+    from compressor.modeldir import load_model
+    from compressor.refine import RefineConfig, _after_blocks, refine
+
+    train = tmp_path / "train.txt"
+    train.write_text((PACKAGE_DATA / "northanger_abbey.txt").read_text()[:30_000])
+    val = tmp_path / "val.txt"
+    val.write_text((PACKAGE_DATA / "northanger_abbey.txt").read_text()[100_000:110_000])
+    space = load_model(str(tiny_model)).supernet().space
+    sub = SubNetwork(space.choices["embed_dim"][0], space.choices["num_heads"][0], space.choices["ffn_dim"][0], 3)
+    cfg = RefineConfig(
+        minutes=0.2,
+        steps=4,
+        batch_size=2,
+        seq_len=32,
+        repair_tokens=256,
+        eval_tokens=64,
+        block_steps=8,
+        block_tokens=512,
+        block_lr=3e-3,
+    )
+    record = refine(
+        str(tiny_model),
+        sub,
+        str(train),
+        tmp_path / "r",
+        cfg,
+        validation=str(val),
+        log=lambda *_: None,
+        teacher_cache_dir=tmp_path / "teacher",
+    )
+    bld = record["block_distillation"]
+    assert bld["steps"] == 8 and len(bld["blocks"]) == 3 and bld["seconds"] > 0
+    assert record["ppl_blocks"] is not None and record["ppl_refined"] is not None
+    assert _after_blocks(cfg, record).minutes == pytest.approx(max(0.02, 0.2 - bld["seconds"] / 60))
+    assert _after_blocks(cfg, {}).minutes == 0.2
+    for bad in ({"block_steps": -1}, {"block_steps": 1.5}, {"block_lr": 0.0}, {"block_tokens": 0}):
+        with pytest.raises(NaspruneError, match="refine block_"):
+            RefineConfig(**bad)
