@@ -12,6 +12,17 @@ the predictor is used for real decisions (the search, ``nasprune predict --calib
 A uniform speed change of the machine cancels exactly; what remains is the predictor's own
 error (interpolation, extrapolation to corners of the space) and the anchor's measurement noise.
 
+Several anchors (``FitConfig.anchors`` / ``nasprune predictor fit --anchors K``): one timing of one
+sub-network can be off by more than the drift it is meant to cancel (session 11, a quiet 2-vCPU
+VM: the full model's re-timing moved x1.08 / x1.14 / x0.89 at fp32 / int8-pc / int8-mixed while
+the sub-networks around it moved -5..+3 % in median, so one anchor made every precision's
+predictions worse). With k anchors (the largest, then the profiled sub-networks nearest
+(k-1)/k ... 1/k of its parameters) the factor is the *median* of their ratios: one disturbed
+timing no longer moves it, a uniform shift still cancels exactly. Measured with k = 3 in a later
+run of the same VM it was better at fp32, worse at int8-pc and equal at int8-mixed than one anchor
+(the smaller anchors drifted otherwise than the full model: the machine's drift is not uniform
+over sizes there), so one anchor stays the default.
+
 Pure core: :func:`anchor_from_records` (chosen at fit time), :func:`scale_factor`,
 :func:`calibrate` and :class:`CalibratedPredictor` (take any ``measure(sub, workload) -> ms``).
 I/O at the edge: :func:`profile_anchor` measures with the profilers package, on the engine,
@@ -73,6 +84,28 @@ def anchor_from_records(records: Sequence[dict]) -> dict:
     }
 
 
+def anchors_from_records(records: Sequence[dict], k: int = 1) -> list[dict]:
+    """``k`` anchors (fewer when fewer sub-networks were profiled): :func:`anchor_from_records`'s first,
+    then among the sub-networks profiled on as many workloads the ones nearest ``(k-1)/k ... 1/k`` of its
+    parameter count (mid-sized: timed in a fraction of the full model's seconds, long enough that fixed
+    per-call overheads do not dominate their noise)."""
+    first = anchor_from_records(records)
+    by_arch: dict[SubNetwork, list[dict]] = {}
+    for r in records:
+        by_arch.setdefault(SubNetwork.from_dict(r["arch"]), []).append(r)
+    n_workloads = len(first["workloads"])
+    pool = {s: rs for s, rs in by_arch.items() if len({r["workload"] for r in rs}) == n_workloads}
+    pool.pop(SubNetwork.from_dict(first["arch"]), None)
+    chosen = [first]
+    for j in range(1, k):
+        if not pool:
+            break
+        target = first["params"] * (k - j) / k
+        sub = min(pool, key=lambda s: (abs(pool[s][0]["params"] - target), str(s)))
+        chosen.append(anchor_from_records(pool.pop(sub)))
+    return chosen
+
+
 def scale_factor(now_ms: float, fit_ms: float) -> float:
     """Machine speed now relative to fit time: > 1 when slower now, < 1 when faster."""
     now_ms, fit_ms = float(now_ms), float(fit_ms)
@@ -86,12 +119,14 @@ class Calibration:
     """One workload's anchor measurement and the factor every prediction of that workload gets."""
 
     workload: str
-    anchor: dict  # arch
+    anchor: dict  # arch of the first anchor (the largest)
     fit_ms: float
     fit_source: str  # "measured" (the anchor's training record) or "predicted" (no record for this workload)
     now_ms: float
-    factor: float
-    seconds: float  # what the anchor measurement cost
+    factor: float  # the median of the anchors' now / fit ratios
+    seconds: float  # what the anchor measurements cost
+    # every anchor measured: [{"arch", "fit_ms", "now_ms", "ratio"}]; the first is the one above
+    anchors: tuple = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,7 +163,7 @@ class CalibratedPredictor:
 
 
 def stored_anchor(predictor) -> dict:
-    """The anchor in the predictor's manifest; predictors fitted before anchors existed have none."""
+    """The (first) anchor in the predictor's manifest; predictors fitted before anchors existed have none."""
     anchor = predictor.manifest.get("anchor")
     if not anchor:
         raise NaspruneError(
@@ -138,36 +173,58 @@ def stored_anchor(predictor) -> dict:
     return anchor
 
 
-def calibrate(predictor, workloads: Sequence[Workload | str], measure: Measure) -> CalibratedPredictor:
-    """Measure the stored anchor on each workload with ``measure`` and scale the predictor by it.
+def stored_anchors(predictor) -> list[dict]:
+    """Every anchor in the manifest, the first first; a predictor fitted with one anchor has that one."""
+    first = stored_anchor(predictor)
+    return list(predictor.manifest.get("anchors") or [first])
 
-    The fit-time latency is the anchor's training record for that workload; for a workload the
-    anchor was not profiled on it is the predictor's own (deterministic) prediction of the anchor.
+
+def calibrate(predictor, workloads: Sequence[Workload | str], measure: Measure) -> CalibratedPredictor:
+    """Measure the stored anchors on each workload with ``measure`` and scale the predictor by the
+    median of their ratios.
+
+    The fit-time latency is an anchor's training record for that workload; for a workload the first
+    anchor was not profiled on it is the predictor's own (deterministic) prediction of it; other
+    anchors without a record for the workload are not measured there.
     """
-    anchor = stored_anchor(predictor)
-    sub = SubNetwork.from_dict(anchor["arch"])
+    anchors = stored_anchors(predictor)
     out = {}
     for w in workloads:
         w = w if isinstance(w, Workload) else Workload.parse(str(w))
-        stored = anchor["workloads"].get(str(w))
-        if stored is not None:
-            fit_ms, source = float(stored["median_ms"]), "measured"
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fit_ms, source = float(predictor.predict_ms([sub], w)[0]), "predicted"
         start = time.perf_counter()
-        now_ms = float(measure(sub, w))
+        measured = []
+        for i, anchor in enumerate(anchors):
+            sub = SubNetwork.from_dict(anchor["arch"])
+            stored = anchor["workloads"].get(str(w))
+            if stored is not None:
+                fit_ms, source = float(stored["median_ms"]), "measured"
+            elif i == 0:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fit_ms, source = float(predictor.predict_ms([sub], w)[0]), "predicted"
+            else:
+                continue
+            now_ms = float(measure(sub, w))
+            measured.append(
+                {"arch": sub.to_dict(), "fit_ms": fit_ms, "now_ms": now_ms, "ratio": scale_factor(now_ms, fit_ms)}
+            )
+            if i == 0:
+                first_source = source
         seconds = time.perf_counter() - start
-        factor = scale_factor(now_ms, fit_ms)
+        factor = float(np.median([m["ratio"] for m in measured]))
         if not PLAUSIBLE[0] <= factor <= PLAUSIBLE[1]:
             warnings.warn(
-                f"the anchor {sub} {w} ran {now_ms:.2f} ms now vs {fit_ms:.2f} ms at fit time (x{factor:.2f}); "
-                "is this the machine the predictor was fitted on? Re-fit it if the setup changed",
+                f"the anchors ran x{factor:.2f} their fit-time latency on {w} (median of {len(measured)}; the first, "
+                f"{SubNetwork.from_dict(measured[0]['arch'])}, {measured[0]['now_ms']:.2f} ms now vs "
+                f"{measured[0]['fit_ms']:.2f} ms); is this the machine the predictor was fitted on? Re-fit it if the "
+                "setup changed",
                 CalibrationWarning,
                 stacklevel=2,
             )
-        out[str(w)] = Calibration(str(w), sub.to_dict(), fit_ms, source, now_ms, factor, seconds)
+        head = measured[0]
+        out[str(w)] = Calibration(
+            str(w), head["arch"], head["fit_ms"], first_source, head["now_ms"], factor, seconds, tuple(measured)
+        )
     return CalibratedPredictor(predictor, out)
 
 
@@ -227,8 +284,11 @@ def calibrate_if(predictor, loaded, workloads: Sequence[Workload | str], enabled
     calibrated = calibrate(predictor, workloads, profile_anchor(loaded, predictor))
     if log is not None:
         for c in calibrated.calibrations.values():
+            ratios = ", ".join(f"{a['ratio']:.3f}" for a in c.anchors)
             log(
                 f"  calibration: anchor {SubNetwork.from_dict(c.anchor)} {c.workload} {c.now_ms:.2f} ms now vs "
-                f"{c.fit_ms:.2f} ms at fit ({c.fit_source}): predictions x{c.factor:.3f} ({c.seconds:.0f} s)"
+                f"{c.fit_ms:.2f} ms at fit ({c.fit_source}): predictions x{c.factor:.3f} (median of "
+                f"{len(c.anchors) or 1} anchor ratios: {ratios}; "
+                f"{c.seconds:.0f} s)"
             )
     return calibrated, calibrated.metadata()

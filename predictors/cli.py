@@ -67,6 +67,11 @@ def fit_cmd(
     ),
     folds: int = typer.Option(5, "--folds", help="Cross-validation folds (grouped by architecture)."),
     seed: int = typer.Option(0, "--seed"),
+    anchors: int = typer.Option(
+        1,
+        "--anchors",
+        help="calibration anchors to store (the largest + mid-sized ones); calibration uses their median ratio",
+    ),
     adaptive: Optional[str] = typer.Option(
         None, "--adaptive", metavar="MODEL", help="Profile more sub-networks of MODEL where CV error is largest."
     ),
@@ -93,7 +98,12 @@ def fit_cmd(
     from predictors.modelspace import describe_model, resolve_source
 
     quiet_transformers()
-    config = FitConfig(folds=folds, seed=seed, candidates=tuple(m.strip() for m in models.split(",") if m.strip()))
+    config = FitConfig(
+        folds=folds,
+        seed=seed,
+        candidates=tuple(m.strip() for m in models.split(",") if m.strip()),
+        anchors=anchors,
+    )
     wanted = dict(fingerprint_id=fingerprint, engine=engine, precision=precision, recipe_id=recipe)
     if adaptive and reference is not None:
         raise NaspruneError("--reference is for a direct fit; --adaptive profiles until the precision fits alone")
@@ -228,7 +238,7 @@ def predict_cmd(
         c = predictor.calibrations[str(wl)]
         err_console.print(
             f"calibrated: anchor {c.now_ms:.2f} ms now vs {c.fit_ms:.2f} ms at fit ({c.fit_source}), "
-            f"x{c.factor:.4g}, measured in {c.seconds:.1f} s",
+            f"x{c.factor:.4g}, the median of {len(c.anchors) or 1} anchor ratio(s), measured in {c.seconds:.1f} s",
             highlight=False,
         )
 
@@ -241,7 +251,7 @@ def _calibrated(predictor, model: Optional[str], workload):
 
     stored_anchor(predictor)  # no anchor: fail before loading a model
     loaded = load_for_cli(model or resolve_source(predictor.manifest["model"].get("source")))
-    with err_console.status("measuring the calibration anchor ..."):
+    with err_console.status("measuring the calibration anchors ..."):
         return calibrate(predictor, [workload], profile_anchor(loaded, predictor))
 
 

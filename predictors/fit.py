@@ -10,7 +10,7 @@ import numpy as np
 from compressor.errors import NaspruneError
 from compressor.modeldir import now
 from compressor.search_space import DIMENSIONS
-from predictors.calibration import anchor_from_records
+from predictors.calibration import anchor_from_records, anchors_from_records
 from predictors.dataset import Dataset, to_dataset
 from predictors.features import ANALYTIC, FEATURE_NAMES, FEATURE_SCHEMA, bytes_per_param, feature_matrix
 from predictors.models import CANDIDATES, affine_spec, ratio_spec
@@ -27,6 +27,10 @@ class FitConfig:
     seed: int = 0
     candidates: tuple[str, ...] = tuple(CANDIDATES)
     p90: bool = True  # also fit the winner on stats_ms.p90 when every record has one
+    # calibration anchors stored (predictors.calibration.anchors_from_records): 1 = the largest sub-network;
+    # k > 1 adds mid-sized ones and calibration takes the median ratio. Measured in session 11 (README,
+    # "Drift-proof predictions"): no better than one on that VM's noise, so one stays the default
+    anchors: int = 1
 
     def __post_init__(self):
         unknown = [c for c in self.candidates if c not in CANDIDATES]
@@ -34,6 +38,8 @@ class FitConfig:
             raise NaspruneError(f"unknown model types {unknown}; choose from {', '.join(CANDIDATES)}")
         if self.folds < 2:
             raise NaspruneError(f"--folds must be >= 2, got {self.folds}")
+        if isinstance(self.anchors, bool) or not isinstance(self.anchors, int) or self.anchors < 1:
+            raise NaspruneError(f"--anchors must be an integer >= 1, got {self.anchors}")
 
 
 @dataclass
@@ -122,6 +128,8 @@ def fit_predictor(
         },
         # re-measured at use time to cancel the machine's drift (predictors.calibration)
         "anchor": anchor_from_records(ds.records),
+        # the first is "anchor"; calibration scales by the median of their ratios
+        "anchors": anchors_from_records(ds.records, config.anchors),
         "cv": {
             "folds": config.folds,
             "grouped_by": "architecture",

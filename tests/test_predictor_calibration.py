@@ -68,6 +68,13 @@ def fitted(space, description, split):
     return fit_predictor(records, description, FitConfig(folds=3, candidates=("linear",))).predictor
 
 
+@pytest.fixture(scope="module")
+def fitted3(space, description, split):
+    """The same fit storing three calibration anchors."""
+    records = make_records(space, split[0], workloads=("prefill:1x32", "prefill:1x64"))
+    return fit_predictor(records, description, FitConfig(folds=3, candidates=("linear",), anchors=3)).predictor
+
+
 def machine(space, speed: float, noise: float = 0.0, seed: int = 5):
     """``measure(sub, workload)`` of a machine running at ``speed`` x the fit-time latency."""
     rng = np.random.default_rng(seed)
@@ -77,6 +84,12 @@ def machine(space, speed: float, noise: float = 0.0, seed: int = 5):
         return speed * true_ms(f) * (1 + noise * rng.standard_normal())
 
     return measure
+
+
+def at_fit_times(fitted, factor: float, w: Workload = W, spikes: dict | None = None):
+    """``measure`` returning ``factor`` x each anchor's fit-time latency (x ``spikes[arch]`` more for some)."""
+    fit = {SubNetwork.from_dict(a["arch"]): a["workloads"][str(w)]["median_ms"] for a in fitted.manifest["anchors"]}
+    return lambda sub, wl: factor * fit[sub] * (spikes or {}).get(sub, 1.0)
 
 
 # ---- pure core ----------------------------------------------------------------------------------
@@ -118,8 +131,9 @@ def test_fit_stores_the_anchor_with_its_fit_time_latency(fitted, space):
 
 def test_calibration_scales_every_prediction_by_the_anchor_ratio(fitted, space, split):
     fit_ms = fitted.manifest["anchor"]["workloads"][str(W)]["median_ms"]
-    cal = calibrate(fitted, [W], lambda sub, w: 2.0 * fit_ms)
+    cal = calibrate(fitted, [W], at_fit_times(fitted, 2.0))
     c = cal.calibrations[str(W)]
+    assert [a["ratio"] for a in c.anchors] == pytest.approx([2.0])
     assert (c.factor, c.fit_ms, c.now_ms, c.fit_source) == (pytest.approx(2.0), fit_ms, 2.0 * fit_ms, "measured")
     held = split[1][:10]
     np.testing.assert_allclose(cal.predict_ms(held, W), 2.0 * fitted.predict_ms(held, W))
@@ -141,13 +155,42 @@ def test_workload_without_an_anchor_record_uses_the_predicted_anchor(fitted, spa
 
 def test_implausible_factor_warns_and_missing_anchor_is_refused(fitted):
     with pytest.warns(CalibrationWarning, match="x3.00"):
-        calibrate(fitted, [W], lambda sub, w: 3.0 * fitted.manifest["anchor"]["workloads"][str(W)]["median_ms"])
+        calibrate(fitted, [W], at_fit_times(fitted, 3.0))
     old = CalibratedPredictor.__new__(CalibratedPredictor)  # getattr on a half-built wrapper must not recurse
     with pytest.raises(AttributeError):
         getattr(old, "base")  # noqa: B009
     bare = type(fitted)(fitted.estimators, {k: v for k, v in fitted.manifest.items() if k != "anchor"}, fitted.space)
     with pytest.raises(NaspruneError, match="no calibration anchor"):
         calibrate(bare, [W], lambda sub, w: 1.0)
+
+
+def test_fit_stores_three_anchors_of_spread_sizes_the_first_the_largest(fitted, fitted3, space):
+    assert fitted.manifest["anchors"] == [fitted.manifest["anchor"]]  # the default: one
+    anchors = fitted3.manifest["anchors"]
+    assert anchors[0] == fitted3.manifest["anchor"] and len(anchors) == 3
+    subs = [SubNetwork.from_dict(a["arch"]) for a in anchors]
+    assert len(set(subs)) == 3 and subs[0] == space.largest()
+    largest = anchors[0]["params"]
+    for a, share in zip(anchors[1:], (2 / 3, 1 / 3)):  # the profiled sub-networks nearest 2/3 and 1/3 of it
+        assert abs(a["params"] / largest - share) < 0.15, (a["params"] / largest, share)
+        assert str(W) in a["workloads"]
+
+
+def test_one_disturbed_anchor_does_not_move_the_factor_a_majority_does(fitted3):
+    """The median of three ratios: one anchor timed in a 1.3x slower moment leaves the factor at the
+    machine's; two such anchors (a real shift seen by most) move it."""
+    subs = [SubNetwork.from_dict(a["arch"]) for a in fitted3.manifest["anchors"]]
+    for spiked in subs:
+        c = calibrate(fitted3, [W], at_fit_times(fitted3, 1.0, spikes={spiked: 1.3})).calibrations[str(W)]
+        assert c.factor == pytest.approx(1.0)
+    c = calibrate(fitted3, [W], at_fit_times(fitted3, 1.0, spikes={subs[0]: 1.3, subs[2]: 1.3})).calibrations[str(W)]
+    assert c.factor == pytest.approx(1.3)
+    # a predictor fitted before several anchors existed calibrates with its one anchor, as it did
+    one = type(fitted3)(
+        fitted3.estimators, {k: v for k, v in fitted3.manifest.items() if k != "anchors"}, fitted3.space
+    )
+    c = calibrate(one, [W], at_fit_times(fitted3, 1.0, spikes={subs[0]: 1.3})).calibrations[str(W)]
+    assert c.factor == pytest.approx(1.3) and len(c.anchors) == 1
 
 
 # ---- a uniform machine-speed shift cancels ------------------------------------------------------
