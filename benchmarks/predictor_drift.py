@@ -280,13 +280,8 @@ def main(argv=None) -> int:
     from compressor.modeldir import write_json_atomic
     from predictors import load_predictor
 
-    fp32 = (
-        fit_for(args.fit_store, args.model, "fp32", args.folds, anchors=args.anchors)
-        if "fp32" in args.precision
-        else None
-    )
-    if fp32 is None and args.precision:  # quantized predictors only: still fitted against the fp32 one
-        fp32 = fit_for(args.fit_store, args.model, "fp32", args.folds, anchors=args.anchors)
+    # checked itself when asked for, and the reference of every quantized one either way
+    fp32 = fit_for(args.fit_store, args.model, "fp32", args.folds, anchors=args.anchors)
     results, runs = [], []
     for precision in args.precision:
         if precision == "fp32":

@@ -165,18 +165,16 @@ def teacher_residuals(teacher, windows: torch.Tensor, wanted: set[int], chunk: i
     """The teacher's (a :class:`compressor.supernet.SuperNetwork`, run at its largest sub-network)
     residual stream ``h_i`` for every ``i`` in ``wanted``: ``h_0`` is the embedding output, ``h_{i+1}``
     the stream after layer ``i``. Kept in memory (fp32): one sub-network needs at most depth + 1 of them."""
-    out = {i: [] for i in sorted(wanted)}
+    out: dict[int, list] = {i: [] for i in sorted(wanted)}
     with teacher.selected(teacher.space.largest()):
         for b in range(0, len(windows), chunk):
-            x, cos_sin = teacher._embed(windows[b : b + chunk])
-            if 0 in out:
-                out[0].append(x)
-            for i, layer in enumerate(teacher.family.layers(teacher.model)):
-                if i + 1 > max(out):
-                    break
-                x = teacher.family.block(layer, x, cos_sin, None, teacher._shape)
+            for i, (x, y) in enumerate(teacher.block_io(windows[b : b + chunk])):
+                if i == 0 and 0 in out:
+                    out[0].append(x)
                 if i + 1 in out:
-                    out[i + 1].append(x)
+                    out[i + 1].append(y)
+                if i + 1 >= max(out):
+                    break  # the deeper blocks are not wanted
     return {i: torch.cat(parts) for i, parts in out.items()}
 
 
