@@ -367,6 +367,12 @@ def refine(
         help="block-local distillation of the repaired sub-network first: steps per block on teacher-forced "
         "windows (its time comes out of --minutes); 0: off",
     ),
+    quantization: Optional[str] = typer.Option(
+        None,
+        "--quantization",
+        help="quantization-aware refine: train with this dynamic or weight-only recipe of the engine simulated "
+        "(e.g. int8-pc, int8-mixed), for a model that will ship at that precision; default: float training",
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted refine of the same --out"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
@@ -387,6 +393,7 @@ def refine(
         distill_alpha=distill_alpha,
         distill_states=distill_states,
         block_steps=block_steps,
+        quantization=quantization,
     )
     record = run_refine(
         model,
@@ -403,7 +410,7 @@ def refine(
     )
     shown = ", ".join(
         f"{k.removeprefix('ppl_')} {record[k]:.2f}"
-        for k in ("ppl_one_shot", "ppl_repaired", "ppl_blocks", "ppl_refined")
+        for k in ("ppl_one_shot", "ppl_repaired", "ppl_blocks", "ppl_refined", "ppl_refined_quantized")
         if record.get(k) is not None
     )
     console.print(

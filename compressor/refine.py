@@ -66,6 +66,8 @@ class RefineConfig:
         ok = isinstance(self.distill_states, (int, float)) and not isinstance(self.distill_states, bool)
         if not (ok and math.isfinite(self.distill_states) and self.distill_states >= 0):
             raise NaspruneError(f"refine distill_states must be a number >= 0 (got {self.distill_states})")
+        if self.quantization is not None:
+            self.train_config()  # refuses a recipe QAT cannot simulate, in one line, before any model loads
 
     @staticmethod
     def from_dict(d: dict | None) -> RefineConfig:

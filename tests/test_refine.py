@@ -212,3 +212,29 @@ def test_refine_with_state_distillation_lowers_the_state_loss(tiny_model, tmp_pa
     assert with_states < 0.9 * before and with_states < 0.9 * logits_only, (before, with_states, logits_only)
     with pytest.raises(NaspruneError, match="distill_states needs distill 'logits'"):
         TrainConfig(strategy="importance-random", distill="logits", distill_states=1.0)
+
+
+def test_refine_cli_quantization_trains_with_the_recipe_simulated(tiny_model, tmp_path):
+    """``nasprune refine --quantization int8-pc``: quantization-aware refine of a point that will ship at
+    that precision (e.g. a KD-refined model, its largest sub-network, distilled again from the original):
+    the recipe reaches the training config, and the quantized validation perplexity is reported."""
+    from typer.testing import CliRunner
+
+    from nasprune.cli import app
+
+    text = (PACKAGE_DATA / "northanger_abbey.txt").read_text()
+    (tmp_path / "train.txt").write_text(text[:20_000])
+    (tmp_path / "val.txt").write_text(text[200_000:210_000])
+    arch = json.dumps(load_model(str(tiny_model)).supernet().space.largest().to_dict())
+    out = tmp_path / "qat"
+    args = ["refine", str(tiny_model), "--arch", arch, "--data", str(tmp_path / "train.txt"), "--out", str(out)]
+    args += ["--validation", str(tmp_path / "val.txt"), "--quantization", "int8-pc", "--no-repair", "--steps", "2"]
+    args += ["--batch-size", "2", "--seq-len", "32"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "refined_quantized" in r.output
+    refined = load_model(str(out))
+    assert refined.meta.provenance["training"]["config"]["quantization"] == "int8-pc"
+    record = refined.meta.subnetwork["refine"]
+    assert record["config"]["quantization"] == "int8-pc" and record["training"]["steps"] == 2
+    assert record["ppl_refined_quantized"] > 1 and record["ppl_one_shot_quantized"] > 1
