@@ -1,0 +1,256 @@
+"""Does a pruned, distilled model beat the original model quantized? The user's alternative, head on.
+
+The cheapest thing a user can do with SmolLM2 on a CPU is to quantize the original with ONNX
+Runtime. Pruning only pays where a pruned model, shipped at some precision, is at least as good
+*and* faster than the original at some precision. This benchmark puts the two side by side, every
+number from one run on one machine:
+
+* the original (importance-permuted: the same function) at fp32 and at every ``--precisions``
+  recipe, quantized after training (PTQ), as the user would;
+* a pruned student already distilled from the original (``--student``: ``nasprune refine``'s
+  output, by default ``benchmarks/refine_recipe.py``'s 300-step KD of the 75 % architecture
+  576/1280/24) at fp32 and at every recipe, PTQ;
+* the same student refined again for each recipe with that recipe simulated in the forward
+  (quantization-aware refine, ``nasprune refine --quantization P``, KD from the original; the
+  teacher cache is the recovery benchmark's), shipped at that recipe.
+
+Quality: test perplexity through ONNX Runtime running each model's full-logits graph, quantized
+by the recipe it ships in (``compressor.engine_quality``), on Persuasion (held-out Austen: the
+training text's domain) and BIG-bench narratives (another domain), never read by training,
+calibration or repair. Latency: ``prefill:1x128`` at 1 thread of each model's quantized prefill
+graph, *all* graphs timed round-robin within each round, so every ratio to the original fp32 is
+taken within one round and the machine's slow drift cancels; the table gives the median ratio and
+its range over rounds.
+
+Then, per original baseline, the pruned rows that dominate it (faster in every round's ratio
+median, and a test perplexity no worse) on each test text.
+
+    python benchmarks/pruned_vs_quantized.py [--student DIR] [--qat-steps 40] [--rounds 7]
+
+Prints the tables and writes benchmarks/results/pruned_vs_quantized.json. Quantization-aware
+refines are kept in ``--work`` and reused by a rerun (delete them to retrain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import recovery  # noqa: E402  (shares data, work dir, importance-permuted original and teacher cache)
+import torch  # noqa: E402
+from quantization import time_prefill  # noqa: E402
+
+TESTS = ("persuasion", "narratives")
+DEFAULT_STUDENT = "recipe-e576-h9-f1280-l24-lr0.0002-s300-w2"
+
+
+def qat_refine(args, imp: Path, paths: dict, student: Path, precision: str) -> Path:
+    """The student distilled again from the original with ``precision`` simulated (reused when present)."""
+    from compressor.modeldir import load_model
+    from compressor.refine import RefineConfig, refine
+
+    out = args.work / f"qat-{precision}-s{args.qat_steps}-lr{args.qat_lr:g}-{student.name}"
+    if (out / "nasprune.json").exists() and (out / "config.json").exists():
+        return out
+    sub = load_model(str(student)).supernet().space.largest()
+    cfg = RefineConfig(
+        minutes=600,  # the step count ends the run: equal tokens whatever this VM's speed
+        steps=args.qat_steps,
+        batch_size=2,
+        seq_len=256,
+        lr=args.qat_lr,
+        warmup_steps=2,
+        repair=False,  # nothing is removed: the student keeps every channel it has
+        quantization=precision,
+        seed=args.seed,
+    )
+    t = time.perf_counter()
+    record = refine(
+        str(student),
+        sub,
+        str(paths["train"]),
+        out,
+        cfg,
+        overwrite=True,
+        log=lambda *_: None,
+        teacher=str(imp),
+        teacher_cache_dir=args.work / "teacher",
+    )
+    print(
+        f"  QAT {precision}: {record['training']['steps']} steps, {record['training']['tokens']} tokens "
+        f"in {time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
+    return out
+
+
+def graphs_of(model, directory: Path, precisions: list[str]) -> dict[str, dict[str, Path]]:
+    """``model``'s prefill and full-logits graphs at fp32 and each precision (quantized after export)."""
+    from compressor.onnx_export import ExportRecipe, export_graphs
+    from compressor.quantize import quantize_graph_dir
+
+    base = directory / "fp32"
+    export_graphs(model, base, ExportRecipe(), graphs=("prefill", "logits"))
+    out = {"fp32": {g: base / g / "model.onnx" for g in ("prefill", "logits")}}
+    for p in precisions:
+        if p != "fp32":
+            out[p] = quantize_graph_dir(base, directory / p, p, ("prefill", "logits"))
+    return out
+
+
+def dominated_by(baseline: dict, rows: list[dict], test: str) -> list[str]:
+    """Pruned rows at least as good on ``test`` and faster in every round (the whole ratio range below)."""
+    return [
+        r["name"]
+        for r in rows
+        if r["ppl"][test] <= baseline["ppl"][test] and r["latency_range"][1] < baseline["latency_range"][0]
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "recovery_work")
+    ap.add_argument(
+        "--student", type=Path, default=None, help=f"a refined pruned model dir (default WORK/{DEFAULT_STUDENT})"
+    )
+    ap.add_argument("--precisions", default="int8,int8-pc,int8-mixed", help="recipes of compressor.quantize")
+    ap.add_argument("--qat-steps", type=int, default=40, help="quantization-aware refine steps of 2 x 256 tokens")
+    ap.add_argument("--qat-lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=1, help="QAT data order (the KD run used 0)")
+    ap.add_argument("--test-tokens", type=int, default=4096)
+    ap.add_argument("--seq-len", type=int, default=128, help="prefill length timed")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pruned_vs_quantized.json")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    from transformers.utils import logging as hf_logging
+
+    from compressor.engine_quality import graph_mean_loss, session
+    from compressor.evaluate import token_windows
+    from compressor.modeldir import load_model, now, write_json_atomic
+    from compressor.quantize import needs_calibration
+    from profilers.standalone import load_average
+
+    hf_logging.set_verbosity_error()
+    precisions = [p for p in args.precisions.split(",") if p and p != "fp32"]
+    static = [p for p in precisions if needs_calibration(p)]
+    if static:
+        raise SystemExit(f"error: static recipes ({', '.join(static)}) need calibration data; not supported here")
+    student = args.student or args.work / DEFAULT_STUDENT
+    if not (student / "nasprune.json").exists():
+        raise SystemExit(
+            f"error: {student} is not a refined model dir; run e.g. "
+            "`python benchmarks/refine_recipe.py --runs '576,9,1280,24:2e-4' --steps 300` first"
+        )
+    paths = recovery.make_data(args.work)
+    imp = recovery.importance_dir(argparse.Namespace(importance=None, work=args.work), paths)
+    started, load_start = now(), load_average()
+
+    qat = {p: qat_refine(args, imp, paths, student, p) for p in precisions}
+    original = load_model(str(imp))
+    windows = {
+        "persuasion": token_windows(original.tokenizer, paths["persuasion"].read_text(), 256, args.test_tokens),
+        "narratives": token_windows(original.tokenizer, paths["narratives"].read_text(), 256, args.test_tokens),
+    }
+    ids = windows["persuasion"][:1, : args.seq_len].numpy().astype(np.int64)
+    # (name, group, precision, model dir) of every shipped candidate
+    candidates = [("original", "original", p, imp) for p in ["fp32", *precisions]]
+    candidates += [("pruned KD", "pruned", p, student) for p in ["fp32", *precisions]]
+    candidates += [(f"pruned KD + QAT {p}", "pruned", p, qat[p]) for p in precisions]
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="nasprune-pvq-", dir=args.work) as tmp:
+        graphs: dict[tuple[str, str], dict[str, Path]] = {}
+        params: dict[str, int] = {}
+        for directory in dict.fromkeys(d for *_, d in candidates):
+            loaded = load_model(str(directory))
+            sn = loaded.supernet().eval()
+            from compressor.extract import extract
+
+            model = extract(sn, sn.space.largest()).eval()
+            params[str(directory)] = sum(t.numel() for t in model.parameters())
+            wanted = [p for _, _, p, d in candidates if d == directory]
+            t = time.perf_counter()
+            made = graphs_of(model, Path(tmp) / directory.name, wanted)
+            print(f"{directory.name}: exported {', '.join(wanted)} in {time.perf_counter() - t:.0f} s", flush=True)
+            for p in wanted:
+                graphs[(str(directory), p)] = made[p]
+            del model, sn, loaded
+        for name, group, p, directory in candidates:
+            g = graphs[(str(directory), p)]
+            ppl = {t: math.exp(graph_mean_loss(g["logits"], windows[t], threads=2)[0]) for t in TESTS}
+            rows.append(
+                {
+                    "name": f"{name} @ {p}",
+                    "group": group,
+                    "precision": p,
+                    "model": str(directory),
+                    "params": params[str(directory)],
+                    "ppl": ppl,
+                }
+            )
+            print(f"  {rows[-1]['name']}: " + ", ".join(f"{t} {v:.2f}" for t, v in ppl.items()), flush=True)
+        sessions = {r["name"]: session(graphs[(r["model"], r["precision"])]["prefill"], threads=1) for r in rows}
+        timing = time_prefill(sessions, ids, args.rounds, args.iters)
+        del sessions
+    base = timing["original @ fp32"]
+    for r in rows:
+        ratios = [a / b for a, b in zip(timing[r["name"]], base)]
+        r.update(
+            prefill_ms=statistics.median(timing[r["name"]]),
+            round_ms=timing[r["name"]],
+            latency_vs_original_fp32=statistics.median(ratios),
+            latency_range=[min(ratios), max(ratios)],
+        )
+    ref = next(r for r in rows if r["name"] == "original @ fp32")
+    pruned = [r for r in rows if r["group"] == "pruned"]
+    tests = " | ".join(TESTS)
+    print(f"\n| model @ precision | params | {tests} | x orig fp32 ppl | prefill ms | x orig fp32 latency (range) |")
+    print("|---|---|" + "---|" * len(TESTS) + "---|---|---|")
+    for r in rows:
+        rel = " / ".join(f"{r['ppl'][t] / ref['ppl'][t]:.2f}" for t in TESTS)
+        lo, hi = r["latency_range"]
+        print(
+            f"| {r['name']} | {r['params'] / 1e6:.1f}M | "
+            + " | ".join(f"{r['ppl'][t]:.2f}" for t in TESTS)
+            + f" | {rel} | {r['prefill_ms']:.1f} | {r['latency_vs_original_fp32']:.2f} ({lo:.2f}-{hi:.2f}) |"
+        )
+    dominance = {}
+    print("\n| original baseline | dominated on persuasion by | dominated on narratives by |")
+    print("|---|---|---|")
+    for b in (r for r in rows if r["group"] == "original"):
+        dominance[b["name"]] = {t: dominated_by(b, pruned, t) for t in TESTS}
+        print(f"| {b['name']} | " + " | ".join(", ".join(dominance[b["name"]][t]) or "**none**" for t in TESTS) + " |")
+    write_json_atomic(
+        args.out,
+        {
+            "started": started,
+            "finished": now(),
+            "student": str(student),
+            "student_refine": (load_model(str(student)).meta.subnetwork or {}).get("refine", {}).get("training"),
+            "qat": {"steps": args.qat_steps, "lr": args.qat_lr, "batch": "2 x 256 tokens", "seed": args.seed},
+            "test_tokens": args.test_tokens,
+            "workload": f"prefill:1x{args.seq_len}",
+            "threads": 1,
+            "rounds": args.rounds,
+            "iters": args.iters,
+            "load_average": [load_start, load_average()],
+            "rows": rows,
+            "dominance": dominance,
+        },
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
