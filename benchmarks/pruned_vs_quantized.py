@@ -124,7 +124,17 @@ def main() -> None:
         "--student", type=Path, default=None, help=f"a refined pruned model dir (default WORK/{DEFAULT_STUDENT})"
     )
     ap.add_argument("--precisions", default="int8,int8-pc,int8-mixed", help="recipes of compressor.quantize")
-    ap.add_argument("--qat-steps", type=int, default=40, help="quantization-aware refine steps of 2 x 256 tokens")
+    ap.add_argument(
+        "--qat-steps", type=int, default=40, help="quantization-aware refine steps of 2 x 256 tokens (0: no QAT rows)"
+    )
+    ap.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR@PRECISION",
+        help="another pruned model dir to measure at one precision (repeatable), e.g. a refine trained "
+        "quantization-aware all along",
+    )
     ap.add_argument("--qat-lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=1, help="QAT data order (the KD run used 0)")
     ap.add_argument("--test-tokens", type=int, default=4096)
@@ -157,7 +167,16 @@ def main() -> None:
     imp = recovery.importance_dir(argparse.Namespace(importance=None, work=args.work), paths)
     started, load_start = now(), load_average()
 
-    qat = {p: qat_refine(args, imp, paths, student, p) for p in precisions}
+    extras = []
+    for item in args.extra:
+        label, sep, rest = item.partition("=")
+        directory, at, precision = rest.rpartition("@")
+        if not (sep and at and label and precision in ["fp32", *precisions]):
+            raise SystemExit(f"error: --extra {item!r} is not LABEL=DIR@PRECISION with a precision of --precisions")
+        if not (Path(directory) / "nasprune.json").exists():
+            raise SystemExit(f"error: --extra {item!r}: {directory} is not a nasprune model dir")
+        extras.append((label, "pruned", precision, Path(directory)))
+    qat = {p: qat_refine(args, imp, paths, student, p) for p in precisions} if args.qat_steps > 0 else {}
     original = load_model(str(imp))
     windows = {
         "persuasion": token_windows(original.tokenizer, paths["persuasion"].read_text(), 256, args.test_tokens),
@@ -167,7 +186,8 @@ def main() -> None:
     # (name, group, precision, model dir) of every shipped candidate
     candidates = [("original", "original", p, imp) for p in ["fp32", *precisions]]
     candidates += [("pruned KD", "pruned", p, student) for p in ["fp32", *precisions]]
-    candidates += [(f"pruned KD + QAT {p}", "pruned", p, qat[p]) for p in precisions]
+    candidates += [(f"pruned KD + QAT {p}", "pruned", p, qat[p]) for p in qat]
+    candidates += extras
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="nasprune-pvq-", dir=args.work) as tmp:
         graphs: dict[tuple[str, str], dict[str, Path]] = {}

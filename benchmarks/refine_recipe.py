@@ -15,6 +15,7 @@ interrupted run continues. Prints a table with the repair-only and original rows
     python benchmarks/refine_recipe.py --repair-only --runs "576,9,896,30;576,9,1536,21"
     python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4" --steps 35 --distill-states 1
     python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4" --steps 50 --block-steps 100
+    python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4" --steps 100 --quantization int8-pc
 
 ``--block-steps`` adds block-local distillation of the chosen sub-network between repair and KD
 (:func:`compressor.bld.distill_chosen_blocks`); its seconds are stored beside the KD's, so rows compare
@@ -94,6 +95,12 @@ def main() -> None:
     ap.add_argument("--block-steps", type=int, default=0, help="block-local distillation steps per block first")
     ap.add_argument("--block-lr", type=float, default=1e-4)
     ap.add_argument("--block-tokens", type=int, default=8192)
+    ap.add_argument(
+        "--quantization",
+        default=None,
+        help="quantization-aware refine: train with this recipe simulated all along (the rows stay fp32 torch "
+        "perplexity; benchmarks/pruned_vs_quantized.py --extra measures them through the quantized engine)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -137,6 +144,8 @@ def main() -> None:
         states = f" states {args.distill_states:g}" if args.distill_states > 0 else ""
         if args.block_steps > 0:
             states += f" blocks {args.block_steps} lr {args.block_lr:g} tokens {args.block_tokens}"
+        if args.quantization:
+            states += f" qat {args.quantization}"
         key = f"refine {sub} lr {lr:g} steps {args.steps} warmup {args.warmup_steps}{states}"
         if results.has(key):
             continue
@@ -155,6 +164,7 @@ def main() -> None:
             block_steps=args.block_steps,
             block_lr=args.block_lr,
             block_tokens=args.block_tokens,
+            quantization=args.quantization,
         )
         record, loaded = recovery.refine_in_work(args.work, imp, paths, sub, out, cfg)
         model = loaded.model
@@ -166,6 +176,7 @@ def main() -> None:
                 "steps": record["training"]["steps"],
                 "tokens": record["training"]["tokens"],
                 "distill_states": args.distill_states,
+                "quantization": args.quantization,
                 "training_seconds": record["training"]["seconds"],
                 "block_steps": args.block_steps,
                 "block_seconds": (record.get("block_distillation") or {}).get("seconds", 0.0),
