@@ -17,15 +17,18 @@ number from one run on one machine:
 Quality: test perplexity through ONNX Runtime running each model's full-logits graph, quantized
 by the recipe it ships in (``compressor.engine_quality``), on Persuasion (held-out Austen: the
 training text's domain) and BIG-bench narratives (another domain), never read by training,
-calibration or repair. Latency: ``prefill:1x128`` at 1 thread of each model's quantized prefill
-graph, *all* graphs timed round-robin within each round, so every ratio to the original fp32 is
-taken within one round and the machine's slow drift cancels; the table gives the median ratio and
-its range over rounds.
+calibration or repair. Latency: ``--workloads`` (default ``prefill:1x128`` and
+``decode:1x256``, 1 thread) of each model's quantized prefill/decode graphs through the profiler's
+own runner (``profilers.standalone.OrtRunner``), *all* models timed round-robin within each round,
+so every ratio to the original fp32 is taken within one round and the machine's slow drift cancels;
+the table gives the median ratio and its range over rounds.
 
-Then, per original baseline, the pruned rows that dominate it (faster in every round's ratio
-median, and a test perplexity no worse) on each test text.
+Then, per workload and original baseline, the pruned rows that dominate it: a test perplexity no
+worse on that text, and faster than the baseline in *every* round (paired: the two timings of a
+round are seconds apart).
 
     python benchmarks/pruned_vs_quantized.py [--student DIR] [--qat-steps 40] [--rounds 7]
+    python benchmarks/pruned_vs_quantized.py --render benchmarks/results/pruned_vs_quantized.json
 
 Prints the tables and writes benchmarks/results/pruned_vs_quantized.json. Quantization-aware
 refines are kept in ``--work`` and reused by a rerun (delete them to retrain).
@@ -34,6 +37,7 @@ refines are kept in ``--work`` and reused by a rerun (delete them to retrain).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -45,12 +49,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import recovery  # noqa: E402  (shares data, work dir, importance-permuted original and teacher cache)
 import torch  # noqa: E402
-from quantization import time_prefill  # noqa: E402
 
 TESTS = ("persuasion", "narratives")
+GRAPHS = ("prefill", "decode", "logits")
+MIN_SAMPLE_MS = 400.0  # per runner per round: ~3 prefills, ~25-50 decode steps
 DEFAULT_STUDENT = "recipe-e576-h9-f1280-l24-lr0.0002-s300-w2"
 
 
@@ -100,21 +104,81 @@ def graphs_of(model, directory: Path, precisions: list[str]) -> dict[str, dict[s
     from compressor.quantize import quantize_graph_dir
 
     base = directory / "fp32"
-    export_graphs(model, base, ExportRecipe(), graphs=("prefill", "logits"))
-    out = {"fp32": {g: base / g / "model.onnx" for g in ("prefill", "logits")}}
+    export_graphs(model, base, ExportRecipe(), graphs=GRAPHS)
+    out = {"fp32": {g: base / g / "model.onnx" for g in GRAPHS}}
     for p in precisions:
         if p != "fp32":
-            out[p] = quantize_graph_dir(base, directory / p, p, ("prefill", "logits"))
+            out[p] = quantize_graph_dir(base, directory / p, p, GRAPHS)
     return out
 
 
-def dominated_by(baseline: dict, rows: list[dict], test: str) -> list[str]:
-    """Pruned rows at least as good on ``test`` and faster in every round (the whole ratio range below)."""
+def _samples(step, iters: int, min_ms: float) -> list[float]:
+    """At least ``iters`` iterations and ``min_ms`` of them: a decode step of a few ms needs many."""
+    out = [step()]
+    while len(out) < iters or sum(out) < min_ms:
+        out.append(step())
+    return out
+
+
+def time_workloads(runners: dict, workloads: list, rounds: int, iters: int) -> dict[str, dict[str, list[float]]]:
+    """Median ms per round of every runner on every workload, the runners interleaved within each round
+    (the profiler's own step closures, ``profilers.standalone.OrtRunner.step_for``)."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for w in workloads:
+        steps = {k: r.step_for(w.kind, w.batch, w.seq, w.new_tokens) for k, r in runners.items()}
+        for step in steps.values():
+            for _ in range(3):
+                step()
+        out[str(w)] = {k: [] for k in steps}
+        for _ in range(rounds):
+            for k, step in steps.items():
+                out[str(w)][k].append(statistics.median(_samples(step, iters, MIN_SAMPLE_MS)))
+    return out
+
+
+def dominated_by(baseline: dict, rows: list[dict], test: str, workload: str) -> list[str]:
+    """Pruned rows at least as good on ``test`` and faster on ``workload`` in *every* round, each
+    round's two timings taken within seconds of each other (paired: the machine's drift cancels)."""
+    base = baseline["latency"][workload]["round_ms"]
     return [
         r["name"]
         for r in rows
-        if r["ppl"][test] <= baseline["ppl"][test] and r["latency_range"][1] < baseline["latency_range"][0]
+        if r["ppl"][test] <= baseline["ppl"][test]
+        and all(a < b for a, b in zip(r["latency"][workload]["round_ms"], base, strict=True))
     ]
+
+
+def report(rows: list[dict], workloads: list[str]) -> dict:
+    """Print the perplexity/latency table and, per workload, the dominance table; return the dominance."""
+    ref = next(r for r in rows if r["name"] == "original @ fp32")
+    pruned = [r for r in rows if r["group"] == "pruned"]
+    print(
+        f"\n| model @ precision | params | {' | '.join(TESTS)} | x orig fp32 ppl | "
+        + " | ".join(f"{w} ms, x orig fp32 (range)" for w in workloads)
+        + " |"
+    )
+    print("|---|---|" + "---|" * (len(TESTS) + 1 + len(workloads)))
+    for r in rows:
+        rel = " / ".join(f"{r['ppl'][t] / ref['ppl'][t]:.2f}" for t in TESTS)
+        lat = [r["latency"][w] for w in workloads]
+        print(
+            f"| {r['name']} | {r['params'] / 1e6:.1f}M | "
+            + " | ".join(f"{r['ppl'][t]:.2f}" for t in TESTS)
+            + f" | {rel} | "
+            + " | ".join(
+                f"{x['ms']:.1f}, {x['vs_original_fp32']:.2f} ({x['range'][0]:.2f}-{x['range'][1]:.2f})" for x in lat
+            )
+            + " |"
+        )
+    dominance: dict = {}
+    for w in workloads:
+        print(f"\n{w}:\n\n| original baseline | dominated on persuasion by | dominated on narratives by |")
+        print("|---|---|---|")
+        for b in (r for r in rows if r["group"] == "original"):
+            found = {t: dominated_by(b, pruned, t, w) for t in TESTS}
+            dominance.setdefault(w, {})[b["name"]] = found
+            print(f"| {b['name']} | " + " | ".join(", ".join(found[t]) or "**none**" for t in TESTS) + " |")
+    return dominance
 
 
 def main() -> None:
@@ -138,19 +202,30 @@ def main() -> None:
     ap.add_argument("--qat-lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=1, help="QAT data order (the KD run used 0)")
     ap.add_argument("--test-tokens", type=int, default=4096)
-    ap.add_argument("--seq-len", type=int, default=128, help="prefill length timed")
+    ap.add_argument(
+        "--workloads", default="prefill:1x128,decode:1x256", help="comma-separated workloads timed (1 thread)"
+    )
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pruned_vs_quantized.json")
+    ap.add_argument("--render", type=Path, default=None, help="print the tables of a stored JSON (and re-judge it)")
     args = ap.parse_args()
+    if args.render is not None:
+        from compressor.modeldir import write_json_atomic
+
+        data = json.loads(args.render.read_text())
+        data["dominance"] = report(data["rows"], data["workloads"])
+        write_json_atomic(args.render, data)
+        return
     torch.set_num_threads(2)
     from transformers.utils import logging as hf_logging
 
-    from compressor.engine_quality import graph_mean_loss, session
+    from compressor.engine_quality import graph_mean_loss
     from compressor.evaluate import token_windows
     from compressor.modeldir import load_model, now, write_json_atomic
     from compressor.quantize import needs_calibration
-    from profilers.standalone import load_average
+    from compressor.workload import Workload
+    from profilers.standalone import OrtRunner, load_average
 
     hf_logging.set_verbosity_error()
     precisions = [p for p in args.precisions.split(",") if p and p != "fp32"]
@@ -182,7 +257,9 @@ def main() -> None:
         "persuasion": token_windows(original.tokenizer, paths["persuasion"].read_text(), 256, args.test_tokens),
         "narratives": token_windows(original.tokenizer, paths["narratives"].read_text(), 256, args.test_tokens),
     }
-    ids = windows["persuasion"][:1, : args.seq_len].numpy().astype(np.int64)
+    workloads = [Workload.parse(w) for w in args.workloads.split(",") if w]
+    if not workloads or any(w.kind == "generate" for w in workloads):
+        raise SystemExit("error: --workloads takes prefill:BxS and decode:BxC workloads")
     # (name, group, precision, model dir) of every shipped candidate
     candidates = [("original", "original", p, imp) for p in ["fp32", *precisions]]
     candidates += [("pruned KD", "pruned", p, student) for p in ["fp32", *precisions]]
@@ -220,37 +297,28 @@ def main() -> None:
                 }
             )
             print(f"  {rows[-1]['name']}: " + ", ".join(f"{t} {v:.2f}" for t, v in ppl.items()), flush=True)
-        sessions = {r["name"]: session(graphs[(r["model"], r["precision"])]["prefill"], threads=1) for r in rows}
-        timing = time_prefill(sessions, ids, args.rounds, args.iters)
-        del sessions
-    base = timing["original @ fp32"]
-    for r in rows:
-        ratios = [a / b for a, b in zip(timing[r["name"]], base)]
-        r.update(
-            prefill_ms=statistics.median(timing[r["name"]]),
-            round_ms=timing[r["name"]],
-            latency_vs_original_fp32=statistics.median(ratios),
-            latency_range=[min(ratios), max(ratios)],
-        )
-    ref = next(r for r in rows if r["name"] == "original @ fp32")
-    pruned = [r for r in rows if r["group"] == "pruned"]
-    tests = " | ".join(TESTS)
-    print(f"\n| model @ precision | params | {tests} | x orig fp32 ppl | prefill ms | x orig fp32 latency (range) |")
-    print("|---|---|" + "---|" * len(TESTS) + "---|---|---|")
-    for r in rows:
-        rel = " / ".join(f"{r['ppl'][t] / ref['ppl'][t]:.2f}" for t in TESTS)
-        lo, hi = r["latency_range"]
-        print(
-            f"| {r['name']} | {r['params'] / 1e6:.1f}M | "
-            + " | ".join(f"{r['ppl'][t]:.2f}" for t in TESTS)
-            + f" | {rel} | {r['prefill_ms']:.1f} | {r['latency_vs_original_fp32']:.2f} ({lo:.2f}-{hi:.2f}) |"
-        )
-    dominance = {}
-    print("\n| original baseline | dominated on persuasion by | dominated on narratives by |")
-    print("|---|---|---|")
-    for b in (r for r in rows if r["group"] == "original"):
-        dominance[b["name"]] = {t: dominated_by(b, pruned, t) for t in TESTS}
-        print(f"| {b['name']} | " + " | ".join(", ".join(dominance[b["name"]][t]) or "**none**" for t in TESTS) + " |")
+        runners = {
+            r["name"]: OrtRunner(
+                {g: str(graphs[(r["model"], r["precision"])][g]) for g in ("prefill", "decode")},
+                "CPUExecutionProvider",
+                r["precision"],
+                threads=1,
+            )
+            for r in rows
+        }
+        timing = time_workloads(runners, workloads, args.rounds, args.iters)
+        del runners
+    for w, by_name in timing.items():
+        base = by_name["original @ fp32"]
+        for r in rows:
+            ratios = [a / b for a, b in zip(by_name[r["name"]], base)]
+            r.setdefault("latency", {})[w] = {
+                "ms": statistics.median(by_name[r["name"]]),
+                "round_ms": by_name[r["name"]],
+                "vs_original_fp32": statistics.median(ratios),
+                "range": [min(ratios), max(ratios)],
+            }
+    dominance = report(rows, [str(w) for w in workloads])
     write_json_atomic(
         args.out,
         {
@@ -260,7 +328,7 @@ def main() -> None:
             "student_refine": (load_model(str(student)).meta.subnetwork or {}).get("refine", {}).get("training"),
             "qat": {"steps": args.qat_steps, "lr": args.qat_lr, "batch": "2 x 256 tokens", "seed": args.seed},
             "test_tokens": args.test_tokens,
-            "workload": f"prefill:1x{args.seq_len}",
+            "workloads": [str(w) for w in workloads],
             "threads": 1,
             "rounds": args.rounds,
             "iters": args.iters,
