@@ -395,6 +395,12 @@ def refine(
         block_steps=block_steps,
         quantization=quantization,
     )
+    if quantization is not None:
+        from compressor.quantize import saturation_risk
+
+        risk = saturation_risk(quantization)  # the weights train for the recipe; this host's engine mangles it
+        if risk:
+            console.print(f"[yellow]warning:[/] {risk}")
     record = run_refine(
         model,
         sub,

@@ -214,13 +214,17 @@ def test_refine_with_state_distillation_lowers_the_state_loss(tiny_model, tmp_pa
         TrainConfig(strategy="importance-random", distill="logits", distill_states=1.0)
 
 
-def test_refine_cli_quantization_trains_with_the_recipe_simulated(tiny_model, tmp_path):
+def test_refine_cli_quantization_trains_with_the_recipe_simulated(tiny_model, tmp_path, monkeypatch):
     """``nasprune refine --quantization int8-pc``: quantization-aware refine of a point that will ship at
     that precision (e.g. a KD-refined model, its largest sub-network, distilled again from the original):
-    the recipe reaches the training config, and the quantized validation perplexity is reported."""
+    the recipe reaches the training config, and the quantized validation perplexity is reported. On a
+    host whose engine would saturate that recipe (AVX2 without VNNI, planted) it trains but warns."""
     from typer.testing import CliRunner
 
+    import compressor.quantize
     from nasprune.cli import app
+
+    monkeypatch.setattr(compressor.quantize, "cpu_flags", lambda: {"avx2"})
 
     text = (PACKAGE_DATA / "northanger_abbey.txt").read_text()
     (tmp_path / "train.txt").write_text(text[:20_000])
@@ -233,6 +237,7 @@ def test_refine_cli_quantization_trains_with_the_recipe_simulated(tiny_model, tm
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "refined_quantized" in r.output
+    assert "warning:" in r.output and "int8-pc7" in r.output
     refined = load_model(str(out))
     assert refined.meta.provenance["training"]["config"]["quantization"] == "int8-pc"
     record = refined.meta.subnetwork["refine"]
