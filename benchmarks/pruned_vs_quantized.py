@@ -64,7 +64,7 @@ DEFAULT_STUDENT = "recipe-e576-h9-f1280-l24-lr0.0002-s300-w2"
 def qat_refine(args, imp: Path, paths: dict, student: Path, precision: str) -> Path:
     """The student distilled again from the original with ``precision`` simulated (reused when present)."""
     from compressor.modeldir import load_model
-    from compressor.refine import RefineConfig, refine
+    from compressor.refine import RefineConfig
 
     out = args.work / f"qat-{precision}-s{args.qat_steps}-lr{args.qat_lr:g}-{student.name}"
     if (out / "nasprune.json").exists() and (out / "config.json").exists():
@@ -82,17 +82,7 @@ def qat_refine(args, imp: Path, paths: dict, student: Path, precision: str) -> P
         seed=args.seed,
     )
     t = time.perf_counter()
-    record = refine(
-        str(student),
-        sub,
-        str(paths["train"]),
-        out,
-        cfg,
-        overwrite=True,
-        log=lambda *_: None,
-        teacher=str(imp),
-        teacher_cache_dir=args.work / "teacher",
-    )
+    record, _ = recovery.refine_in_work(args.work, imp, paths, sub, out, cfg, parent=student)
     print(
         f"  QAT {precision}: {record['training']['steps']} steps, {record['training']['tokens']} tokens "
         f"in {time.perf_counter() - t:.0f} s",

@@ -439,14 +439,15 @@ def selected_archs(args) -> dict:
     return chosen
 
 
-def refine_in_work(work: Path, imp, paths, sub, out: Path, cfg):
-    """Refine ``sub`` of the importance-permuted model on the benchmark's training text, with the teacher
-    cache every recovery run shares (``WORK/teacher``); returns the refine record and the loaded model."""
+def refine_in_work(work: Path, imp, paths, sub, out: Path, cfg, parent=None):
+    """Refine ``sub`` of ``parent`` (default: the importance-permuted model) on the benchmark's training
+    text, distilled from the importance-permuted original through the teacher cache every recovery run
+    shares (``WORK/teacher``); returns the refine record and the loaded model."""
     from compressor.modeldir import load_model
     from compressor.refine import refine
 
     record = refine(
-        str(imp),
+        str(parent or imp),
         sub,
         str(paths["train"]),
         out,
@@ -454,6 +455,7 @@ def refine_in_work(work: Path, imp, paths, sub, out: Path, cfg):
         overwrite=True,
         log=lambda *_: None,
         teacher_cache_dir=work / "teacher",
+        teacher=str(imp),
     )
     return record, load_model(str(out))
 
