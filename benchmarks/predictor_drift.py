@@ -46,6 +46,14 @@ sub-networks; later1: 11 other ones per precision; later2: the 3 anchors first, 
         --precision fp32 --precision int8-pc --precision int8-mixed --folds 4 --anchors 3 \\
         --compare-predictor none --later benchmarks/results/predictor_drift_prec_later1.sqlite \\
         --later benchmarks/results/predictor_drift_prec_later2.sqlite --out benchmarks/results/predictor_drift_prec.json
+
+Session 13's run on a 2-vCPU Intel Xeon with AVX-512 VNNI (fit as above; later1 and later2: 10
+random sub-networks per precision each, ``--seed 7`` / ``--seed 8``, the anchor among them)::
+
+    python benchmarks/predictor_drift.py --fit-store benchmarks/results/predictor_drift_xeon_fit.sqlite \\
+        --precision fp32 --precision int8-pc --precision int8-mixed --folds 4 --anchors 3 \\
+        --compare-predictor none --later benchmarks/results/predictor_drift_xeon_later1.sqlite \\
+        --later benchmarks/results/predictor_drift_xeon_later2.sqlite --out benchmarks/results/predictor_drift_xeon.json
 """
 
 from __future__ import annotations
