@@ -52,6 +52,7 @@ def front_points(bundles: dict[str, dict], workload: str, one_shot: dict | None 
                         "ppl": ppl,
                         "baseline": kind != "nasprune",
                         "kind": kind,
+                        "arch": m.get("arch"),
                     }
                 )
             shot = (one_shot or {}).get(name)
@@ -65,23 +66,43 @@ def front_points(bundles: dict[str, dict], workload: str, one_shot: dict | None 
                         "ppl": shot_ppl,
                         "baseline": True,
                         "kind": "one-shot",
+                        "arch": m.get("arch"),
                     }
                 )
     return points
 
 
-def dominance(points: list[dict]) -> list[dict]:
-    """For each baseline point, the nasprune points that dominate it (no slower, no worse, one strictly)."""
+# A measured median moves by this much between two runs on the shared 2-vCPU VMs (5-14 %, see
+# benchmarks/predictor_drift.py and measurement_noise.py; ~1 % on a quiet one): a point must be faster
+# than a baseline by more than this before the report calls it faster.
+LATENCY_TOLERANCE = 0.05
+
+
+def same_graph(a: dict, b: dict) -> bool:
+    """Both points run the same architecture at the same precision: the same operators on the same
+    shapes, so their latency is equal by construction and any measured gap is timing noise (a refined
+    point adds at most repair's two bias vectors per layer)."""
+    return a.get("arch") is not None and a.get("arch") == b.get("arch") and a["variant"] == b["variant"]
+
+
+def dominates(p: dict, b: dict, tolerance: float = LATENCY_TOLERANCE) -> bool:
+    """``p`` is no worse than ``b`` on both objectives and better on one, with latency judged honestly:
+    on the same graph the two latencies are a tie, so ``p`` must have the lower perplexity; otherwise
+    ``p`` must be measured faster by more than ``tolerance`` (a gap within the machine's run-to-run
+    drift proves nothing) and be no worse in perplexity."""
+    if same_graph(p, b):
+        return p["ppl"] < b["ppl"]
+    return p["ms"] < b["ms"] * (1.0 - tolerance) and p["ppl"] <= b["ppl"]
+
+
+def dominance(points: list[dict], tolerance: float = LATENCY_TOLERANCE) -> list[dict]:
+    """For each baseline point, the nasprune points that dominate it (``dominates``)."""
     ours = [p for p in points if not p["baseline"]]
-    rows = []
-    for b in (p for p in points if p["baseline"]):
-        by = [
-            f"{p['name']} {p['variant']}"
-            for p in ours
-            if p["ms"] <= b["ms"] and p["ppl"] <= b["ppl"] and (p["ms"] < b["ms"] or p["ppl"] < b["ppl"])
-        ]
-        rows.append({**b, "dominated_by": by})
-    return rows
+    return [
+        {**b, "dominated_by": [f"{p['name']} {p['variant']}" for p in ours if dominates(p, b, tolerance)]}
+        for b in points
+        if b["baseline"]
+    ]
 
 
 QUALITY_BUDGETS = (1.1, 1.3, 1.5, 2.0)
@@ -222,7 +243,11 @@ def write_report(pipeline) -> Path:
             "",
             f"Every baseline point — the original model at each engine precision, and one-shot pruning "
             f"(no training) at each exported architecture and precision — against every exported nasprune "
-            f"point (`{w}`, measured latency; test perplexity through the engine):",
+            f"point (`{w}`, measured latency; test perplexity through the engine). A point dominates a "
+            f"baseline when it is no worse in test perplexity and measured more than "
+            f"{LATENCY_TOLERANCE:.0%} faster (the machine's run-to-run drift), or, on the same architecture "
+            f"at the same precision (the same graph, equal latency by construction), strictly better in "
+            f"perplexity:",
             "",
             "| baseline | variant | measured ms | test ppl | dominated by |",
             "|---|---|---|---|---|",

@@ -110,6 +110,33 @@ def test_dominance_table_marks_what_beats_each_baseline():
     assert rows["original-x int8"] == ["0-small fp32"]  # its int8 (ppl 66) is faster but worse than 64
 
 
+def test_dominance_needs_a_real_latency_gap_or_the_same_graph():
+    """A gap within the machine's drift is no speed-up; the same graph at the same precision is a latency tie,
+    won on perplexity alone (the QAT-refined original vs its PTQ twin); a manifest without an arch never ties."""
+    from deploy.report import LATENCY_TOLERANCE, dominance
+
+    full, small = {"embed_dim": 576, "num_layers": 30}, {"embed_dim": 448, "num_layers": 24}
+
+    def pt(name, variant, ms, ppl, arch, kind="nasprune"):
+        return {"name": name, "variant": variant, "ms": ms, "ppl": ppl, "arch": arch, "kind": kind,
+                "baseline": kind != "nasprune"}  # fmt: skip
+
+    base = pt("original", "int8-pc", 100.0, 60.0, full, "original")
+    near = 100.0 * (1 - LATENCY_TOLERANCE / 2)
+    cases = {
+        "qat-twin-slower-by-noise": (pt("q", "int8-pc", 103.0, 50.0, full), True),
+        "qat-twin-no-better": (pt("q", "int8-pc", 90.0, 60.0, full), False),
+        "same-arch-other-precision": (pt("q", "int8-mixed", near, 50.0, full), False),
+        "smaller-within-drift": (pt("s", "int8-pc", near, 55.0, small), False),
+        "smaller-clearly-faster": (pt("s", "int8-pc", 80.0, 60.0, small), True),
+        "clearly-faster-but-worse": (pt("s", "int8-pc", 80.0, 61.0, small), False),
+        "no-arch-recorded": (pt("q", "int8-pc", 100.0, 50.0, None), False),
+    }
+    for case, (point, expected) in cases.items():
+        (row,) = dominance([base, point])
+        assert bool(row["dominated_by"]) is expected, case
+
+
 def test_fastest_within_a_quality_budget_for_nasprune_and_for_quantizing_alone():
     """Per budget r: the fastest point of each kind at test ppl <= r x the original fp32's, with its speed-up
     over the original fp32; one-shot baselines are neither; no original fp32, no table."""
