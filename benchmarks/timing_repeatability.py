@@ -196,18 +196,14 @@ def export_jobs(args, workdir: Path) -> tuple[list[dict], list[str], str]:
     return jobs, [str(s) for s in subs], str(subs[0])
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.render:
+        if not args.render.is_file():
+            sys.exit(f"error: --render {args.render}: no such file")
         print(render(json.loads(args.render.read_text())))
         return
+    from compressor.modeldir import write_json_atomic
     from profilers.api import run_worker
     from profilers.standalone import Protocol, host_fingerprint
 
