@@ -16,11 +16,15 @@ interrupted run continues. Prints a table with the repair-only and original rows
     python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4" --steps 35 --distill-states 1
     python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4" --steps 50 --block-steps 100
     python benchmarks/refine_recipe.py --runs "576,9,1280,24:2e-4" --steps 100 --quantization int8-pc
+    python benchmarks/refine_recipe.py --runs "576,9,1024,15:2e-4" --steps 30 --block-steps 25 --no-repair
+    python benchmarks/refine_recipe.py --out benchmarks/results/bld_vs_kd.json --render
 
 ``--block-steps`` adds block-local distillation of the chosen sub-network between repair and KD
 (:func:`compressor.bld.distill_chosen_blocks`); its seconds are stored beside the KD's, so rows compare
 at equal *minutes* too (issue 11's "BLD + KD in <= 0.5x the minutes of KD alone"). All rows of one
-comparison must come from one run on one machine: minutes do not transfer between VMs.
+comparison must come from one run on one machine: minutes do not transfer between VMs. ``--no-repair``
+starts from the one-shot weights, so BLD + KD is compared with end-to-end KD alone, the issue's literal
+baseline (``benchmarks/results/bld_vs_kd.json``); repair's own seconds are stored for the rows that repair.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class RecipeResults:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", required=True, help='"embed,heads,ffn,layers:lr;..." (lr omitted with --repair-only)')
+    ap.add_argument("--runs", help='"embed,heads,ffn,layers:lr;..." (lr omitted with --repair-only)')
     ap.add_argument("--steps", type=int, default=35, help="training steps of 2 x 256 tokens per run")
     ap.add_argument("--repair-only", action="store_true", help="closed-form repair, no training")
     ap.add_argument("--warmup-steps", type=int, default=2)
@@ -92,6 +96,11 @@ def main() -> None:
         default=0.0,
         help="weight of intermediate-state distillation (the parent's blocks run live every step); 0: logits only",
     )
+    ap.add_argument(
+        "--no-repair",
+        action="store_true",
+        help="start from the one-shot weights (end-to-end KD alone, or BLD + KD, without closed-form repair)",
+    )
     ap.add_argument("--block-steps", type=int, default=0, help="block-local distillation steps per block first")
     ap.add_argument("--block-lr", type=float, default=1e-4)
     ap.add_argument("--block-tokens", type=int, default=8192)
@@ -101,7 +110,17 @@ def main() -> None:
         help="quantization-aware refine: train with this recipe simulated all along (the rows stay fp32 torch "
         "perplexity; benchmarks/pruned_vs_quantized.py --extra measures them through the quantized engine)",
     )
+    ap.add_argument("--render", action="store_true", help="reprint the tables of --out, run nothing")
     args = ap.parse_args()
+    if args.render:
+        if not args.out.exists():
+            raise SystemExit(f"--render: {args.out} does not exist")
+        data = RecipeResults(args.out).data
+        print_table(data)
+        print_time_to_target(data)
+        return
+    if not args.runs:
+        raise SystemExit("give --runs (or --render)")
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
@@ -146,6 +165,8 @@ def main() -> None:
             states += f" blocks {args.block_steps} lr {args.block_lr:g} tokens {args.block_tokens}"
         if args.quantization:
             states += f" qat {args.quantization}"
+        if args.no_repair:
+            states += " no-repair"
         key = f"refine {sub} lr {lr:g} steps {args.steps} warmup {args.warmup_steps}{states}"
         if results.has(key):
             continue
@@ -159,6 +180,7 @@ def main() -> None:
             seq_len=256,
             lr=lr,
             warmup_steps=args.warmup_steps,
+            repair=not args.no_repair,
             repair_tokens=4096,
             distill_states=args.distill_states,
             block_steps=args.block_steps,
@@ -178,9 +200,12 @@ def main() -> None:
                 "distill_states": args.distill_states,
                 "quantization": args.quantization,
                 "training_seconds": record["training"]["seconds"],
+                "repair": not args.no_repair,
+                "repair_seconds": record.get("repair_seconds", 0.0),
                 "block_steps": args.block_steps,
                 "block_seconds": (record.get("block_distillation") or {}).get("seconds", 0.0),
                 "block_teacher_seconds": (record.get("block_distillation") or {}).get("teacher_seconds", 0.0),
+                "ppl_one_shot_val": record.get("ppl_one_shot"),
                 "ppl_repaired_val": record.get("ppl_repaired"),
                 "ppl_blocks_val": record.get("ppl_blocks"),
                 "params": sum(p.numel() for p in model.parameters()),
@@ -188,17 +213,76 @@ def main() -> None:
                 **ev.model(model, False, TESTS),
             }
         )
-    ref = next(r for r in results.data["rows"] if r["key"] == "original")
-    print("\n| run | params | tokens | BLD + KD min | persuasion | x orig | narratives | x orig |")
+    print_table(results.data)
+    print_time_to_target(results.data)
+
+
+def minutes(row: dict) -> float:
+    """CPU minutes a row spent on recovery: repair + block-local distillation + KD training (the shared
+    teacher-cache fill excluded: every KD row of one run reads the same cache)."""
+    return sum((row.get(k) or 0.0) for k in ("repair_seconds", "block_seconds", "training_seconds")) / 60
+
+
+def print_table(data: dict) -> None:
+    ref = next(r for r in data["rows"] if r["key"] == "original")
+    print("\n| run | params | tokens | repair + BLD + KD min | persuasion | x orig | narratives | x orig |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in sorted(results.data["rows"], key=lambda r: (r.get("tokens", 0), r["key"])):
-        minutes = (r.get("block_seconds") or 0.0) / 60 + (r.get("training_seconds") or 0.0) / 60
+    for r in sorted(data["rows"], key=lambda r: (r.get("tokens", 0), r["key"])):
         print(
-            f"| {r['key']} | {r.get('params', 0) / 1e6:.1f}M | {r.get('tokens', 0)} | {minutes:.2f} "
+            f"| {r['key']} | {r.get('params', 0) / 1e6:.1f}M | {r.get('tokens', 0)} | {minutes(r):.2f} "
             f"| {r['persuasion']:.2f} "
             f"| {r['persuasion'] / ref['persuasion']:.2f} | {r['narratives']:.2f} "
             f"| {r['narratives'] / ref['narratives']:.2f} |"
         )
+
+
+def minutes_to_reach(curve: list[tuple[float, float]], ppl: float) -> tuple[float, str] | None:
+    """Minutes end-to-end KD alone needs to reach ``ppl``, linearly interpolated between its measured runs
+    ``(minutes, ppl)`` (each run has its own cosine schedule, so these are anytime endpoints, not one curve),
+    with "" or "<=" (already reached by the shortest run: its minutes are an upper bound, not extrapolated
+    towards zero). None when no run reached ``ppl`` in the minutes measured."""
+    points = sorted(curve)
+    if ppl >= points[0][1]:
+        return points[0][0], "<="
+    for (m0, p0), (m1, p1) in zip(points, points[1:]):
+        if p1 <= ppl <= p0:
+            return m0 + (p0 - ppl) / (p0 - p1) * (m1 - m0), ""
+    return None
+
+
+def print_time_to_target(data: dict) -> None:
+    """Issue 11's goal as a table: for every row of an architecture that also has >= 2 runs of end-to-end
+    KD alone from the one-shot weights (``--no-repair``, no BLD, fp32), the minutes KD alone needs to reach
+    that row's perplexity, and the ratio of the row's own minutes to them (goal: <= 0.5)."""
+    alone = lambda r: "no-repair" in r["key"] and not r.get("block_steps") and not r.get("quantization")  # noqa: E731
+    archs = {str(r.get("arch")) for r in data["rows"] if r.get("arch")}
+    lines = []
+    for arch in sorted(archs):
+        rows = [r for r in data["rows"] if str(r.get("arch")) == arch and not r.get("distill_states")]
+        curve = {t: [(minutes(r), r[t]) for r in rows if alone(r)] for t in TESTS}
+        if len(curve[TESTS[0]]) < 2:
+            continue
+        for r in sorted((r for r in rows if not alone(r)), key=minutes):
+            cells = []
+            for t in TESTS:
+                reach = minutes_to_reach(curve[t], r[t])
+                if reach is None:
+                    need, ratio = (
+                        f"> {max(m for m, _ in curve[t]):.2f}",
+                        "< " + f"{minutes(r) / max(m for m, _ in curve[t]):.2f}",
+                    )
+                else:
+                    bound = {"<=": ">= ", "": ""}[reach[1]]
+                    need, ratio = f"{reach[1]}{reach[0]:.2f}", f"{bound}{minutes(r) / reach[0]:.2f}"
+                cells.append(f"{r[t]:.2f} | {need} | {ratio}")
+            lines.append(f"| {r['key']} | {minutes(r):.2f} | " + " | ".join(cells) + " |")
+    if lines:
+        print(
+            "\nminutes KD alone (from the one-shot weights) needs to reach each row's perplexity; ratio = row's / KD's"
+        )
+        print("| run | min | persuasion | KD alone min | ratio | narratives | KD alone min | ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -200,7 +200,8 @@ def distill_chosen_blocks(
     head or 49k-way softmax (session 11: 0.19 s per block step of 1,024 tokens, so ~4.6 s for all 24
     blocks, vs ~4.5 s per KD step of 512 tokens). Measured with ``benchmarks/refine_recipe.py
     --block-steps``: the cheaper tokens do not buy end-to-end quality; at equal minutes BLD + KD equals
-    KD alone (README), so refine leaves it off."""
+    KD alone after repair, and from the one-shot weights it saves KD only 6-20 % of its minutes, less than
+    repair's head start (session 15, ``--no-repair``; README), so refine leaves it off."""
     from compressor.distill_states import teacher_layer_targets
     from compressor.supernet import SuperNetwork
 

@@ -16,6 +16,7 @@ the refine record (budget, quality before and after) in ``nasprune.json``.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -331,6 +332,7 @@ def refine(
         if cfg.repair:
             from compressor.repair import RepairConfig, calibration_windows, repair_model
 
+            repair_start = time.perf_counter()
             rcfg = RepairConfig(tokens=cfg.repair_tokens, seq_len=cfg.seq_len)
             windows = calibration_windows(parent_loaded.tokenizer, data, rcfg, online)
             model, report = repair_model(
@@ -342,6 +344,7 @@ def refine(
                 teacher_loaded=None if teacher_loaded is parent_loaded else teacher_loaded,
             )
             repair = {"data": str(data), **report.summary()}
+            record["repair_seconds"] = time.perf_counter() - repair_start
             record["ppl_repaired"] = _validation_ppl(model, parent_loaded.tokenizer, val_text, cfg)
         if cfg.block_steps > 0:
             record["block_distillation"] = _distill_blocks(

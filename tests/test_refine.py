@@ -47,6 +47,7 @@ def test_refine_moves_a_planted_student_towards_its_parent(tiny_model, tmp_path)
     after = _kl(parent.model, refined.model, held)
     assert after < 0.8 * before, (before, after)
     assert record["training"]["steps"] == 30
+    assert record["repair_seconds"] > 0  # the manifest prices repair next to training (issue 11's minutes)
     meta = json.loads((out / "nasprune.json").read_text())
     assert meta["subnetwork"]["arch"] == sub.to_dict() and meta["subnetwork"]["refine"]["arch"] == sub.to_dict()
     assert (tmp_path / "refined.student" / "nasprune.json").exists()
