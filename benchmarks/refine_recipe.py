@@ -254,7 +254,10 @@ def print_time_to_target(data: dict) -> None:
     """Issue 11's goal as a table: for every row of an architecture that also has >= 2 runs of end-to-end
     KD alone from the one-shot weights (``--no-repair``, no BLD, fp32), the minutes KD alone needs to reach
     that row's perplexity, and the ratio of the row's own minutes to them (goal: <= 0.5)."""
-    alone = lambda r: "no-repair" in r["key"] and not r.get("block_steps") and not r.get("quantization")  # noqa: E731
+
+    def alone(r: dict) -> bool:  # end-to-end KD alone: from the one-shot weights, no BLD, fp32
+        return "no-repair" in r["key"] and not r.get("block_steps") and not r.get("quantization")
+
     archs = {str(r.get("arch")) for r in data["rows"] if r.get("arch")}
     lines = []
     for arch in sorted(archs):
