@@ -205,7 +205,6 @@ def main() -> None:
                 "block_steps": args.block_steps,
                 "block_seconds": (record.get("block_distillation") or {}).get("seconds", 0.0),
                 "block_teacher_seconds": (record.get("block_distillation") or {}).get("teacher_seconds", 0.0),
-                "ppl_one_shot_val": record.get("ppl_one_shot"),
                 "ppl_repaired_val": record.get("ppl_repaired"),
                 "ppl_blocks_val": record.get("ppl_blocks"),
                 "params": sum(p.numel() for p in model.parameters()),
@@ -236,18 +235,21 @@ def print_table(data: dict) -> None:
         )
 
 
-def minutes_to_reach(curve: list[tuple[float, float]], ppl: float) -> tuple[float, str] | None:
+def minutes_to_reach(curve: list[tuple[float, float]], ppl: float) -> tuple[float, str]:
     """Minutes end-to-end KD alone needs to reach ``ppl``, linearly interpolated between its measured runs
     ``(minutes, ppl)`` (each run has its own cosine schedule, so these are anytime endpoints, not one curve),
-    with "" or "<=" (already reached by the shortest run: its minutes are an upper bound, not extrapolated
-    towards zero). None when no run reached ``ppl`` in the minutes measured."""
+    never extrapolated: ``("<=", shortest run's minutes)`` when that run already got there, ``(">", longest
+    run's minutes)`` when no run did, else ``("", interpolated minutes)``; returned as (minutes, qualifier)."""
     points = sorted(curve)
     if ppl >= points[0][1]:
         return points[0][0], "<="
     for (m0, p0), (m1, p1) in zip(points, points[1:]):
         if p1 <= ppl <= p0:
             return m0 + (p0 - ppl) / (p0 - p1) * (m1 - m0), ""
-    return None
+    return points[-1][0], ">"
+
+
+RATIO_QUALIFIER = {"": "", "<=": ">= ", ">": "< "}  # a bound on KD's minutes bounds the ratio the other way
 
 
 def print_time_to_target(data: dict) -> None:
@@ -255,12 +257,11 @@ def print_time_to_target(data: dict) -> None:
     KD alone from the one-shot weights (``--no-repair``, no BLD, fp32), the minutes KD alone needs to reach
     that row's perplexity, and the ratio of the row's own minutes to them (goal: <= 0.5)."""
 
-    def alone(r: dict) -> bool:  # end-to-end KD alone: from the one-shot weights, no BLD, fp32
-        return "no-repair" in r["key"] and not r.get("block_steps") and not r.get("quantization")
+    def alone(r: dict) -> bool:
+        return r.get("repair", True) is False and not r.get("block_steps") and not r.get("quantization")
 
-    archs = {str(r.get("arch")) for r in data["rows"] if r.get("arch")}
     lines = []
-    for arch in sorted(archs):
+    for arch in sorted({str(r["arch"]) for r in data["rows"] if r.get("arch")}):
         rows = [r for r in data["rows"] if str(r.get("arch")) == arch and not r.get("distill_states")]
         curve = {t: [(minutes(r), r[t]) for r in rows if alone(r)] for t in TESTS}
         if len(curve[TESTS[0]]) < 2:
@@ -268,16 +269,10 @@ def print_time_to_target(data: dict) -> None:
         for r in sorted((r for r in rows if not alone(r)), key=minutes):
             cells = []
             for t in TESTS:
-                reach = minutes_to_reach(curve[t], r[t])
-                if reach is None:
-                    need, ratio = (
-                        f"> {max(m for m, _ in curve[t]):.2f}",
-                        "< " + f"{minutes(r) / max(m for m, _ in curve[t]):.2f}",
-                    )
-                else:
-                    bound = {"<=": ">= ", "": ""}[reach[1]]
-                    need, ratio = f"{reach[1]}{reach[0]:.2f}", f"{bound}{minutes(r) / reach[0]:.2f}"
-                cells.append(f"{r[t]:.2f} | {need} | {ratio}")
+                need, qualifier = minutes_to_reach(curve[t], r[t])
+                cells.append(
+                    f"{r[t]:.2f} | {qualifier}{need:.2f} | {RATIO_QUALIFIER[qualifier]}{minutes(r) / need:.2f}"
+                )
             lines.append(f"| {r['key']} | {minutes(r):.2f} | " + " | ".join(cells) + " |")
     if lines:
         print(
