@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from compressor.data import pack_text
-from compressor.evaluate import perplexity, token_windows
-from compressor.importance import compute_importance, layer_ranking, permute
-from compressor.modeldir import LoadedModel, ModelMeta, load_model
-from compressor.supernet import SuperNetwork
-from compressor.train import STRATEGIES, TrainConfig, Trainer
+from compressor.core.data import pack_text
+from compressor.elastic.evaluate import perplexity, token_windows
+from compressor.elastic.importance import compute_importance, layer_ranking, permute
+from compressor.elastic.modeldir import LoadedModel, ModelMeta, load_model
+from compressor.elastic.supernet import SuperNetwork
+from compressor.recovery.train import STRATEGIES, TrainConfig, Trainer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "text"
 TRAIN_BOOKS = ["sensesensibility.txt", "prideprejudice.txt", "mansfieldpark.txt", "northangerabbey.txt"]

@@ -1,7 +1,7 @@
 """How well does the sum of per-block "replace one block" scores rank sub-networks?
 
 On the real SmolLM2-135M (importance-permuted, drop-loss layer deltas from the importance stage):
-block scores (:mod:`compressor.block_scores`) are computed on ``--score-tokens`` validation tokens,
+block scores (:mod:`compressor.recovery.block_scores`) are computed on ``--score-tokens`` validation tokens,
 then ``--subnets`` random sub-networks (uniform over the search space's genes) are evaluated through
 the super-network on ``--eval-tokens`` validation tokens. Reported: Kendall tau and Spearman rho
 between the additive proxy and the measured loss, next to the trivial baseline "fewer parameters =
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from scipy.stats import kendalltau, spearmanr
 
-from compressor.block_scores import BlockScoreConfig, compute_block_scores, estimate_loss, layer_drop_deltas
-from compressor.data import PACKAGE_DATA, load_data
-from compressor.evaluate import mean_loss, token_windows
-from compressor.modeldir import load_model
+from compressor.core.data import PACKAGE_DATA, load_data
+from compressor.elastic.evaluate import mean_loss, token_windows
+from compressor.elastic.modeldir import load_model
+from compressor.recovery.block_scores import BlockScoreConfig, compute_block_scores, estimate_loss, layer_drop_deltas
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def permuted_model(spec: str | None):
         if layer_drop_deltas(loaded.meta) is None:
             print(f"note: {spec} has no drop-loss layer deltas: depth is not covered by the proxy")
         return loaded, spec
-    from compressor.importance import compute_importance, layer_ranking, permute
+    from compressor.elastic.importance import compute_importance, layer_ranking, permute
 
     loaded = load_model("default")
     calib = load_data(loaded.tokenizer, str(PACKAGE_DATA / "northanger_abbey.txt"), 512, 8192)

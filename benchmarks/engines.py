@@ -1,7 +1,7 @@
 """torch eager vs ONNX Runtime (CPU) on five SmolLM2 sub-networks, prefill and decode.
 
 Sub-networks: the largest and the balanced ~75/50/35/25% ones (``SearchSpace.balanced_at``).
-Both engines time the same programs (last-position logits + KV cache, ``compressor.onnx_export``
+Both engines time the same programs (last-position logits + KV cache, ``compressor.quant.onnx_export``
 wrappers) under the same protocol, threads and machine lock, through ``profile_subnetworks``, the two
 engines interleaved sub-network by sub-network;
 ONNX Runtime additionally reports each export's time and parity diffs.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from compressor.modeldir import load_model, now
+from compressor.elastic.modeldir import load_model, now
 from profilers.api import profile_subnetworks
 from profilers.standalone import Protocol, load_average
 from profilers.store import ProfileStore

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from compressor.extract import extract
-from compressor.modeldir import load_model
+from compressor.elastic.extract import extract
+from compressor.elastic.modeldir import load_model
 
 
 def main():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.workload import Workload
+from compressor.core.workload import Workload
 from deploy.measure import measure_blocks, measure_paired
 from deploy.regression import GateConfig, Measurement, compare
 

@@ -212,7 +212,7 @@ done
 # ---- a TensorRT bundle and the regression gate on it ----------------------------------------------------
 ARCH=$("$PY" - "$MODEL" <<'EOF' || echo '{}'
 import json, sys
-from compressor.modeldir import load_model
+from compressor.elastic.modeldir import load_model
 space = load_model(sys.argv[1]).supernet().space
 print(json.dumps({d: sorted(space.choices[d])[len(space.choices[d]) // 2] for d in sorted(space.choices)}))
 EOF

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from compressor.extract import extract
-from compressor.modeldir import load_model, now
+from compressor.elastic.extract import extract
+from compressor.elastic.modeldir import load_model, now
 from profilers.api import choose_subnetworks, make_plan, profile_subnetworks, run_worker
 from profilers.base import graphs_for
 from profilers.records import graph_bytes_for

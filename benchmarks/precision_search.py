@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from compressor.data import read_source, resolve_data
-from compressor.evaluate import token_windows
-from compressor.modeldir import load_model, now
-from compressor.search import QualityOracle, SearchConfig, hypervolume, reference_point, run_nsga2
-from compressor.workload import Workload
+from compressor.core.data import read_source, resolve_data
+from compressor.core.workload import Workload
+from compressor.elastic.evaluate import token_windows
+from compressor.elastic.modeldir import load_model, now
 from predictors import load_predictor
+from search.problem import QualityOracle, SearchConfig, hypervolume, reference_point, run_nsga2
 
 
 def main():

@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def plan(space, args) -> tuple[list, list, list]:
     """Deterministic (train, eval, repeat) sub-network lists for these arguments."""
-    from compressor.sampling import GridParamsSampler, RandomSampler
+    from compressor.recovery.sampling import GridParamsSampler, RandomSampler
 
     train: list = []
     sampler = GridParamsSampler(space, seed=args.seed)
@@ -86,7 +86,7 @@ def plan(space, args) -> tuple[list, list, list]:
 
 def profiled_archs(store, workloads: list[str]) -> set:
     """Sub-networks the store already holds every workload of (skipped when resuming)."""
-    from compressor.search_space import SubNetwork
+    from compressor.elastic.search_space import SubNetwork
 
     seen: dict = {}
     for r in store.records():
@@ -100,7 +100,7 @@ def profile_into(loaded, store, subs, workloads, args, deadline: float, label: s
     A sub-network whose export fails the profiler's parity check is skipped and listed in
     ``skipped`` (it is retried on the next run: nothing of it is stored).
     """
-    from compressor.onnx_export import ExportParityError
+    from compressor.quant.onnx_export import ExportParityError
     from profilers.api import profile_subnetworks, with_fast_ref_score
     from profilers.standalone import Protocol
 
@@ -139,7 +139,7 @@ def profile_into(loaded, store, subs, workloads, args, deadline: float, label: s
 
 def noise_floor(train_records, eval_records, repeat) -> dict:
     """Disagreement between two runs' medians of the same (sub-network, workload)."""
-    from compressor.search_space import SubNetwork
+    from compressor.elastic.search_space import SubNetwork
     from predictors.metrics import summarize
 
     first = {(SubNetwork.from_dict(r["arch"]), r["workload"]): r["stats_ms"]["median"] for r in train_records}
@@ -212,8 +212,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from compressor.modeldir import load_model, write_json_atomic
-    from compressor.search_space import SubNetwork
+    from compressor.elastic.modeldir import load_model, write_json_atomic
+    from compressor.elastic.search_space import SubNetwork
     from predictors.dataset import select_group
     from predictors.plot import measured_vs_predicted_png
     from profilers.store import ProfileStore

@@ -124,8 +124,8 @@ def ref_score(records: list[dict]) -> float | None:
 
 
 def later_run(predictor, fit_records: list[dict], store: Path, precision: str = "fp32") -> dict | None:
-    from compressor.search_space import SubNetwork
-    from compressor.workload import Workload
+    from compressor.core.workload import Workload
+    from compressor.elastic.search_space import SubNetwork
     from predictors.calibration import calibrate
     from predictors.dataset import read_store
 
@@ -285,7 +285,7 @@ def fit_for(fit_store: Path, model: str, precision: str, folds: int, reference=N
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from compressor.modeldir import write_json_atomic
+    from compressor.elastic.modeldir import write_json_atomic
     from predictors import load_predictor
 
     # checked itself when asked for, and the reference of every quantized one either way
@@ -300,8 +300,8 @@ def main(argv=None) -> int:
             )
         check = None
         if precision == "fp32" and args.compare_predictor and (args.compare_predictor / "manifest.json").is_file():
-            from compressor.search_space import SubNetwork
-            from compressor.workload import Workload
+            from compressor.core.workload import Workload
+            from compressor.elastic.search_space import SubNetwork
 
             demo = load_predictor(args.compare_predictor)
             subs = [SubNetwork.from_dict(r["arch"]) for r in fit_records]

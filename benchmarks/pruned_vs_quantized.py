@@ -17,7 +17,7 @@ number from one run on one machine:
   adds without pruning (the same graph as the PTQ original, so it can only win on quality).
 
 Quality: test perplexity through ONNX Runtime running each model's full-logits graph, quantized
-by the recipe it ships in (``compressor.engine_quality``), on Persuasion (held-out Austen: the
+by the recipe it ships in (``compressor.quant.engine_quality``), on Persuasion (held-out Austen: the
 training text's domain) and BIG-bench narratives (another domain), never read by training,
 calibration or repair. Latency: ``--workloads`` (default ``prefill:1x128`` and
 ``decode:1x256``, 1 thread) of each model's quantized prefill/decode graphs through the profiler's
@@ -63,8 +63,8 @@ DEFAULT_STUDENT = "recipe-e576-h9-f1280-l24-lr0.0002-s300-w2"
 
 def qat_refine(args, imp: Path, paths: dict, student: Path, precision: str) -> Path:
     """The student distilled again from the original with ``precision`` simulated (reused when present)."""
-    from compressor.modeldir import load_model
-    from compressor.refine import RefineConfig
+    from compressor.elastic.modeldir import load_model
+    from compressor.recovery.refine import RefineConfig
 
     out = args.work / f"qat-{precision}-s{args.qat_steps}-lr{args.qat_lr:g}-{student.name}"
     if (out / "nasprune.json").exists() and (out / "config.json").exists():
@@ -93,8 +93,8 @@ def qat_refine(args, imp: Path, paths: dict, student: Path, precision: str) -> P
 
 def graphs_of(model, directory: Path, precisions: list[str]) -> dict[str, dict[str, Path]]:
     """``model``'s prefill and full-logits graphs at fp32 and each precision (quantized after export)."""
-    from compressor.onnx_export import ExportRecipe, export_graphs
-    from compressor.quantize import quantize_graph_dir
+    from compressor.quant.onnx_export import ExportRecipe, export_graphs
+    from compressor.quant.quantize import quantize_graph_dir
 
     base = directory / "fp32"
     export_graphs(model, base, ExportRecipe(), graphs=GRAPHS)
@@ -184,7 +184,7 @@ def main() -> None:
     ap.add_argument(
         "--student", type=Path, default=None, help=f"a refined pruned model dir (default WORK/{DEFAULT_STUDENT})"
     )
-    ap.add_argument("--precisions", default="int8,int8-pc,int8-mixed", help="recipes of compressor.quantize")
+    ap.add_argument("--precisions", default="int8,int8-pc,int8-mixed", help="recipes of compressor.quant.quantize")
     ap.add_argument(
         "--qat-steps", type=int, default=40, help="quantization-aware refine steps of 2 x 256 tokens (0: no QAT rows)"
     )
@@ -214,7 +214,7 @@ def main() -> None:
     ap.add_argument("--render", type=Path, default=None, help="print the tables of a stored JSON (and re-judge it)")
     args = ap.parse_args()
     if args.render is not None:
-        from compressor.modeldir import write_json_atomic
+        from compressor.elastic.modeldir import write_json_atomic
 
         data = json.loads(args.render.read_text())
         data["dominance"] = report(data["rows"], data["workloads"])
@@ -223,11 +223,11 @@ def main() -> None:
     torch.set_num_threads(2)
     from transformers.utils import logging as hf_logging
 
-    from compressor.engine_quality import graph_mean_loss
-    from compressor.evaluate import token_windows
-    from compressor.modeldir import load_model, now, write_json_atomic
-    from compressor.quantize import needs_calibration
-    from compressor.workload import Workload
+    from compressor.core.precisions import needs_calibration
+    from compressor.core.workload import Workload
+    from compressor.elastic.evaluate import token_windows
+    from compressor.elastic.modeldir import load_model, now, write_json_atomic
+    from compressor.quant.engine_quality import graph_mean_loss
     from profilers.standalone import OrtRunner, load_average
 
     hf_logging.set_verbosity_error()
@@ -279,7 +279,7 @@ def main() -> None:
         for directory in dict.fromkeys(d for *_, d in candidates):
             loaded = load_model(str(directory))
             sn = loaded.supernet().eval()
-            from compressor.extract import extract
+            from compressor.elastic.extract import extract
 
             model = extract(sn, sn.space.largest()).eval()
             params[str(directory)] = sum(t.numel() for t in model.parameters())

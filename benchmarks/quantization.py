@@ -3,12 +3,12 @@ it, and prefill latency, for the original and pruned sub-networks.
 
 For each model (by default the original and the refined pruned models of the last ``make demo``:
 ``runs/demo/importance`` and ``runs/demo/refined/*``; any nasprune/HF model dirs with ``--models``)
-and each precision (fp32 and every recipe of ``compressor.quantize``):
+and each precision (fp32 and every recipe of ``compressor.quant.quantize``):
 
 * test perplexity through ONNX Runtime running the quantized full-logits graph
-  (``compressor.engine_quality``) on Persuasion (never seen by calibration or training);
+  (``compressor.quant.engine_quality``) on Persuasion (never seen by calibration or training);
 * the same perplexity from the super-network forward with the recipe simulated
-  (``compressor.quant_sim``), the number the search optimizes; the relative gap is the
+  (``compressor.elastic.quant_sim``), the number the search optimizes; the relative gap is the
   simulation's error;
 * median prefill latency (``prefill:1x128``, 1 thread) of the quantized *prefill* graph, all
   precisions of one model timed round-robin in the same rounds, so their ratios to fp32 cancel the
@@ -36,14 +36,15 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from compressor.data import read_source, resolve_data
-from compressor.engine_quality import graph_mean_loss, session
-from compressor.evaluate import mean_loss, token_windows
-from compressor.extract import extract
-from compressor.modeldir import load_model, now
-from compressor.onnx_export import ExportRecipe, export_graphs
-from compressor.quant_sim import simulate
-from compressor.quantize import RECIPES, StaticCalibration, calibration_windows, needs_calibration, quantize_graph_dir
+from compressor.core.data import read_source, resolve_data
+from compressor.core.precisions import RECIPES, needs_calibration
+from compressor.elastic.evaluate import mean_loss, token_windows
+from compressor.elastic.extract import extract
+from compressor.elastic.modeldir import load_model, now
+from compressor.elastic.quant_sim import simulate
+from compressor.quant.engine_quality import graph_mean_loss
+from compressor.quant.onnx_export import ExportRecipe, cpu_session, export_graphs
+from compressor.quant.quantize import StaticCalibration, calibration_windows, quantize_graph_dir
 from profilers.standalone import load_average
 
 
@@ -114,7 +115,7 @@ def main():
                 graphs[p] = quantize_graph_dir(base, Path(tmp) / p, p, ("prefill", "logits"), cal)
                 seconds[p] = time.perf_counter() - t
             timing = time_prefill(
-                {p: session(graphs[p]["prefill"], threads=1) for p in precisions}, ids, args.rounds, args.iters
+                {p: cpu_session(graphs[p]["prefill"], threads=1) for p in precisions}, ids, args.rounds, args.iters
             )
             for p in precisions:
                 engine, tokens = graph_mean_loss(graphs[p]["logits"], windows, threads=1)

@@ -9,7 +9,7 @@ and test text no stage has seen:
 * ``instruct``: 500 held-out instruction examples (never trained on);
 * MC accuracy on BIG-bench multiple-choice tasks from ../shared/data/eval (lm-eval, local).
 
-Methods: one-shot importance pruning (no training); + closed-form repair (:mod:`compressor.repair`);
+Methods: one-shot importance pruning (no training); + closed-form repair (:mod:`compressor.recovery.repair`);
 sandwich super-network training with cross-entropy, with logit distillation from the original
 (cached top-k teacher), with in-place distillation from the largest sub-network; and refine
 (repair + distillation of each sub-network on its own; the budget is split over the archs so the
@@ -39,11 +39,11 @@ SHARED = ROOT.parent / "shared" / "data"
 
 import torch  # noqa: E402
 
-from compressor.console import offline_by_default  # noqa: E402
+from compressor.core.console import offline_by_default  # noqa: E402
 
 offline_by_default([])
 
-from compressor.search_space import SubNetwork  # noqa: E402
+from compressor.elastic.search_space import SubNetwork  # noqa: E402
 
 ARCHS = {
     "75% (576/1280/24)": SubNetwork(576, 9, 1280, 24),
@@ -114,7 +114,7 @@ def make_narratives(path: Path) -> Path:
 # ---- evaluation ------------------------------------------------------------------------------
 class Evaluator:
     def __init__(self, tokenizer, paths, args):
-        from compressor.evaluate import token_windows
+        from compressor.elastic.evaluate import token_windows
 
         self.tok, self.args = tokenizer, args
         self.windows = {
@@ -124,14 +124,14 @@ class Evaluator:
         }
 
     def ppl(self, logits_fn, names=None) -> dict:
-        from compressor.evaluate import perplexity
+        from compressor.elastic.evaluate import perplexity
 
         return {name: perplexity(logits_fn, w) for name, w in self.windows.items() if names is None or name in names}
 
     def mc(self, model) -> dict:
         import tempfile
 
-        from compressor.evaluate import lm_eval_tasks, write_local_tasks
+        from compressor.elastic.evaluate import lm_eval_tasks, write_local_tasks
 
         if not self.args.mc_tasks:
             return {}
@@ -142,7 +142,7 @@ class Evaluator:
         return {t: m.get("acc") for t, m in res.items()}
 
     def model(self, model, with_mc: bool, names=None) -> dict:
-        from compressor.evaluate import hf_logits
+        from compressor.elastic.evaluate import hf_logits
 
         out = self.ppl(hf_logits(model.eval()), names)
         if with_mc:
@@ -174,7 +174,7 @@ class Results:
         )
 
     def save(self) -> None:
-        from compressor.modeldir import write_json_atomic
+        from compressor.elastic.modeldir import write_json_atomic
 
         write_json_atomic(self.path, self.data)
 
@@ -186,10 +186,10 @@ def importance_dir(args, paths) -> Path:
     out = args.work / "importance"
     if (out / "nasprune.json").exists():
         return out
-    from compressor.data import load_data
-    from compressor.importance import compute_importance, layer_ranking, permute
-    from compressor.importance_io import save_importance
-    from compressor.modeldir import load_model
+    from compressor.core.data import load_data
+    from compressor.elastic.importance import compute_importance, layer_ranking, permute
+    from compressor.elastic.importance_io import save_importance
+    from compressor.elastic.modeldir import load_model
 
     loaded = load_model("default")
     calib = load_data(loaded.tokenizer, str(paths["train"]), 512, 16384)
@@ -200,8 +200,8 @@ def importance_dir(args, paths) -> Path:
 
 
 def run_one_shot(args, results, ev, imp):
-    from compressor.extract import extract
-    from compressor.modeldir import load_model
+    from compressor.elastic.extract import extract
+    from compressor.elastic.modeldir import load_model
 
     parent = load_model(str(imp))
     sn = parent.supernet()
@@ -218,7 +218,7 @@ def run_one_shot(args, results, ev, imp):
 
 def repair_setup(args, parent, paths):
     """The repair recipe of the ``repair`` rows: its config and calibration windows (training text)."""
-    from compressor.repair import RepairConfig, calibration_windows
+    from compressor.recovery.repair import RepairConfig, calibration_windows
 
     cfg = RepairConfig(tokens=args.repair_tokens)
     return cfg, calibration_windows(parent.tokenizer, str(paths["train"]), cfg)
@@ -229,8 +229,8 @@ def refine_dir(args, method: str, sub, minutes: float) -> Path:
 
 
 def run_repair(args, results, ev, imp, paths):
-    from compressor.modeldir import load_model
-    from compressor.repair import repair_model
+    from compressor.elastic.modeldir import load_model
+    from compressor.recovery.repair import repair_model
 
     parent = load_model(str(imp))
     cfg, windows = repair_setup(args, parent, paths)
@@ -252,7 +252,7 @@ def run_repair(args, results, ev, imp, paths):
 
 def sandwich_config(args, minutes: float, **distill):
     """The one training recipe every end-to-end method shares (only the loss differs)."""
-    from compressor.train import TrainConfig
+    from compressor.recovery.train import TrainConfig
 
     return TrainConfig(
         strategy="importance-random",
@@ -269,9 +269,9 @@ def sandwich_config(args, minutes: float, **distill):
 
 
 def run_sandwich(args, results, ev, imp, paths, method):
-    from compressor.extract import extract
-    from compressor.modeldir import load_model
-    from compressor.train import run_training
+    from compressor.elastic.extract import extract
+    from compressor.elastic.modeldir import load_model
+    from compressor.recovery.train import run_training
 
     out = args.work / method
     segment = args.minutes / args.segments
@@ -320,11 +320,11 @@ def run_sandwich(args, results, ev, imp, paths, method):
 
 def run_bld(args, results, ev, imp, paths):
     """Block-local distillation alone, then + end-to-end KD (from the original) for the rest of the budget."""
-    from compressor.bld import BlockDistillConfig, distill_blocks
-    from compressor.extract import extract
-    from compressor.modeldir import load_model, save_model_dir
-    from compressor.repair import RepairConfig, calibration_windows
-    from compressor.train import run_training
+    from compressor.elastic.extract import extract
+    from compressor.elastic.modeldir import load_model, save_model_dir
+    from compressor.recovery.bld import BlockDistillConfig, distill_blocks
+    from compressor.recovery.repair import RepairConfig, calibration_windows
+    from compressor.recovery.train import run_training
 
     parent = load_model(str(imp))
     windows = calibration_windows(parent.tokenizer, str(paths["train"]), RepairConfig(tokens=8192, seq_len=256))
@@ -382,9 +382,9 @@ def run_bld_speed(args, results, imp, paths):
     """BLD throughput on the same cached activations and work (teacher fill excluded): 1 process x 1 thread
     vs 2 processes x 1 thread (how the work scales over workers: processes, GPUs, machines), and 1 process
     x all threads (what one process gets from intra-op threads on this machine's cores)."""
-    from compressor.bld import BlockDistillConfig, distill_blocks
-    from compressor.modeldir import load_model
-    from compressor.repair import RepairConfig, calibration_windows
+    from compressor.elastic.modeldir import load_model
+    from compressor.recovery.bld import BlockDistillConfig, distill_blocks
+    from compressor.recovery.repair import RepairConfig, calibration_windows
 
     if "threads" in results.data["meta"].get("bld_speed", {}):
         return
@@ -443,8 +443,8 @@ def refine_in_work(work: Path, imp, paths, sub, out: Path, cfg, parent=None):
     """Refine ``sub`` of ``parent`` (default: the importance-permuted model) on the benchmark's training
     text, distilled from the importance-permuted original through the teacher cache every recovery run
     shares (``WORK/teacher``); returns the refine record and the loaded model."""
-    from compressor.modeldir import load_model
-    from compressor.refine import refine
+    from compressor.elastic.modeldir import load_model
+    from compressor.recovery.refine import refine
 
     record = refine(
         str(parent or imp),
@@ -464,7 +464,7 @@ def run_refine(args, results, ev, imp, paths, method="refine"):
     """Repair, then train the one sub-network for its share of the budget: KD from the original
     ("refine") or plain cross-entropy with no teacher ("refine-ce"), at equal minutes. The budget is
     split over the selected architectures (``--archs``), so one selected arch gets all of it."""
-    from compressor.refine import RefineConfig
+    from compressor.recovery.refine import RefineConfig
 
     archs = selected_archs(args)
     per_arch = args.minutes / len(archs)
@@ -500,8 +500,8 @@ def run_retest(args, results, ev, imp, paths):
     model can be had again without training: the original (and its INT8 engine), one-shot extractions,
     repairs (deterministic, re-solved) and every trained model whose output dir is still in ``--work``
     (refine, refine-ce). Other rows keep "–"."""
-    from compressor.extract import extract
-    from compressor.modeldir import load_model
+    from compressor.elastic.extract import extract
+    from compressor.elastic.modeldir import load_model
 
     parent = load_model(str(imp))
     sn = parent.supernet()
@@ -528,7 +528,7 @@ def run_retest(args, results, ev, imp, paths):
         elif row["method"] == "one-shot":
             model = extract(sn, ARCHS[row["arch"]])
         elif row["method"] == "repair":
-            from compressor.repair import repair_model
+            from compressor.recovery.repair import repair_model
 
             repair = repair or repair_setup(args, parent, paths)
             model, _ = repair_model(parent, ARCHS[row["arch"]], repair[1], repair[0])
@@ -546,7 +546,7 @@ def run_retest(args, results, ev, imp, paths):
 def run_references(args, results, ev, imp):
     """The original fp32 (torch), and the original's ONNX fp32 and dynamic-INT8 engines on a prefix."""
 
-    from compressor.modeldir import load_model
+    from compressor.elastic.modeldir import load_model
 
     parent = load_model(str(imp))
     if not results.has("original fp32", "original", 0.0):
@@ -687,7 +687,7 @@ def main():
     hf_logging.disable_progress_bar()
     paths = make_data(args.work)
     imp = importance_dir(args, paths)
-    from compressor.modeldir import load_model
+    from compressor.elastic.modeldir import load_model
 
     ev = Evaluator(load_model(str(imp)).tokenizer, paths, args)
     results = Results(args.out)

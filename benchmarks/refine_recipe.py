@@ -20,7 +20,7 @@ interrupted run continues. Prints a table with the repair-only and original rows
     python benchmarks/refine_recipe.py --out benchmarks/results/bld_vs_kd.json --render
 
 ``--block-steps`` adds block-local distillation of the chosen sub-network between repair and KD
-(:func:`compressor.bld.distill_chosen_blocks`); its seconds are stored beside the KD's, so rows compare
+(:func:`compressor.recovery.bld.distill_chosen_blocks`); its seconds are stored beside the KD's, so rows compare
 at equal *minutes* too (issue 11's "BLD + KD in <= 0.5x the minutes of KD alone"). All rows of one
 comparison must come from one run on one machine: minutes do not transfer between VMs. ``--no-repair``
 starts from the one-shot weights, so BLD + KD is compared with end-to-end KD alone, the issue's literal
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import recovery  # noqa: E402  (shares data, evaluator, work dir and teacher cache)
 import torch  # noqa: E402
 
-from compressor.search_space import SubNetwork  # noqa: E402
+from compressor.elastic.search_space import SubNetwork  # noqa: E402
 
 TESTS = ["persuasion", "narratives"]
 
@@ -69,7 +69,7 @@ class RecipeResults:
         return any(r["key"] == key for r in self.data["rows"])
 
     def add(self, row: dict) -> None:
-        from compressor.modeldir import write_json_atomic
+        from compressor.elastic.modeldir import write_json_atomic
 
         self.data["rows"].append(row)
         write_json_atomic(self.path, self.data)
@@ -124,7 +124,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from compressor.modeldir import load_model
+    from compressor.elastic.modeldir import load_model
 
     hf_logging.set_verbosity_error()
     paths = recovery.make_data(args.work)
@@ -142,7 +142,7 @@ def main() -> None:
             key = f"repair {sub}"
             if results.has(key):
                 continue
-            from compressor.repair import repair_model
+            from compressor.recovery.repair import repair_model
 
             cfg, windows = recovery.repair_setup(argparse.Namespace(repair_tokens=4096), parent, paths)
             model, _ = repair_model(parent, sub, windows, cfg)
@@ -170,7 +170,7 @@ def main() -> None:
         key = f"refine {sub} lr {lr:g} steps {args.steps} warmup {args.warmup_steps}{states}"
         if results.has(key):
             continue
-        from compressor.refine import RefineConfig
+        from compressor.recovery.refine import RefineConfig
 
         out = args.work / f"recipe-{sub}-lr{lr:g}-s{args.steps}-w{args.warmup_steps}{states.replace(' ', '-')}"
         cfg = RefineConfig(

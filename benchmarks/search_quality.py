@@ -16,10 +16,10 @@ import statistics
 import warnings
 from pathlib import Path
 
-from compressor.evaluate import PACKAGE_DATA, token_windows
-from compressor.modeldir import load_model
-from compressor.search import QualityOracle, SearchConfig, hypervolume, reference_point, run_nsga2, run_random
-from compressor.workload import Workload
+from compressor.core.workload import Workload
+from compressor.elastic.evaluate import PACKAGE_DATA, token_windows
+from compressor.elastic.modeldir import load_model
+from search.problem import QualityOracle, SearchConfig, hypervolume, reference_point, run_nsga2, run_random
 
 
 def main():

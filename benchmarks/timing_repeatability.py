@@ -171,8 +171,8 @@ def render(result: dict) -> str:
 def export_jobs(args, workdir: Path) -> tuple[list[dict], list[str], str]:
     from transformers.utils import logging as hf_logging
 
-    from compressor.extract import extract
-    from compressor.modeldir import load_model
+    from compressor.elastic.extract import extract
+    from compressor.elastic.modeldir import load_model
     from profilers.api import choose_subnetworks, make_plan
     from profilers.base import graphs_for
     from profilers.records import graph_bytes_for
@@ -203,7 +203,7 @@ def main(argv=None) -> None:
             sys.exit(f"error: --render {args.render}: no such file")
         print(render(json.loads(args.render.read_text())))
         return
-    from compressor.modeldir import write_json_atomic
+    from compressor.elastic.modeldir import write_json_atomic
     from profilers.api import run_worker
     from profilers.standalone import Protocol, host_fingerprint
 

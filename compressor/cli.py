@@ -1,7 +1,7 @@
 """CLI commands of the compressor stages: info, extract, importance, train, eval.
 
 ``register(app)`` adds them to the one ``nasprune`` app (assembled in ``nasprune.cli``); the
-shared console, ``--online`` state and one-line error handler come from ``compressor.console``.
+shared console, ``--online`` state and one-line error handler come from ``compressor.core.console``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from compressor.console import STATE, console, handles_errors, load_for_cli, quiet_transformers
-from compressor.errors import NaspruneError
-from compressor.outputs import claim_output
+from compressor.core.console import STATE, console, handles_errors, quiet_transformers
+from compressor.core.errors import NaspruneError
+from compressor.core.outputs import claim_output
+from compressor.elastic.modeldir import load_for_cli
 
 
 def register(app: typer.Typer) -> None:
@@ -108,8 +109,8 @@ def extract(
     repair_tokens: int = typer.Option(4096, help="calibration tokens for --repair"),
 ):
     """Extract one sub-network as a standalone smaller model that plain transformers loads."""
-    from compressor.extract import save_extracted
-    from compressor.search_space import SubNetwork
+    from compressor.elastic.extract import save_extracted
+    from compressor.elastic.search_space import SubNetwork
 
     sub = SubNetwork.parse(arch)
     claim_output(out, "model", overwrite=overwrite)
@@ -118,7 +119,7 @@ def extract(
     sn.space.validate(sub)
     repaired, report = None, None
     if repair:
-        from compressor.repair import RepairConfig, calibration_windows, repair_model
+        from compressor.recovery.repair import RepairConfig, calibration_windows, repair_model
 
         cfg = RepairConfig(tokens=repair_tokens)
         windows = calibration_windows(loaded.tokenizer, repair, cfg, STATE["online"])
@@ -147,9 +148,9 @@ def importance(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
     """Score heads, neurons, channels and layers; permute so 'first k' = 'most important k'."""
-    from compressor.data import load_data
-    from compressor.importance import LAYER_METRICS, compute_importance, layer_ranking, permute
-    from compressor.importance_io import save_importance
+    from compressor.core.data import load_data
+    from compressor.elastic.importance import LAYER_METRICS, compute_importance, layer_ranking, permute
+    from compressor.elastic.importance_io import save_importance
 
     if layer_metric not in LAYER_METRICS:
         raise NaspruneError(f"unknown --layer-metric '{layer_metric}'; choose {' or '.join(LAYER_METRICS)}")
@@ -237,8 +238,8 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
     """Fine-tune the super-network with the sandwich rule (full or LoRA)."""
-    from compressor.train import TrainConfig, run_training
-    from compressor.yamlconfig import read_yaml_mapping
+    from compressor.core.yamlconfig import read_yaml_mapping
+    from compressor.recovery.train import TrainConfig, run_training
 
     if config is not None:
         read_yaml_mapping(config)  # a missing or broken file is one line (TrainConfig.load reads it again)
@@ -300,8 +301,8 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Perplexity (through the super-network and the extracted model) and lm-eval accuracy of a sub-network."""
-    from compressor.evaluate import evaluate_subnetwork
-    from compressor.search_space import SubNetwork
+    from compressor.elastic.evaluate import evaluate_subnetwork
+    from compressor.elastic.search_space import SubNetwork
 
     loaded = load_for_cli(model)
     sub = SubNetwork.parse(arch) if arch else None
@@ -377,9 +378,9 @@ def refine(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
     """Distil one sub-network on its own from the unpruned original (repair first), for a short budget."""
-    from compressor.refine import RefineConfig
-    from compressor.refine import refine as run_refine
-    from compressor.search_space import SubNetwork
+    from compressor.elastic.search_space import SubNetwork
+    from compressor.recovery.refine import RefineConfig
+    from compressor.recovery.refine import refine as run_refine
 
     quiet_transformers()
     sub = SubNetwork.parse(arch)
@@ -396,7 +397,7 @@ def refine(
         quantization=quantization,
     )
     if quantization is not None:
-        from compressor.quantize import saturation_risk
+        from compressor.quant.quantize import saturation_risk
 
         risk = saturation_risk(quantization)  # the weights train for the recipe; this host's engine mangles it
         if risk:
@@ -440,7 +441,7 @@ def distill_blocks(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing nasprune model dir at --out"),
 ):
     """Block-local distillation: every width of every block learns the original block's output."""
-    from compressor.bld import BlockDistillConfig, distill_blocks_to
+    from compressor.recovery.bld import BlockDistillConfig, distill_blocks_to
 
     cfg = BlockDistillConfig(
         steps=steps, batch_size=batch_size, seq_len=seq_len, tokens=tokens, lr=lr, processes=processes
@@ -486,10 +487,10 @@ def block_scores(
     """Puzzle's "replace one block" scores: validation-loss change per block per width, stored in nasprune.json."""
     from dataclasses import asdict as _asdict
 
-    from compressor.block_scores import BlockScoreConfig, compute_block_scores, scored_widths
-    from compressor.evaluate import token_windows
-    from compressor.modeldir import ModelMeta, save_model_dir
-    from compressor.repair import calibration_text
+    from compressor.elastic.evaluate import token_windows
+    from compressor.elastic.modeldir import ModelMeta, save_model_dir
+    from compressor.recovery.block_scores import BlockScoreConfig, compute_block_scores, scored_widths
+    from compressor.recovery.repair import calibration_text
 
     cfg = BlockScoreConfig(
         tokens=tokens,

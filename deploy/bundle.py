@@ -9,12 +9,12 @@
                              LICENSE/NOTICE of the source), loads with AutoModelForCausalLM
       onnx/fp32/{prefill,decode}/model.onnx   the shared export recipe, then ONNX Runtime's
                                               graph optimizer (fusions for the target provider)
-      onnx/<recipe>/...      a quantization recipe of compressor.quantize (int8, int8-pc, int8-mixed,
+      onnx/<recipe>/...      a quantization recipe of compressor.quant.quantize (int8, int8-pc, int8-mixed,
                              w8, w4; CPU), on request: the very function profiling timed
       onnx/fp16/...          FP16 conversion (GPU providers), on request
       tensorrt/*.plan        TensorRT engines, when TensorRT is installed
 
-The ONNX graphs are the ones profiling times (``compressor.onnx_export``), so a predictor fitted on
+The ONNX graphs are the ones profiling times (``compressor.quant.onnx_export``), so a predictor fitted on
 profiles predicts exactly what ships.
 """
 
@@ -22,16 +22,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.errors import NaspruneError
-from compressor.hashing import sha256_file
-from compressor.modeldir import atomic_dir_write, now, versions, write_json_atomic
-from compressor.outputs import MARKER
-from compressor.quantize import RECIPES, quantize_graph
-from compressor.search_space import SubNetwork
+from compressor.core.errors import NaspruneError
+from compressor.core.hashing import sha256_file
+from compressor.core.outputs import MARKER
+from compressor.core.precisions import BUNDLE_VARIANTS, RECIPES
+from compressor.elastic.modeldir import atomic_dir_write, now, versions, write_json_atomic
+from compressor.elastic.search_space import SubNetwork
+from compressor.quant.quantize import quantize_graph
 
 MANIFEST = "manifest.json"
 GRAPHS = ("prefill", "decode")
-VARIANTS = ("fp32", "fp16", *RECIPES)
 KNOWN_LICENSES = {"HuggingFaceTB/SmolLM2-135M-Instruct": "Apache-2.0"}
 
 
@@ -84,9 +84,9 @@ def _license_text(provenance: dict) -> str:
 
 
 def check_variants(variants) -> None:
-    unknown = set(variants) - set(VARIANTS)
+    unknown = set(variants) - set(BUNDLE_VARIANTS)
     if unknown:
-        raise NaspruneError(f"unknown precision(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+        raise NaspruneError(f"unknown precision(s) {sorted(unknown)}; choose from {', '.join(BUNDLE_VARIANTS)}")
 
 
 def build_bundle(
@@ -105,10 +105,10 @@ def build_bundle(
 ) -> Path:
     """Extract ``sub``, write the checkpoint and every requested engine variant, and the manifest.
 
-    ``calibration``: a :class:`compressor.quantize.StaticCalibration` for static INT8 variants.
+    ``calibration``: a :class:`compressor.quant.quantize.StaticCalibration` for static INT8 variants.
 
     ``model``: an already extracted model of ``sub`` to ship instead (the closed-form repaired one);
-    ``repair``: what was done about repair (:func:`compressor.repair.repair_and_measure`'s record, or
+    ``repair``: what was done about repair (:func:`compressor.recovery.repair.repair_and_measure`'s record, or
     why not), stored as the manifest's ``repair`` section.
     Written atomically under the ownership rule: an existing bundle is replaced only with ``overwrite``.
     """
@@ -139,8 +139,8 @@ def _write_bundle(
 ) -> None:
     import tempfile
 
-    from compressor.extract import extract, save_extracted
-    from compressor.onnx_export import ExportRecipe, export_graphs, recipe_id
+    from compressor.elastic.extract import extract, save_extracted
+    from compressor.quant.onnx_export import ExportRecipe, export_graphs, recipe_id
 
     model_dir, n_params = save_extracted(
         loaded, supernet, sub, out / "model", model=model, repair=repair if model is not None else None

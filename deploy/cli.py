@@ -9,12 +9,12 @@ from typing import List, Optional
 
 import typer
 
-from compressor.errors import NaspruneError
-from compressor.outputs import claim_output
+from compressor.core.errors import NaspruneError
+from compressor.core.outputs import claim_output
 
 
 def register(app: typer.Typer) -> None:
-    from compressor.console import handles_errors
+    from compressor.core.console import handles_errors
 
     app.command("export")(handles_errors(export))
     app.command("generate")(handles_errors(generate))
@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _console():
-    from compressor.console import console
+    from compressor.core.console import console
 
     return console
 
@@ -31,7 +31,7 @@ def chosen_archs(
     arch: Optional[str], pareto: Optional[Path], pick: Optional[str]
 ) -> list[tuple[str, object, dict | None]]:
     """(name, SubNetwork, pareto row) for --arch or --pareto/--pick."""
-    from compressor.search_space import SubNetwork
+    from compressor.elastic.search_space import SubNetwork
 
     if bool(arch) == bool(pareto):
         raise NaspruneError("give exactly one of --arch ARCH or --pareto FILE (with --pick 0,2)")
@@ -101,8 +101,8 @@ def export(
     ),
 ):
     """Export chosen sub-networks as engine bundles (HF checkpoint, optimized ONNX, INT8/FP16, TensorRT)."""
-    from compressor.console import STATE
-    from compressor.console import load_for_cli as _load
+    from compressor.core.console import STATE
+    from compressor.elastic.modeldir import load_for_cli as _load
     from deploy.pipeline_steps import export_bundles, repair_for_export
 
     picks = chosen_archs(arch, pareto, pick)
@@ -182,8 +182,8 @@ def check(
     ),
 ):
     """CI latency gate: exit 0 pass, 1 regression, 2 incomparable (another device or recipe)."""
-    from compressor.modeldir import write_json_atomic
-    from compressor.workload import Workload
+    from compressor.core.workload import Workload
+    from compressor.elastic.modeldir import write_json_atomic
     from deploy.measure import measure_blocks, measure_paired
     from deploy.regression import GateConfig, Measurement, compare, write_report
 

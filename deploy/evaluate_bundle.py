@@ -3,7 +3,7 @@
 * perplexity on held-out text (torch, the plain HF checkpoint of each bundle);
 * perplexity *through each quantized engine* on the same test windows: the bundle's weights
   exported as the full-logits graph and quantized by the very recipe its engine was built with
-  (``compressor.engine_quality``), so the cost of quantization is measured on what ships (the
+  (``compressor.quant.engine_quality``), so the cost of quantization is measured on what ships (the
   fp32 engine equals torch within the export's parity tolerance, so its perplexity is torch's);
 * the one-shot baseline: the untrained pruned model (importance-permuted original) at each
   bundle's architecture, through the same engines — what pruning without nasprune's training
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.evaluate import hf_logits, lm_eval_tasks, perplexity, token_windows, write_local_tasks
+from compressor.elastic.evaluate import hf_logits, lm_eval_tasks, perplexity, token_windows, write_local_tasks
 from deploy.bundle import read_manifest, update_manifest
 
 
@@ -31,8 +31,8 @@ def evaluate_model(model, tokenizer, windows, cfg, task_dir: Path | None, task_n
 def engine_ppls(model, windows, variants, log=None, calibration=None) -> dict[str, float]:
     """Test perplexity through each quantized engine variant (fp32/fp16 are not quantized: skipped).
     ``calibration``: the windows static variants were calibrated on at export (the calibration text)."""
-    from compressor.engine_quality import engine_qualities
-    from compressor.quantize import RECIPES
+    from compressor.core.precisions import RECIPES
+    from compressor.quant.engine_quality import engine_qualities
 
     quantized = [v for v in variants if v in RECIPES]
     measured = engine_qualities(model, windows, quantized, calibration=calibration)  # one export for all
@@ -46,8 +46,8 @@ def engine_ppls(model, windows, variants, log=None, calibration=None) -> dict[st
 def evaluate_run(pipeline, cfg) -> dict:
     import tempfile
 
-    from compressor.data import read_source, resolve_data
-    from compressor.modeldir import load_model
+    from compressor.core.data import read_source, resolve_data
+    from compressor.elastic.modeldir import load_model
 
     original = load_model(pipeline.model, online=pipeline.online)
     tok = original.tokenizer
@@ -105,8 +105,9 @@ def evaluate_run(pipeline, cfg) -> dict:
 
 def _calibration_if_static(pipeline, tokenizer):
     """The static recipes' calibration windows (as the export stage made them), if any bundle has one."""
-    from compressor.data import resolve_data
-    from compressor.quantize import needs_calibration, static_calibration
+    from compressor.core.data import resolve_data
+    from compressor.core.precisions import needs_calibration
+    from compressor.quant.quantize import static_calibration
 
     engines = set()
     for manifest in Path(pipeline.bundles_dir).glob("*/manifest.json"):
@@ -119,8 +120,8 @@ def _calibration_if_static(pipeline, tokenizer):
 def one_shot_of(supernet, manifest: dict, windows, log=None, calibration=None) -> dict:
     """Test perplexity of the one-shot pruned model at a bundle's architecture, torch and every
     quantized engine variant of that bundle (same recipes, so same latency as the bundle's engines)."""
-    from compressor.extract import extract
-    from compressor.search_space import SubNetwork
+    from compressor.elastic.extract import extract
+    from compressor.elastic.search_space import SubNetwork
 
     sub = SubNetwork.from_dict(manifest["arch"])
     model = extract(supernet, sub).eval()
@@ -142,9 +143,9 @@ def rank_agreement(pipeline, tokenizer, test_text: str, cfg) -> dict:
 
     from scipy.stats import kendalltau
 
-    from compressor.evaluate import mean_loss
-    from compressor.modeldir import load_model
-    from compressor.search_space import SubNetwork
+    from compressor.elastic.evaluate import mean_loss
+    from compressor.elastic.modeldir import load_model
+    from compressor.elastic.search_space import SubNetwork
 
     history = json.loads((Path(pipeline.search_dir) / "history.json").read_text())["evaluated"]
     front = json.loads((Path(pipeline.search_dir) / "pareto.json").read_text())["pareto"]

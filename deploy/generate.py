@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import NaspruneError
+from compressor.core.errors import NaspruneError
 
 
 class OnnxGenerator:

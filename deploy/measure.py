@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.workload import Workload, WorkloadMix
+from compressor.core.workload import Workload, WorkloadMix
 from deploy.bundle import engine_manifest, graph_paths
 from deploy.regression import Measurement
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from compressor.errors import NaspruneError
-from compressor.outputs import claim_output, mark_output
-from compressor.quantize import needs_calibration, static_calibration
-from compressor.workload import WorkloadMix
+from compressor.core.errors import NaspruneError
+from compressor.core.outputs import claim_output, mark_output
+from compressor.core.precisions import needs_calibration
+from compressor.core.workload import WorkloadMix
+from compressor.quant.quantize import static_calibration
 from deploy.bundle import build_bundle, check_variants, read_manifest, update_manifest
 
 
@@ -192,9 +193,9 @@ def repair_for_export(
     ``data`` (targets from ``teacher``, default the parent itself), perplexity before/after on
     ``eval_text`` (or the ``data`` tokens after the calibration ones). Every input is read and checked
     here, before any bundle is claimed or exported."""
-    from compressor.data import resolve_data
-    from compressor.evaluate import token_windows
-    from compressor.repair import (
+    from compressor.core.data import resolve_data
+    from compressor.elastic.evaluate import token_windows
+    from compressor.recovery.repair import (
         RepairConfig,
         calibration_and_heldout,
         calibration_text,

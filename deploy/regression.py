@@ -179,8 +179,8 @@ def write_report(
     out: Path, name: str, verdict: Verdict, current: Measurement, baseline: Measurement, cfg: GateConfig, seconds: float
 ) -> None:
     """check.json keeps both sides' raw samples, so a verdict can be re-examined later."""
-    from compressor.modeldir import write_json_atomic
-    from compressor.outputs import claim_output, mark_output
+    from compressor.core.outputs import claim_output, mark_output
+    from compressor.elastic.modeldir import write_json_atomic
 
     claim_output(out, "check", overwrite=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from compressor.modeldir import write_json_atomic
+from compressor.elastic.modeldir import write_json_atomic
 from deploy.bundle import read_manifest
 
 
@@ -173,7 +173,7 @@ def write_report(pipeline) -> Path:
         "## Pareto front (super-network quality on validation text vs predicted latency)",
         "",
         "Quantized candidates are scored with their recipe simulated in the super-network forward "
-        "(`compressor.quant_sim`); exported bundles are measured through the real engines below.",
+        "(`compressor.elastic.quant_sim`); exported bundles are measured through the real engines below.",
         "",
         "| # | arch (e-h-f-l) | precision | params | ppl (super-net) | predicted ms |",
         "|---|---|---|---|---|---|",

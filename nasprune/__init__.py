@@ -1,5 +1,5 @@
-"""Orchestration above every stage: the one ``nasprune`` CLI, the ``compress`` pipeline and the search driver.
+"""Orchestration above every stage: the one ``nasprune`` CLI and the ``compress`` pipeline.
 
-It sits at the top of the package chain (compressor -> profilers -> predictors -> deploy -> nasprune)
-because it is the only code that needs all four stages at once.
+It sits at the top of the package chain (compressor -> profilers -> predictors -> search -> deploy ->
+nasprune) because it is the only code that needs every stage at once.
 """

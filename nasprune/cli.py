@@ -2,7 +2,7 @@
 plus the orchestration commands (``search``, ``compress``) that sit above all stages.
 
 Hub access is off (``HF_HUB_OFFLINE=1``) unless ``--online`` is given. Every user-facing problem
-is a :class:`~compressor.errors.NaspruneError` and prints as one line with exit code 2.
+is a :class:`~compressor.core.errors.NaspruneError` and prints as one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from compressor.console import offline_by_default
+from compressor.core.console import offline_by_default
 
 offline_by_default(sys.argv)  # before any Hugging Face import reads the environment
 
 import typer  # noqa: E402
 
 from compressor import cli as compressor_cli  # noqa: E402
-from compressor.console import STATE, console, handles_errors, load_for_cli, quiet_transformers  # noqa: E402
+from compressor.core.console import STATE, console, handles_errors, quiet_transformers  # noqa: E402
+from compressor.elastic.modeldir import load_for_cli  # noqa: E402
 from deploy import cli as deploy_cli  # noqa: E402
 from predictors import cli as predictors_cli  # noqa: E402
 from profilers import cli as profilers_cli  # noqa: E402
@@ -79,8 +80,8 @@ def search(
     ),
 ):
     """NSGA-II over super-network quality and predicted latency; writes the Pareto front."""
-    from compressor.search import SearchConfig
-    from nasprune.search_driver import run_search_cli
+    from search.driver import run_search_cli
+    from search.problem import SearchConfig
 
     cfg = SearchConfig(
         population=population,

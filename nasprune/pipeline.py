@@ -15,17 +15,17 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-from compressor.data import check_data_roles, resolve_data
-from compressor.errors import NaspruneError
-from compressor.modeldir import write_json_atomic
-from compressor.outputs import claim_output, mark_output
+from compressor.core.data import check_data_roles, resolve_data
+from compressor.core.errors import NaspruneError
+from compressor.core.outputs import claim_output, mark_output
+from compressor.elastic.modeldir import write_json_atomic
 
 STAGES = ("importance", "blocks", "train", "profile", "predictor", "search", "refine", "export", "evaluate", "report")
 
 
 @dataclass
 class DataConfig:
-    """The three data roles never overlap (checked by :func:`compressor.data.check_data_roles`):
+    """The three data roles never overlap (checked by :func:`compressor.core.data.check_data_roles`):
     calibration/training shape the weights, validation ranks sub-networks in the search (and any
     early stopping), test produces every number in the report and is read by nothing else."""
 
@@ -46,7 +46,7 @@ class ImportanceConfig:
 
 @dataclass
 class ProfileConfig:
-    """Each precision (``fp32``, or a quantization recipe of ``compressor.quantize`` on onnxruntime cpu)
+    """Each precision (``fp32``, or a quantization recipe of ``compressor.quant.quantize`` on onnxruntime cpu)
     is profiled on the same sub-networks and gets its own predictor; the search's precision gene
     chooses among them."""
 
@@ -93,7 +93,7 @@ class SearchStageConfig:
 
 @dataclass
 class BlocksStageConfig:
-    """Block-local distillation (:mod:`compressor.bld`) of the importance-permuted super-network on
+    """Block-local distillation (:mod:`compressor.recovery.bld`) of the importance-permuted super-network on
     ``data.calibration`` before ``train``: every width of every block learns the original block's
     output from cached teacher activations; ``train`` then starts from those weights (its KD teacher
     stays the original). Off by default."""
@@ -110,7 +110,7 @@ class BlocksStageConfig:
 @dataclass
 class RefineStageConfig:
     """Each exported Pareto point is distilled on its own from the original before export
-    (:mod:`compressor.refine`); ``enabled: false`` ships the super-network's weights as they are."""
+    (:mod:`compressor.recovery.refine`); ``enabled: false`` ships the super-network's weights as they are."""
 
     enabled: bool = True
     minutes: float = 3.0  # per point
@@ -175,7 +175,7 @@ class ExportConfig:
     threads: int = 1
     # also export the unpruned original at every precision: the user's alternative, measured the same way
     baseline: bool = True
-    # closed-form repair (compressor/repair.py) of each exported point on data.calibration, perplexity
+    # closed-form repair (compressor/recovery/repair.py) of each exported point on data.calibration, perplexity
     # before/after on data.validation in the manifest; points the refine stage refined are never
     # repaired again (refine repairs before training; the manifest says so)
     repair: bool = False
@@ -222,7 +222,7 @@ class PipelineConfig:
         """The config in the YAML file ``path`` (defaults for None). Everything a stage will read is
         checked here, in one line per problem: unknown sections and settings (typos), wrong value
         types, bad workloads and names, overlapping data roles; not hours later in that stage."""
-        from compressor.yamlconfig import read_yaml_mapping
+        from compressor.core.yamlconfig import read_yaml_mapping
 
         if path is None:
             return PipelineConfig()
@@ -255,7 +255,7 @@ class PipelineConfig:
     def canonical_workloads(self) -> None:
         """Spell the search and export workloads (or mixes) as nasprune prints them, so the keys a bundle's
         manifest stores them under (``str(WorkloadMix)``) are the strings the report looks up."""
-        from compressor.workload import WorkloadMix
+        from compressor.core.workload import WorkloadMix
 
         self.search.workload = str(WorkloadMix.parse(str(self.search.workload)))
         self.export.workloads = [str(WorkloadMix.parse(str(w))) for w in self.export.workloads]
@@ -263,12 +263,12 @@ class PipelineConfig:
     def blocks_config(self):
         from dataclasses import asdict as _asdict
 
-        from compressor.bld import BlockDistillConfig
+        from compressor.recovery.bld import BlockDistillConfig
 
         return BlockDistillConfig(**{k: v for k, v in _asdict(self.blocks).items() if k != "enabled"})
 
     def refine_config(self):
-        from compressor.refine import RefineConfig
+        from compressor.recovery.refine import RefineConfig
 
         r = self.refine
         return RefineConfig(
@@ -288,9 +288,9 @@ class PipelineConfig:
     def validate(self, path: Path | str = "config") -> None:
         """Refuse (one line naming the file and section) values a stage would otherwise fail on
         only after the stages before it have run."""
-        from compressor.importance import LAYER_METRICS
-        from compressor.train import TrainConfig
-        from compressor.workload import Workload, WorkloadMix
+        from compressor.core.workload import Workload, WorkloadMix
+        from compressor.elastic.importance import LAYER_METRICS
+        from compressor.recovery.train import TrainConfig
         from deploy.bundle import check_variants
         from predictors.fit import FitConfig
         from profilers.base import get_engine
@@ -382,7 +382,7 @@ def _at_least_one_precision(precisions: list[str]) -> None:
 
 def _profiled(mix, profiled: list[str]) -> None:
     """The search predicts every term of its workload mix: each must be a profiled workload."""
-    from compressor.workload import Workload
+    from compressor.core.workload import Workload
 
     have = {Workload.parse(str(w)) for w in profiled}
     missing = [str(w) for w in mix.workloads if w not in have]
@@ -400,7 +400,7 @@ def _subset_of(searched: list[str] | None, profiled: list[str]) -> None:
 
 
 def _repair_config(tokens: int):
-    from compressor.repair import RepairConfig
+    from compressor.recovery.repair import RepairConfig
 
     return RepairConfig(tokens=tokens)
 
@@ -421,13 +421,13 @@ def _check_type(path, key: str, value, default, optional: bool) -> None:
 
 def host_safe_config(cfg: PipelineConfig, flags: set[str] | None = None) -> tuple[PipelineConfig, dict[str, str]]:
     """``cfg`` with every precision this CPU would compute as garbage replaced by its safe counterpart
-    (:func:`compressor.quantize.host_precision`), and {replaced: why}.
+    (:func:`compressor.quant.quantize.host_precision`), and {replaced: why}.
 
     Profiling, search and export all run on this host, so a (recipe, host) pair that saturates here
     must never be profiled, proposed or shipped; the same YAML keeps the full-range recipe on a VNNI
     CPU. Only the CPU device of onnxruntime has such pairs.
     """
-    from compressor.quantize import host_precision
+    from compressor.quant.quantize import host_precision
 
     if cfg.profile.device != "cpu" or cfg.profile.engine != "onnxruntime":
         return cfg, {}
@@ -542,10 +542,10 @@ class Pipeline:
 
     # ---- stages ----------------------------------------------------------------------------
     def stage_importance(self) -> dict:
-        from compressor.data import load_data
-        from compressor.importance import compute_importance, layer_ranking, permute
-        from compressor.importance_io import save_importance
-        from compressor.modeldir import load_model
+        from compressor.core.data import load_data
+        from compressor.elastic.importance import compute_importance, layer_ranking, permute
+        from compressor.elastic.importance_io import save_importance
+        from compressor.elastic.modeldir import load_model
 
         c = self.cfg.importance
         loaded = load_model(self.model, online=self.online)
@@ -566,7 +566,7 @@ class Pipeline:
         """BLD of the permuted super-network (skipped unless ``blocks: enabled: true``)."""
         if not self.cfg.blocks.enabled:
             return {"enabled": False}
-        from compressor.bld import distill_blocks_to
+        from compressor.recovery.bld import distill_blocks_to
 
         _, report = distill_blocks_to(
             str(self.importance_dir),
@@ -582,7 +582,7 @@ class Pipeline:
         return {"enabled": True, "bld_seconds": report["seconds"], "blocks": report["blocks"]}
 
     def stage_train(self) -> dict:
-        from compressor.train import TrainConfig, run_training
+        from compressor.recovery.train import TrainConfig, run_training
 
         cfg = TrainConfig.load(None, self.cfg.train)
         resume = (self.run / "supernet.train" / "checkpoint.pt").exists()
@@ -604,8 +604,8 @@ class Pipeline:
         return {"training": {k: meta["provenance"]["training"][k] for k in ("steps", "seconds", "tokens")}}
 
     def stage_profile(self) -> dict:
-        from compressor.modeldir import load_model
-        from compressor.quantize import FLOAT_PRECISIONS
+        from compressor.core.precisions import FLOAT_PRECISIONS
+        from compressor.elastic.modeldir import load_model
         from profilers import profile_subnetworks
         from profilers.api import choose_subnetworks
         from profilers.standalone import Protocol
@@ -646,7 +646,7 @@ class Pipeline:
         return {"records": counts}
 
     def stage_predictor(self) -> dict:
-        from compressor.quantize import is_quantized
+        from compressor.core.precisions import is_quantized
         from predictors.dataset import read_store, select_group
         from predictors.fit import FitConfig, fit_predictor
         from predictors.modelspace import describe_model
@@ -677,9 +677,9 @@ class Pipeline:
         return {**first, "precisions": info}
 
     def stage_search(self) -> dict:
-        from compressor.modeldir import load_model
-        from compressor.search import SearchConfig
-        from nasprune.search_driver import run_search_cli
+        from compressor.elastic.modeldir import load_model
+        from search.driver import run_search_cli
+        from search.problem import SearchConfig
 
         c = self.cfg.search
         precisions, slower = list(c.precisions or self.cfg.profile.precisions), {}
@@ -737,7 +737,7 @@ class Pipeline:
         return [p for p in precisions if p not in slower], slower
 
     def picks(self) -> list:
-        from compressor.search_space import SubNetwork
+        from compressor.elastic.search_space import SubNetwork
 
         pareto = json.loads((self.search_dir / "pareto.json").read_text())
         rows = pareto["pareto"]
@@ -765,8 +765,8 @@ class Pipeline:
             return {"enabled": False}
         from dataclasses import replace
 
-        from compressor.quantize import is_quantized, needs_calibration
-        from compressor.refine import refine
+        from compressor.core.precisions import is_quantized, needs_calibration
+        from compressor.recovery.refine import refine
 
         records = {}
         for name, sub, row in self.picks():
@@ -820,7 +820,7 @@ class Pipeline:
         return list(dict.fromkeys([*self.cfg.export.precisions, *(p for p in chosen if p)]))
 
     def stage_export(self) -> dict:
-        from compressor.modeldir import load_model
+        from compressor.elastic.modeldir import load_model
         from deploy.pipeline_steps import export_bundles
 
         c = self.cfg.export
@@ -907,7 +907,7 @@ class Pipeline:
         """The manifest's ``repair`` section of a refined point: refine repaired it (or not) before its
         training, so export never repairs it again (the refined weights are no longer the pruned ones
         the closed form corrects)."""
-        from compressor.modeldir import ModelMeta
+        from compressor.elastic.modeldir import ModelMeta
 
         rec = (ModelMeta.read(directory).subnetwork or {}).get("refine", {})
         repaired = bool((rec.get("config") or {}).get("repair"))

@@ -17,9 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from compressor.errors import NaspruneError
-from compressor.sampling import GridParamsSampler
-from compressor.search_space import SearchSpace, SubNetwork
+from compressor.core.errors import NaspruneError
+from compressor.elastic.search_space import SearchSpace, SubNetwork
+from compressor.recovery.sampling import GridParamsSampler
 from predictors.dataset import Group, groups_of, select_group, to_dataset
 from predictors.fit import FitConfig, FitResult, fit_predictor
 from predictors.modelspace import space_from_description
@@ -163,7 +163,7 @@ def adaptive_fit(
     log: Callable[[str], None] = print,
 ) -> FitResult:
     """``nasprune predictor fit --adaptive MODEL``: profile MODEL's sub-networks with the profiler."""
-    from compressor.modeldir import load_model
+    from compressor.elastic.modeldir import load_model
     from profilers.api import profile_subnetworks
     from profilers.store import ProfileStore
 

@@ -38,9 +38,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from compressor.errors import NaspruneError
-from compressor.search_space import SubNetwork
-from compressor.workload import Workload
+from compressor.core.errors import NaspruneError
+from compressor.core.workload import Workload
+from compressor.elastic.search_space import SubNetwork
 
 Measure = Callable[[SubNetwork, Workload], float]
 

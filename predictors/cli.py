@@ -1,7 +1,7 @@
 """``nasprune predictor fit|eval`` and ``nasprune predict``: registered on the main Typer app.
 
 The shared console, ``--online`` state and one-line error handler come from the leaf
-``compressor.console``; the app itself is assembled in ``nasprune.cli``.
+``compressor.core.console``; the app itself is assembled in ``nasprune.cli``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from compressor.console import STATE, console, err_console, handles_errors
-from compressor.console import quiet_transformers as quiet_transformers
-from compressor.errors import NaspruneError
-from compressor.outputs import claim_output
+from compressor.core.console import STATE, console, err_console, handles_errors
+from compressor.core.console import quiet_transformers as quiet_transformers
+from compressor.core.errors import NaspruneError
+from compressor.core.outputs import claim_output
 
 _FP = typer.Option(None, "--fingerprint", help="Device fingerprint id to select from the store.")
 _ENGINE = typer.Option(None, "--engine", help="Engine to select (onnxruntime, tensorrt, torch).")
@@ -162,7 +162,7 @@ def eval_cmd(
     strict: bool = typer.Option(False, "--strict", help="Refuse records outside the training ranges."),
 ):
     """Score a predictor on held-out records: MAPE, RMSPE, ±5/10/15% accuracy, Kendall τ."""
-    from compressor.modeldir import write_json_atomic
+    from compressor.elastic.modeldir import write_json_atomic
     from predictors import load_predictor
     from predictors.dataset import read_store
     from predictors.evaluate import evaluate
@@ -213,8 +213,8 @@ def predict_cmd(
     ),
 ):
     """Predicted latency (ms) of one sub-network on one workload."""
-    from compressor.search_space import SubNetwork
-    from compressor.workload import Workload
+    from compressor.core.workload import Workload
+    from compressor.elastic.search_space import SubNetwork
     from predictors import load_predictor
 
     quiet_transformers()
@@ -245,7 +245,7 @@ def predict_cmd(
 
 def _calibrated(predictor, model: Optional[str], workload):
     """The predictor scaled by its anchor, profiled now on ``model`` (default: the one it was fitted on)."""
-    from compressor.console import load_for_cli
+    from compressor.elastic.modeldir import load_for_cli
     from predictors.calibration import calibrate, profile_anchor, stored_anchor
     from predictors.modelspace import resolve_source
 

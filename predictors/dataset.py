@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compressor.errors import NaspruneError
-from compressor.search_space import SubNetwork
-from compressor.workload import Workload
+from compressor.core.errors import NaspruneError
+from compressor.core.workload import Workload
+from compressor.elastic.search_space import SubNetwork
 
 GROUP_FIELDS = ("fingerprint_id", "engine", "precision", "recipe_id")
 # CLI flag for each group field, named in error messages

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from compressor.errors import NaspruneError
-from compressor.search_space import SubNetwork
-from compressor.workload import Workload
+from compressor.core.errors import NaspruneError
+from compressor.core.workload import Workload
+from compressor.elastic.search_space import SubNetwork
 from predictors.dataset import GROUP_FIELDS, groups_of
 from predictors.metrics import summarize
 from predictors.predictor import LatencyPredictor

@@ -18,10 +18,10 @@ from typing import Sequence
 
 import numpy as np
 
-from compressor.errors import NaspruneError
-from compressor.quantize import export_dtype
-from compressor.search_space import BYTES_PER_PARAM, SearchSpace, SubNetwork
-from compressor.workload import Workload
+from compressor.core.errors import NaspruneError
+from compressor.core.precisions import BYTES_PER_PARAM, export_dtype
+from compressor.core.workload import Workload
+from compressor.elastic.search_space import SearchSpace, SubNetwork
 
 FEATURE_SCHEMA = "nasprune-latency-features/1"
 

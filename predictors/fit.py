@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from compressor.errors import NaspruneError
-from compressor.modeldir import now
-from compressor.search_space import DIMENSIONS
+from compressor.core.errors import NaspruneError
+from compressor.elastic.modeldir import now
+from compressor.elastic.search_space import DIMENSIONS
 from predictors.calibration import anchor_from_records, anchors_from_records
 from predictors.dataset import Dataset, to_dataset
 from predictors.features import ANALYTIC, FEATURE_NAMES, FEATURE_SCHEMA, bytes_per_param, feature_matrix

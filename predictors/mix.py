@@ -1,4 +1,4 @@
-"""Predicted latency of a workload mix (:class:`compressor.workload.WorkloadMix`) from one predictor.
+"""Predicted latency of a workload mix (:class:`compressor.core.workload.WorkloadMix`) from one predictor.
 
 A predictor is fitted on profile records of several workloads (the workload is a feature), so the
 latency of a mix is the weighted sum of its per-workload predictions: for ``prefill:1x512 +
@@ -12,9 +12,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from compressor.errors import NaspruneError
-from compressor.search_space import SubNetwork
-from compressor.workload import Workload, WorkloadMix
+from compressor.core.errors import NaspruneError
+from compressor.core.workload import Workload, WorkloadMix
+from compressor.elastic.search_space import SubNetwork
 from predictors.predictor import ExtrapolationWarning
 
 

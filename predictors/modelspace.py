@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compressor.errors import NaspruneError
-from compressor.search_space import SearchSpace, SearchSpaceConfig
+from compressor.core.errors import NaspruneError
+from compressor.elastic.search_space import SearchSpace, SearchSpaceConfig
 
 
 def describe_model(spec: str, online: bool = False) -> dict:
@@ -19,7 +19,7 @@ def describe_model(spec: str, online: bool = False) -> dict:
 
     A directory (or ``default``, once converted) is read without loading weights.
     """
-    from compressor.modeldir import ModelMeta, default_model_dir, load_model, read_config
+    from compressor.elastic.modeldir import ModelMeta, default_model_dir, load_model, read_config
 
     path = default_model_dir() if spec == "default" else Path(spec).expanduser()
     if path.is_dir():
@@ -42,7 +42,7 @@ def resolve_source(source: str | None) -> str:
     was converted from), which is not itself a MODEL argument; it maps back to ``default`` when
     it names the converted default model in the cache, and to itself when it is an existing path.
     """
-    from compressor.modeldir import DEFAULT_NAME, ModelMeta, cache_dir
+    from compressor.elastic.modeldir import DEFAULT_NAME, ModelMeta, cache_dir
 
     if source and Path(source).expanduser().exists():
         return source

@@ -22,10 +22,10 @@ from typing import Sequence
 
 import numpy as np
 
-from compressor.errors import NaspruneError
-from compressor.hashing import sha256_file
-from compressor.search_space import DIMENSIONS, SearchSpace, SubNetwork
-from compressor.workload import Workload
+from compressor.core.errors import NaspruneError
+from compressor.core.hashing import sha256_file
+from compressor.core.workload import Workload
+from compressor.elastic.search_space import DIMENSIONS, SearchSpace, SubNetwork
 from predictors.dataset import GROUP_FIELDS, GROUP_FLAGS
 from predictors.features import FEATURE_NAMES, FEATURE_SCHEMA, feature_matrix
 from predictors.modelspace import space_from_description
@@ -151,7 +151,7 @@ class LatencyPredictor:
         """Write the predictor directory atomically (readers never see half a predictor)."""
         import skops.io as sio
 
-        from compressor.modeldir import atomic_dir_write, write_json_atomic
+        from compressor.elastic.modeldir import atomic_dir_write, write_json_atomic
 
         def write(tmp: Path):
             sio.dump(self.estimators, tmp / ESTIMATOR)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import GroupKFold
 
-from compressor.errors import NaspruneError
+from compressor.core.errors import NaspruneError
 from predictors.metrics import summarize
 from predictors.models import ModelSpec
 

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from compressor.errors import NaspruneError
-from compressor.search_space import SearchSpace, SubNetwork
-from compressor.workload import Workload
+from compressor.core.errors import NaspruneError
+from compressor.core.workload import Workload
+from compressor.elastic.search_space import SearchSpace, SubNetwork
 from profilers.base import Engine, get_engine, graphs_for
 from profilers.records import build_record, graph_bytes_for, job_meta, model_identity, record_key, workload_dict
 from profilers.standalone import Protocol, fingerprint_id, host_fingerprint, make_fingerprint
@@ -84,7 +84,7 @@ def make_plan(
     exporter: str = "torchscript",
     provider: str | None = None,
 ) -> Plan:
-    from compressor.onnx_export import recipe_id
+    from compressor.quant.onnx_export import recipe_id
 
     eng = get_engine(engine)
     eng.check(device, precision)
@@ -114,7 +114,7 @@ def choose_subnetworks(
     space: SearchSpace, archs=(), sampler: str = "grid-params", samples: int = 10, seed: int = 0
 ) -> list[SubNetwork]:
     """``archs`` if given; else the largest sub-network plus ``samples - 1`` from the sampler (distinct)."""
-    from compressor.sampling import make_sampler
+    from compressor.recovery.sampling import make_sampler
 
     if archs:
         subs = [a if isinstance(a, SubNetwork) else SubNetwork.parse(a) for a in archs]
@@ -228,7 +228,7 @@ def profile_subnetworks(
     undisturbed speed (``Protocol.fast_ref_score``), so timings taken in a slow phase of the
     machine are re-measured.
     """
-    from compressor.extract import extract
+    from compressor.elastic.extract import extract
 
     plan = make_plan(loaded, workloads, engine, device, precision, threads, exporter, provider)
     protocol = protocol or Protocol()

@@ -17,7 +17,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compressor.errors import NaspruneError
+from compressor.core.errors import NaspruneError
 
 DEVICES = ("cpu", "cuda")
 ENGINE_MODULES = {

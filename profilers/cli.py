@@ -13,11 +13,11 @@ from typing import List, Optional
 
 import typer
 
-from compressor.errors import NaspruneError
+from compressor.core.errors import NaspruneError
 
 
 def register(app: typer.Typer) -> None:
-    from compressor.console import console, handles_errors
+    from compressor.core.console import console, handles_errors
 
     @app.command("profile")
     @handles_errors
@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
             return _import(console, results, store)
         if results is not None:
             raise NaspruneError(f"unexpected extra argument '{results}'; only 'profile import RESULTS' takes two")
-        from compressor.console import load_for_cli as _load
+        from compressor.elastic.modeldir import load_for_cli as _load
         from profilers.api import choose_subnetworks, parse_workloads
         from profilers.standalone import Protocol
 
@@ -98,7 +98,7 @@ def register(app: typer.Typer) -> None:
 
             get_engine(engine).check(device, precision)  # missing engines fail before the model loads
             if device == "cpu" and engine == "onnxruntime":
-                from compressor.quantize import saturation_risk
+                from compressor.quant.quantize import saturation_risk
 
                 risk = saturation_risk(precision)  # latency is still right; quality through it is not
                 if risk:

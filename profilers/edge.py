@@ -15,8 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from compressor.errors import NaspruneError
-from compressor.modeldir import now
+from compressor.core.errors import NaspruneError
+from compressor.elastic.modeldir import now
 from profilers import standalone
 from profilers.api import make_plan
 from profilers.base import graphs_for
@@ -39,8 +39,8 @@ def export_for_device(
     progress=None,
 ) -> dict:
     """Write graphs, jobs.json and the runner into ``out_dir``; returns the manifest."""
-    from compressor.extract import extract
-    from compressor.outputs import claim_output, mark_output
+    from compressor.core.outputs import claim_output, mark_output
+    from compressor.elastic.extract import extract
 
     out = Path(out_dir)
     claim_output(out, "profile-export", overwrite=True)  # only ever replaces an earlier export of its own

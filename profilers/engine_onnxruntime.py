@@ -1,8 +1,8 @@
 """ONNX Runtime: CPUExecutionProvider here; CUDA and TensorRT execution providers where
-onnxruntime-gpu is installed. Graphs come from ``compressor.onnx_export`` (the deploy recipe), the
+onnxruntime-gpu is installed. Graphs come from ``compressor.quant.onnx_export`` (the deploy recipe), the
 timing loop and IO binding from ``profilers.standalone`` (the same file edge devices run).
 
-On CPU every quantization recipe of ``compressor.quantize`` is a precision: the fp32 graphs are
+On CPU every quantization recipe of ``compressor.quant.quantize`` is a precision: the fp32 graphs are
 exported (and checked for parity) as usual, then quantized by exactly the function bundles use,
 and the recipe's dict becomes part of the export recipe (so of the ``recipe_id`` that keys
 profiles and predictors). On CUDA the quantizers' integer kernels are CPU kernels, so only the
@@ -14,8 +14,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from compressor.errors import NaspruneError
-from compressor.quantize import RECIPES, export_dtype, recipe_for
+from compressor.core.errors import NaspruneError
+from compressor.core.precisions import RECIPES, export_dtype, recipe_for
 from profilers.base import Artifacts, Availability, Engine
 from profilers.standalone import ORT_PROVIDERS, Protocol, ort_provider_list, run_ort_job
 
@@ -70,7 +70,7 @@ class OnnxRuntimeEngine(Engine):
         return name
 
     def recipe(self, precision: str, exporter: str) -> dict:
-        from compressor.onnx_export import ExportRecipe
+        from compressor.quant.onnx_export import ExportRecipe
 
         recipe = ExportRecipe(exporter=exporter, precision=export_dtype(precision)).to_dict()
         quant = recipe_for(precision)
@@ -81,15 +81,16 @@ class OnnxRuntimeEngine(Engine):
     def prepare(
         self, model, directory: Path, recipe: dict, graphs: tuple[str, ...], provider: str | None = None
     ) -> Artifacts:
-        from compressor.onnx_export import ExportRecipe, export_graphs
+        from compressor.quant.onnx_export import ExportRecipe, export_graphs
 
         # fp32 parity runs on CPU (a check of the graph itself); fp16 on the provider that will time it
         check_on = ort_provider_list(provider, recipe["precision"]) if recipe["precision"] == "fp16" else None
         exported = export_graphs(model, directory, ExportRecipe.from_dict(recipe), graphs=graphs, providers=check_on)
         paths, sizes, extra = exported.paths, exported.graph_bytes, {}
         if recipe.get("quantization"):
-            from compressor.onnx_export import graph_bytes
-            from compressor.quantize import StaticCalibration, needs_calibration, quantize_graph_dir
+            from compressor.core.precisions import needs_calibration
+            from compressor.quant.onnx_export import graph_bytes
+            from compressor.quant.quantize import StaticCalibration, quantize_graph_dir
 
             t = time.perf_counter()
             name = recipe["quantization"]["name"]

@@ -47,7 +47,7 @@ class TensorRTEngine(Engine):
         return Availability(True, f"TensorRT on {torch.cuda.get_device_name()}", trt.__version__)
 
     def recipe(self, precision: str, exporter: str) -> dict:
-        from compressor.onnx_export import ExportRecipe
+        from compressor.quant.onnx_export import ExportRecipe
 
         onnx = ExportRecipe(exporter=exporter, precision="fp32").to_dict()
         return {
@@ -63,7 +63,7 @@ class TensorRTEngine(Engine):
     def prepare(
         self, model, directory: Path, recipe: dict, graphs: tuple[str, ...], provider: str | None = None
     ) -> Artifacts:
-        from compressor.onnx_export import ExportRecipe, export_graphs
+        from compressor.quant.onnx_export import ExportRecipe, export_graphs
 
         exported = export_graphs(model, directory, ExportRecipe.from_dict(recipe), graphs=graphs)
         return Artifacts(

@@ -46,8 +46,8 @@ class TorchEngine(Engine):
             "precision": precision,
             "attn_implementation": "sdpa",
             "graphs": {
-                "prefill": "compressor.onnx_export.PrefillGraph",
-                "decode": "compressor.onnx_export.DecodeGraph",
+                "prefill": "compressor.quant.onnx_export.PrefillGraph",
+                "decode": "compressor.quant.onnx_export.DecodeGraph",
             },
             "versions": {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__},
         }
@@ -102,7 +102,7 @@ class TorchEngine(Engine):
 def _step(model, device: str, kind: str, batch: int, seq: int, new_tokens: int):
     import torch
 
-    from compressor.onnx_export import DecodeGraph, PrefillGraph, kv_shape, num_layers
+    from compressor.quant.onnx_export import DecodeGraph, PrefillGraph, kv_shape, num_layers
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=g).to(device)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from compressor.errors import NaspruneError
-from compressor.hashing import sha256_json, sha256_parts
-from compressor.modeldir import now, weights_hash
-from compressor.search_space import SearchSpace, SubNetwork
-from compressor.workload import Workload
+from compressor.core.errors import NaspruneError
+from compressor.core.hashing import sha256_json, sha256_parts
+from compressor.core.workload import Workload
+from compressor.elastic.modeldir import now, weights_hash
+from compressor.elastic.search_space import SearchSpace, SubNetwork
 from profilers.standalone import SCHEMA
 
 

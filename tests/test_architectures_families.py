@@ -18,13 +18,13 @@ from transformers import (
     Qwen3Config,
 )
 
-from compressor.architectures import family_for
-from compressor.data import TokenizedData
-from compressor.errors import NaspruneError
-from compressor.extract import extract
-from compressor.importance import compute_importance, permute
-from compressor.onnx_export import check_parity, export_graphs
-from compressor.supernet import SuperNetwork
+from compressor.core.data import TokenizedData
+from compressor.core.errors import NaspruneError
+from compressor.elastic.architectures import family_for
+from compressor.elastic.extract import extract
+from compressor.elastic.importance import compute_importance, permute
+from compressor.elastic.supernet import SuperNetwork
+from compressor.quant.onnx_export import check_parity, export_graphs
 from tests.conftest import TINY_SPACE
 
 WINDOW = 8
@@ -314,7 +314,7 @@ def _gguf_source(arch: str):
 @pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
 def test_gguf_input_loads_as_the_family(arch, tmp_path, monkeypatch):
     pytest.importorskip("gguf")
-    from compressor.modeldir import load_model
+    from compressor.elastic.modeldir import load_model
 
     monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path / "cache"))
     source = _gguf_source(arch)
@@ -331,7 +331,7 @@ def test_gguf_input_loads_as_the_family(arch, tmp_path, monkeypatch):
 
 def test_gguf_architecture_transformers_cannot_read_is_one_line(tmp_path, monkeypatch):
     gguf = pytest.importorskip("gguf")
-    from compressor.modeldir import load_model
+    from compressor.elastic.modeldir import load_model
 
     monkeypatch.setenv("NASPRUNE_CACHE", str(tmp_path / "cache"))
     w = gguf.GGUFWriter(str(tmp_path / "olmo2.gguf"), "olmo2")

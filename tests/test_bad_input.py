@@ -6,7 +6,7 @@ each case: exit code 2, exactly one non-empty line on stderr that names the prob
 traceback anywhere, and every file under the case's directory and the shared fixtures is
 byte-for-byte what it was (the user's files untouched, nothing half-made left behind).
 
-Then the output-ownership rule (``compressor/outputs.py``), on ``extract``, the cheapest writer.
+Then the output-ownership rule (``compressor/core/outputs.py``), on ``extract``, the cheapest writer.
 
 Commands run in-process (``CliRunner``, which keeps stderr apart from stdout) on tiny fixtures
 built once per module, so the whole table takes seconds.
@@ -38,7 +38,7 @@ WORKLOAD = "prefill:1x16"
 # ---- fixtures ---------------------------------------------------------------------------------
 def _records(space, subs, workloads=(WORKLOAD,)) -> list[dict]:
     """Synthetic profile records (latency grows with parameters) for one predictor group."""
-    from compressor.workload import Workload
+    from compressor.core.workload import Workload
 
     rng = np.random.default_rng(0)
     out = []
@@ -63,8 +63,8 @@ def _records(space, subs, workloads=(WORKLOAD,)) -> list[dict]:
 def fx(tmp_path_factory, tiny_model) -> Path:
     """Shared, read-only inputs: the tiny model with its tokenizer, a bundle, a profile store, a
     predictor, a pareto.json and held-out text. Cases must not change them (checked)."""
-    from compressor.modeldir import load_model
-    from compressor.search_space import SubNetwork
+    from compressor.elastic.modeldir import load_model
+    from compressor.elastic.search_space import SubNetwork
     from deploy.bundle import build_bundle
     from predictors.fit import FitConfig, fit_predictor
     from predictors.modelspace import describe_model, space_from_description

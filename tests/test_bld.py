@@ -7,9 +7,15 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from compressor.bld import BlockDistillConfig, block_loss, cache_teacher_activations, distill_blocks, train_block
-from compressor.modeldir import ModelMeta, save_model_dir
-from compressor.search_space import SubNetwork
+from compressor.elastic.modeldir import ModelMeta, save_model_dir
+from compressor.elastic.search_space import SubNetwork
+from compressor.recovery.bld import (
+    BlockDistillConfig,
+    block_loss,
+    cache_teacher_activations,
+    distill_blocks,
+    train_block,
+)
 from tests.conftest import TINY_SPACE, make_tiny
 
 
@@ -24,8 +30,8 @@ def _windows(n=8, t=16, vocab=96, seed=0):
 
 
 def test_full_width_loss_is_zero_at_initialization(tiny_dir, tmp_path):
-    from compressor.bld import _open
-    from compressor.modeldir import load_model
+    from compressor.elastic.modeldir import load_model
+    from compressor.recovery.bld import _open
 
     sn = load_model(str(tiny_dir)).supernet()
     acts = tmp_path / "acts"
@@ -39,8 +45,8 @@ def test_full_width_loss_is_zero_at_initialization(tiny_dir, tmp_path):
 
 
 def test_narrow_widths_learn(tiny_dir, tmp_path):
-    from compressor.bld import _open
-    from compressor.modeldir import load_model
+    from compressor.elastic.modeldir import load_model
+    from compressor.recovery.bld import _open
 
     sn = load_model(str(tiny_dir)).supernet()
     acts = tmp_path / "acts"
@@ -80,7 +86,7 @@ def test_distill_blocks_command_reruns_with_overwrite(tiny_model, tmp_path):
     """The CLI writes OUT and its own work dir OUT.blocks; a rerun with --overwrite reuses that work dir."""
     from typer.testing import CliRunner
 
-    from compressor.data import PACKAGE_DATA
+    from compressor.core.data import PACKAGE_DATA
     from nasprune.cli import app
 
     data = tmp_path / "d.txt"
@@ -112,9 +118,9 @@ def test_distill_blocks_command_reruns_with_overwrite(tiny_model, tmp_path):
 # ---- one chosen sub-network (refine --block-steps) ------------------------------------------
 def _held_out_block_losses(teacher, student_model, kept, windows) -> list[float]:
     """Teacher-forced normalized MSE of every student block on ``windows`` (the loss BLD trains)."""
-    from compressor.bld import teacher_residuals
-    from compressor.distill_states import teacher_layer_targets
-    from compressor.supernet import SuperNetwork
+    from compressor.elastic.supernet import SuperNetwork
+    from compressor.recovery.bld import teacher_residuals
+    from compressor.recovery.distill_states import teacher_layer_targets
 
     depth = len(teacher.family.layers(teacher.model))
     targets = [t + 1 for t in teacher_layer_targets(kept, depth)]
@@ -129,9 +135,9 @@ def _held_out_block_losses(teacher, student_model, kept, windows) -> list[float]
 
 def test_chosen_blocks_of_the_parent_itself_have_zero_loss_and_stay_put(tiny_dir):
     """The largest sub-network is the teacher: every block's loss is zero and BLD leaves its weights as they were."""
-    from compressor.bld import distill_chosen_blocks
-    from compressor.extract import extract
-    from compressor.modeldir import load_model
+    from compressor.elastic.extract import extract
+    from compressor.elastic.modeldir import load_model
+    from compressor.recovery.bld import distill_chosen_blocks
 
     teacher = load_model(str(tiny_dir)).supernet().eval()
     largest = teacher.space.largest()
@@ -147,9 +153,9 @@ def test_chosen_blocks_learn_on_held_out_windows_and_absorb_dropped_layers(tiny_
     """A narrower, shallower student: each block is trained towards the teacher's stream before the parent's
     next kept layer, so the last kept block of a cut stack targets the parent's last state; on windows it
     never saw, the teacher-forced block losses fall."""
-    from compressor.bld import distill_chosen_blocks
-    from compressor.extract import extract
-    from compressor.modeldir import load_model
+    from compressor.elastic.extract import extract
+    from compressor.elastic.modeldir import load_model
+    from compressor.recovery.bld import distill_chosen_blocks
 
     teacher = load_model(str(tiny_dir)).supernet().eval()
     c = teacher.space.choices
@@ -170,10 +176,10 @@ def test_chosen_blocks_learn_on_held_out_windows_and_absorb_dropped_layers(tiny_
 def test_refine_with_block_steps_spends_its_time_from_the_budget(tiny_model, tmp_path):
     """refine --block-steps: BLD runs after repair, is recorded with its own perplexity, and its minutes come
     off the KD budget; wrong settings are refused in one line."""
-    from compressor.data import PACKAGE_DATA
-    from compressor.errors import NaspruneError
-    from compressor.modeldir import load_model
-    from compressor.refine import RefineConfig, _after_blocks, refine
+    from compressor.core.data import PACKAGE_DATA
+    from compressor.core.errors import NaspruneError
+    from compressor.elastic.modeldir import load_model
+    from compressor.recovery.refine import RefineConfig, _after_blocks, refine
 
     train = tmp_path / "train.txt"
     train.write_text((PACKAGE_DATA / "northanger_abbey.txt").read_text()[:30_000])

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from compressor.block_scores import BlockScoreConfig, compute_block_scores, estimate_loss, proxy_for
-from compressor.errors import NaspruneError
-from compressor.modeldir import LoadedModel, ModelMeta
-from compressor.search_space import SubNetwork
+from compressor.core.errors import NaspruneError
+from compressor.elastic.modeldir import LoadedModel, ModelMeta
+from compressor.elastic.search_space import SubNetwork
+from compressor.recovery.block_scores import BlockScoreConfig, compute_block_scores, estimate_loss, proxy_for
 from tests.conftest import TINY_SPACE, make_tiny
 
 
@@ -63,7 +63,7 @@ def test_scores_equal_the_loss_change_of_the_plain_model_with_that_block_pruned(
                 want = _hf_loss(_zeroed(loaded.model, i, dim, int(w), head_dim), windows) - base
                 assert abs(per_layer[i] - want) < 1e-4, (dim, w, i, per_layer[i], want)
     # the embedding width's score is the whole network's loss change at that width
-    from compressor.evaluate import mean_loss
+    from compressor.elastic.evaluate import mean_loss
 
     e = scores["widths"]["embed_dim"][0]
     with sn.selected(SubNetwork(**{**sn.space.largest().to_dict(), "embed_dim": e})):
@@ -114,7 +114,7 @@ def test_proxy_refuses_scores_of_other_weights():
 
 
 def test_block_scores_command_writes_a_new_model_dir(tiny_model, tmp_path):
-    from compressor.data import PACKAGE_DATA
+    from compressor.core.data import PACKAGE_DATA
     from nasprune.cli import app
 
     data = tmp_path / "val.txt"

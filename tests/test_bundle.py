@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from compressor.modeldir import load_model
-from compressor.search_space import SubNetwork
+from compressor.elastic.modeldir import load_model
+from compressor.elastic.search_space import SubNetwork
 from deploy.bundle import build_bundle, graph_paths
 from deploy.generate import OnnxGenerator, onnx_mean_nll
 from nasprune.cli import app

@@ -11,11 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.data import IGNORE, TokenizedData
-from compressor.distill import TeacherCache, inplace_targets, kd_loss, kd_loss_full, state_dict_hash, topk_targets
-from compressor.errors import NaspruneError
-from compressor.modeldir import LoadedModel, ModelMeta
-from compressor.train import TrainConfig, Trainer, batch_indices, windows_needed
+from compressor.core.data import IGNORE, TokenizedData
+from compressor.core.errors import NaspruneError
+from compressor.elastic.modeldir import LoadedModel, ModelMeta
+from compressor.recovery.distill import (
+    TeacherCache,
+    inplace_targets,
+    kd_loss,
+    kd_loss_full,
+    state_dict_hash,
+    topk_targets,
+)
+from compressor.recovery.train import TrainConfig, Trainer, batch_indices, windows_needed
 from tests.conftest import TINY_SPACE, make_tiny
 
 
@@ -329,10 +336,10 @@ DDP_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
-import compressor.distill
+import compressor.recovery.distill
 from tests.test_distill import _cfg, _data, _loaded
-from compressor.train import Trainer
-compressor.distill.DEFAULT_CHUNK_WINDOWS = 2
+from compressor.recovery.train import Trainer
+compressor.recovery.distill.DEFAULT_CHUNK_WINDOWS = 2
 out = {out!r}
 tr = Trainer(_loaded(), _data(), _cfg(steps=2, batch_size=2), out + "/work", teacher_cache_dir=out + "/cache")
 stats = tr.run(progress=False)

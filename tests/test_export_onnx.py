@@ -5,7 +5,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from compressor.onnx_export import (
+from compressor.quant.onnx_export import (
     ExportParityError,
     ExportRecipe,
     check_parity,
@@ -81,7 +81,7 @@ def test_failed_export_leaves_no_graphs(tmp_path):
 
 
 def test_bad_recipe_is_one_line_error():
-    from compressor.errors import NaspruneError
+    from compressor.core.errors import NaspruneError
 
     with pytest.raises(NaspruneError, match="unknown exporter"):
         ExportRecipe(exporter="magic")

@@ -1,8 +1,8 @@
 import torch
 
-from compressor.data import TokenizedData
-from compressor.importance import compute_importance, layer_ranking, permute
-from compressor.supernet import SuperNetwork
+from compressor.core.data import TokenizedData
+from compressor.elastic.importance import compute_importance, layer_ranking, permute
+from compressor.elastic.supernet import SuperNetwork
 from tests.conftest import TINY_SPACE, make_tiny
 
 

@@ -53,8 +53,8 @@ def test_compress_runs_every_stage_and_resumes(tiny_model, tmp_path):
 def test_overlapping_data_roles_are_refused(tmp_path):
     import pytest
 
-    from compressor.data import PACKAGE_DATA, check_data_roles
-    from compressor.errors import NaspruneError
+    from compressor.core.data import PACKAGE_DATA, check_data_roles
+    from compressor.core.errors import NaspruneError
 
     novel = (PACKAGE_DATA / "northanger_abbey.txt").read_text()
     excerpt = tmp_path / "excerpt.txt"

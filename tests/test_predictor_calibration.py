@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from compressor.errors import NaspruneError
-from compressor.search_space import SubNetwork
-from compressor.workload import Workload
+from compressor.core.errors import NaspruneError
+from compressor.core.workload import Workload
+from compressor.elastic.search_space import SubNetwork
 from predictors.calibration import (
     CalibratedPredictor,
     CalibrationWarning,
@@ -266,7 +266,7 @@ def test_predict_calibrate_profiles_the_anchor_on_the_same_setup(profiled, tiny_
 
 @pytest.mark.slow
 def test_anchor_measured_on_another_setup_is_refused(profiled, tiny_model):
-    from compressor.modeldir import load_model
+    from compressor.elastic.modeldir import load_model
     from predictors import load_predictor
     from predictors.calibration import profile_anchor
 

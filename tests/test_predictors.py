@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from compressor.errors import NaspruneError
-from compressor.search_space import SubNetwork
-from compressor.workload import Workload
+from compressor.core.errors import NaspruneError
+from compressor.core.workload import Workload
+from compressor.elastic.search_space import SubNetwork
 from predictors import ExtrapolationWarning, load_predictor
 from predictors.dataset import select_group, to_dataset
 from predictors.features import FEATURE_NAMES, feature_matrix

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from compressor.errors import NaspruneError
-from compressor.modeldir import load_model
-from compressor.search_space import SubNetwork
+from compressor.core.errors import NaspruneError
+from compressor.elastic.modeldir import load_model
+from compressor.elastic.search_space import SubNetwork
 from profilers import standalone
 from profilers.api import choose_subnetworks, profile_subnetworks
 from profilers.base import get_engine, list_engines

@@ -9,12 +9,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from compressor.engine_quality import engine_quality, graph_mean_loss, logits_graph
-from compressor.errors import NaspruneError
-from compressor.evaluate import mean_loss
-from compressor.modeldir import load_model
-from compressor.quant_sim import simulate
-from compressor.quantize import RECIPES, StaticCalibration, excluded_nodes, is_quantized, needs_calibration, recipe_for
+from compressor.core.errors import NaspruneError
+from compressor.core.precisions import RECIPES, is_quantized, needs_calibration, recipe_for
+from compressor.elastic.evaluate import mean_loss
+from compressor.elastic.modeldir import load_model
+from compressor.elastic.quant_sim import simulate
+from compressor.quant.engine_quality import engine_quality, graph_mean_loss, logits_graph
+from compressor.quant.quantize import StaticCalibration, excluded_nodes
 
 torch.set_num_threads(1)
 
@@ -96,7 +97,7 @@ def test_static_int8_runs_integer_matmuls_on_calibrated_ranges(tiny, graphs, win
     text gives another graph; no calibration, or no calibrate call in the simulation, is refused."""
     import onnxruntime as ort
 
-    from compressor.quantize import quantize_graph
+    from compressor.quant.quantize import quantize_graph
 
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
@@ -180,7 +181,7 @@ def test_quantization_aware_training_learns_through_the_rounding(tiny_model, win
     training under the simulation lower the simulated loss (what quantization-aware refine relies on)."""
     import torch.nn.functional as F
 
-    from compressor.train import TrainConfig
+    from compressor.recovery.train import TrainConfig
 
     sn = load_model(str(tiny_model)).supernet()
     opt = torch.optim.SGD(sn.parameters(), lr=0.5)
@@ -210,7 +211,7 @@ def test_quantization_aware_training_learns_through_the_rounding(tiny_model, win
 def test_full_range_int8_is_flagged_on_avx2_cpus_without_vnni():
     """ORT's AVX2 u8 x s8 kernel saturates with full-range weights (int8-pc gave perplexity ~1e7 on an
     AMD EPYC without VNNI); 7-bit int8, float and weight-only recipes are not affected."""
-    from compressor.quantize import saturation_risk
+    from compressor.quant.quantize import saturation_risk
 
     avx2_only = {"sse4_2", "avx", "avx2", "fma"}
     assert "no VNNI" in saturation_risk("int8-pc", avx2_only)
@@ -225,8 +226,8 @@ def test_full_range_int8_is_flagged_on_avx2_cpus_without_vnni():
 def test_compress_replaces_saturating_recipes_by_their_7bit_counterparts_on_such_a_host():
     """A config written for a VNNI CPU (int8-pc) runs on an AVX2-only one with int8-pc7 everywhere the
     pipeline would profile, search or ship it, with the reason recorded; on VNNI nothing changes."""
-    from compressor.quantize import PRECISIONS, RECIPES, host_precision
-    from compressor.search_space import BYTES_PER_PARAM
+    from compressor.core.precisions import BYTES_PER_PARAM, PRECISIONS, RECIPES
+    from compressor.quant.quantize import host_precision
     from nasprune.pipeline import PipelineConfig, host_safe_config
 
     assert set(PRECISIONS) <= set(BYTES_PER_PARAM)  # the predictor's features know every precision

@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from compressor.evaluate import hf_logits, perplexity, token_windows
-from compressor.extract import save_extracted
-from compressor.search_space import SubNetwork
+from compressor.elastic.evaluate import hf_logits, perplexity, token_windows
+from compressor.elastic.extract import save_extracted
+from compressor.elastic.search_space import SubNetwork
 
 pytestmark = pytest.mark.real_model
 

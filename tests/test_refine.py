@@ -6,12 +6,12 @@ import json
 
 import torch
 
-from compressor.data import PACKAGE_DATA
-from compressor.evaluate import token_windows
-from compressor.extract import extract
-from compressor.modeldir import load_model
-from compressor.refine import RefineConfig, refine
-from compressor.search_space import SubNetwork
+from compressor.core.data import PACKAGE_DATA
+from compressor.elastic.evaluate import token_windows
+from compressor.elastic.extract import extract
+from compressor.elastic.modeldir import load_model
+from compressor.elastic.search_space import SubNetwork
+from compressor.recovery.refine import RefineConfig, refine
 
 
 def _kl(teacher, student, windows) -> float:
@@ -61,8 +61,8 @@ def test_refine_moves_a_planted_student_towards_its_parent(tiny_model, tmp_path)
 def test_refine_plans_its_steps_from_the_budget_and_loads_the_teacher_once(tiny_model, tmp_path, monkeypatch):
     """The step count (cosine schedule, teacher-cache windows) comes from the minutes budget and a timed
     step, not the 100,000 cap; training gets the teacher refine already holds instead of loading it again."""
-    import compressor.train as train_module
-    from compressor.refine import missing_teacher_windows, planned_steps
+    import compressor.recovery.train as train_module
+    from compressor.recovery.refine import missing_teacher_windows, planned_steps
 
     train = tmp_path / "train.txt"
     train.write_text((PACKAGE_DATA / "northanger_abbey.txt").read_text()[:30_000])
@@ -115,7 +115,7 @@ def test_state_targets_map_each_student_block_to_the_parent_state_its_next_block
     just before the next kept layer; the last block's is the parent's last layer (as the logit KD's)."""
     import pytest
 
-    from compressor.distill_states import teacher_layer_targets
+    from compressor.recovery.distill_states import teacher_layer_targets
 
     assert teacher_layer_targets([0, 1, 2, 3], 4) == [0, 1, 2, 3]  # full depth: block for block
     assert teacher_layer_targets([0, 2, 3, 6], 8) == [1, 2, 5, 7]
@@ -128,7 +128,7 @@ def test_state_targets_map_each_student_block_to_the_parent_state_its_next_block
 def test_state_loss_is_zero_for_the_parent_itself_and_positive_for_a_pruned_student(tiny_model):
     """The full-depth, full-width student is the teacher: zero state loss; a shallower, narrower one is not.
     Only the student's first embed_dim channels of the parent's stream are compared."""
-    from compressor.distill_states import state_loss, teacher_layer_targets, teacher_states
+    from compressor.recovery.distill_states import state_loss, teacher_layer_targets, teacher_states
 
     parent = load_model(str(tiny_model))
     teacher = parent.supernet().eval()
@@ -147,7 +147,7 @@ def test_state_loss_is_zero_for_the_parent_itself_and_positive_for_a_pruned_stud
     wanted = teacher_states(teacher, ids, None, teacher_layer_targets(kept, depth))
     states = []
     with torch.no_grad():
-        from compressor.supernet import SuperNetwork
+        from compressor.elastic.supernet import SuperNetwork
 
         SuperNetwork(student).eval()(ids, states=states)
     assert len(states) == 3 and states[0].shape[-1] == sub.embed_dim < wanted[0].shape[-1]
@@ -166,10 +166,10 @@ def test_refine_with_state_distillation_lowers_the_state_loss(tiny_model, tmp_pa
     than after the same logits-only refine. Anything but single-student logit KD is refused."""
     import pytest
 
-    from compressor.distill_states import state_loss, teacher_layer_targets, teacher_states
-    from compressor.errors import NaspruneError
-    from compressor.supernet import SuperNetwork
-    from compressor.train import TrainConfig
+    from compressor.core.errors import NaspruneError
+    from compressor.elastic.supernet import SuperNetwork
+    from compressor.recovery.distill_states import state_loss, teacher_layer_targets, teacher_states
+    from compressor.recovery.train import TrainConfig
 
     text = (PACKAGE_DATA / "northanger_abbey.txt").read_text()
     train = tmp_path / "train.txt"
@@ -222,10 +222,10 @@ def test_refine_cli_quantization_trains_with_the_recipe_simulated(tiny_model, tm
     host whose engine would saturate that recipe (AVX2 without VNNI, planted) it trains but warns."""
     from typer.testing import CliRunner
 
-    import compressor.quantize
+    import compressor.quant.quantize
     from nasprune.cli import app
 
-    monkeypatch.setattr(compressor.quantize, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(compressor.quant.quantize, "cpu_flags", lambda: {"avx2"})
 
     text = (PACKAGE_DATA / "northanger_abbey.txt").read_text()
     (tmp_path / "train.txt").write_text(text[:20_000])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from compressor.modeldir import LoadedModel, ModelMeta, save_model_dir
-from compressor.repair import RepairConfig, repair_model
-from compressor.search_space import SubNetwork
+from compressor.elastic.modeldir import LoadedModel, ModelMeta, save_model_dir
+from compressor.elastic.search_space import SubNetwork
+from compressor.recovery.repair import RepairConfig, repair_model
 from tests.conftest import TINY_SPACE, make_tiny
 
 
@@ -74,7 +74,7 @@ def test_repair_never_increases_calibration_error_and_helps_the_pruned_model():
     assert report.bias  # Llama's config can declare the compensation biases
     for p in report.projections:
         assert p.fit_error_after <= p.fit_error_before + 1e-9, p
-    from compressor.extract import extract
+    from compressor.elastic.extract import extract
 
     plain = extract(loaded.supernet(), sub)
     test = _windows(seed=7, n=8)
@@ -119,7 +119,7 @@ def test_qwen3_is_repaired_weights_only():
     repaired, report = repair_model(loaded, sub, _windows(n=16), RepairConfig(tokens=512, seq_len=32))
     assert not report.bias and report.projections
     assert all(p.fit_error_after <= p.fit_error_before + 1e-9 for p in report.projections)
-    from compressor.extract import extract
+    from compressor.elastic.extract import extract
 
     plain = extract(loaded.supernet(), sub)
     test = _windows(seed=7, n=8)

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from compressor.data import PACKAGE_DATA
+from compressor.core.data import PACKAGE_DATA
 from deploy.bundle import graph_paths
 from deploy.generate import OnnxGenerator, onnx_mean_nll
 from nasprune.cli import app
@@ -81,7 +81,7 @@ def test_pipeline_export_stage_repairs_unrefined_points_on_calibration_data(tiny
     the importance-permuted original) and its perplexity before/after is on data.validation."""
     import shutil
 
-    from compressor.data import resolve_data
+    from compressor.core.data import resolve_data
     from nasprune.pipeline import ExportConfig, Pipeline, PipelineConfig, RefineStageConfig
 
     cfg = PipelineConfig(

@@ -1,6 +1,6 @@
 import numpy as np
 
-from compressor.sampling import GridParamsSampler, ParamBins, RandomSampler
+from compressor.recovery.sampling import GridParamsSampler, ParamBins, RandomSampler
 from tests.test_search_space import smollm2_space
 
 

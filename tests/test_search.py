@@ -2,9 +2,9 @@ import math
 
 import numpy as np
 
-from compressor.search import SearchConfig, SubnetworkProblem, hypervolume, run_nsga2, run_random
-from compressor.search_space import SubNetwork
-from compressor.workload import Workload
+from compressor.core.workload import Workload
+from compressor.elastic.search_space import SubNetwork
+from search.problem import SearchConfig, SubnetworkProblem, hypervolume, run_nsga2, run_random
 from tests.test_search_space import smollm2_space
 
 W = Workload.parse("prefill:1x128")

@@ -5,10 +5,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from compressor.architectures import family_for
-from compressor.errors import NaspruneError
-from compressor.search_space import SearchSpace, SubNetwork
-from compressor.workload import Workload
+from compressor.core.errors import NaspruneError
+from compressor.core.workload import Workload
+from compressor.elastic.architectures import family_for
+from compressor.elastic.search_space import SearchSpace, SubNetwork
 
 
 def smollm2_space() -> SearchSpace:

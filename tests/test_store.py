@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from compressor.errors import NaspruneError
+from compressor.core.errors import NaspruneError
 from profilers.store import ProfileStore
 
 

@@ -3,10 +3,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from compressor.architectures import family_for
-from compressor.errors import NaspruneError
-from compressor.extract import extract
-from compressor.supernet import SuperNetwork
+from compressor.core.errors import NaspruneError
+from compressor.elastic.architectures import family_for
+from compressor.elastic.extract import extract
+from compressor.elastic.supernet import SuperNetwork
 from tests.conftest import TINY_SPACE, make_tiny
 
 

@@ -2,7 +2,7 @@
 
 from transformers import AutoTokenizer
 
-from compressor.data import render_instruction
+from compressor.core.data import render_instruction
 from tests.conftest import TINY_TOKENIZER, TINY_VOCAB, tiny_llama_config
 
 

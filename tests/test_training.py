@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from compressor.data import TokenizedData
-from compressor.errors import NaspruneError
-from compressor.modeldir import LoadedModel, ModelMeta
-from compressor.sampling import CalibrateMagSampler, ParamBins, mean_abs_weight
-from compressor.supernet import SuperNetwork
-from compressor.train import STRATEGIES, TrainConfig, Trainer
+from compressor.core.data import TokenizedData
+from compressor.core.errors import NaspruneError
+from compressor.elastic.modeldir import LoadedModel, ModelMeta
+from compressor.elastic.supernet import SuperNetwork
+from compressor.recovery.sampling import CalibrateMagSampler, ParamBins, mean_abs_weight
+from compressor.recovery.train import STRATEGIES, TrainConfig, Trainer
 from tests.conftest import TINY_SPACE, make_tiny
 
 
@@ -89,7 +89,7 @@ def test_lora_supernet_merges_to_plain_model_equal_to_unmerged(untie, tmp_path):
 
 
 def test_mean_abs_weight_matches_brute_force():
-    from compressor.extract import extract
+    from compressor.elastic.extract import extract
 
     sn = SuperNetwork(make_tiny("phi3"), TINY_SPACE, layer_ranking=[3, 1, 0, 2])
     rng = np.random.default_rng(0)

@@ -10,9 +10,9 @@ import warnings
 import numpy as np
 import pytest
 
-from compressor.errors import NaspruneError
-from compressor.search_space import SubNetwork
-from compressor.workload import MixMember, Workload, WorkloadMix
+from compressor.core.errors import NaspruneError
+from compressor.core.workload import MixMember, Workload, WorkloadMix
+from compressor.elastic.search_space import SubNetwork
 from tests.conftest import synthetic_record
 
 P8, D8 = Workload.parse("prefill:1x8"), Workload.parse("decode:1x8")
@@ -181,9 +181,9 @@ def test_a_real_predictor_predicts_a_mix_as_the_weighted_sum(fitted):
 
 # ---- the search ranks by the mix -----------------------------------------------------------------
 def _search(tiny_model, tmp_path, monkeypatch, workload, fake=None, minutes=None):
-    import nasprune.search_driver as driver
-    from compressor.modeldir import load_model
-    from compressor.search import SearchConfig
+    import search.driver as driver
+    from compressor.elastic.modeldir import load_model
+    from search.problem import SearchConfig
 
     fake = fake or FakePredictor()
     monkeypatch.setattr(driver, "load_predictor", lambda d, strict=False: fake)
@@ -285,7 +285,7 @@ def test_verify_measures_every_term_once_and_stores_the_weighted_total(monkeypat
 
 
 def test_measure_mix_on_a_real_bundle(tiny_model, tmp_path):
-    from compressor.modeldir import load_model
+    from compressor.elastic.modeldir import load_model
     from deploy.bundle import build_bundle
     from deploy.measure import measure_mix
     from profilers.standalone import Protocol
