@@ -55,6 +55,8 @@ sys.path.insert(0, str(ROOT))
 import recovery  # noqa: E402  (shares data, work dir, importance-permuted original and teacher cache)
 import torch  # noqa: E402
 
+from search.dominance import dominates  # noqa: E402
+
 TESTS = ("persuasion", "narratives")
 GRAPHS = ("prefill", "decode", "logits")
 MIN_SAMPLE_MS = 400.0  # per runner per round: ~3 prefills, ~25-50 decode steps
@@ -134,14 +136,15 @@ def time_workloads(runners: dict, workloads: list, rounds: int, iters: int) -> d
 
 
 def dominated_by(baseline: dict, rows: list[dict], test: str, workload: str) -> list[str]:
-    """Pruned rows at least as good on ``test`` and faster on ``workload`` in *every* round, each
-    round's two timings taken within seconds of each other (paired: the machine's drift cancels)."""
+    """Pruned rows that dominate ``baseline`` on (``test`` perplexity, ``workload`` latency) by
+    ``search.dominance.dominates`` with the latency given as paired rounds: at least as good on ``test``
+    and faster in *every* round, each round's two timings taken within seconds of each other (paired:
+    the machine's drift cancels, so no tolerance)."""
     base = baseline["latency"][workload]["round_ms"]
     return [
         r["name"]
         for r in rows
-        if r["ppl"][test] <= baseline["ppl"][test]
-        and all(a < b for a, b in zip(r["latency"][workload]["round_ms"], base, strict=True))
+        if dominates(r["ppl"][test], r["latency"][workload]["round_ms"], baseline["ppl"][test], base)
     ]
 
 

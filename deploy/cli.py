@@ -100,7 +100,10 @@ def export(
         None, "--calibration", metavar="TEXT", help="text static INT8 precisions (int8-static*) calibrate on"
     ),
 ):
-    """Export chosen sub-networks as engine bundles (HF checkpoint, optimized ONNX, INT8/FP16, TensorRT)."""
+    """Export chosen sub-networks as engine bundles (HF checkpoint, optimized ONNX, INT8/FP16, TensorRT).
+
+    Example: nasprune export runs/demo/supernet --pareto runs/demo/search/pareto.json --pick 0 --out runs/bundles
+    """
     from compressor.core.console import STATE
     from compressor.elastic.modeldir import load_for_cli as _load
     from deploy.pipeline_steps import export_bundles, repair_for_export
@@ -139,7 +142,10 @@ def generate(
     precision: str = typer.Option("fp32", "--precision", help="which engine variant to run"),
     chat: bool = typer.Option(True, "--chat/--raw", help="wrap the prompt in the tokenizer's chat template"),
 ):
-    """Greedy generation on the bundle's ONNX graphs."""
+    """Greedy generation on the bundle's ONNX graphs.
+
+    Example: nasprune generate runs/demo/bundles/0-e288-h3-f448-l15 "Once upon a time" --max-new-tokens 16
+    """
     from deploy.generate import generate_text
 
     if max_new_tokens < 1:
@@ -181,7 +187,10 @@ def check(
         None, "--report", help="dir for check.json + check.junit.xml (default: BUNDLE/check)"
     ),
 ):
-    """CI latency gate: exit 0 pass, 1 regression, 2 incomparable (another device or recipe)."""
+    """CI latency gate: exit 0 pass, 1 regression, 2 incomparable (another device or recipe).
+
+    Example: nasprune check runs/demo/bundles/0-e288-h3-f448-l15 --baseline-bundle runs/demo/bundles/0-e288-h3-f448-l15
+    """
     from compressor.core.workload import Workload
     from compressor.elastic.modeldir import write_json_atomic
     from deploy.measure import measure_blocks, measure_paired

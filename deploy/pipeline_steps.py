@@ -13,16 +13,6 @@ from compressor.quant.quantize import static_calibration
 from deploy.bundle import build_bundle, check_variants, read_manifest, update_manifest
 
 
-def load_predictors(predictor_dir) -> dict:
-    """``{dir: predictor}`` for one predictor dir, a list of them, or None (no predictions)."""
-    from predictors import load_predictor
-
-    if predictor_dir is None:
-        return {}
-    dirs = list(predictor_dir) if isinstance(predictor_dir, (list, tuple)) else [predictor_dir]
-    return {str(d): load_predictor(d) for d in dirs}
-
-
 def _fitted_kinds(predictors: dict, workloads: list[WorkloadMix]) -> None:
     """Refuse, before any export, a workload (or mix term) of a kind a predictor was never fitted on."""
     from predictors.mix import workload_out_of_range
@@ -148,6 +138,8 @@ def export_bundles(
     sn = loaded.supernet()
     for _, sub, _ in picks:
         sn.space.validate(sub)
+    from search.driver import load_predictors  # the one loader (search's layer, below deploy)
+
     predictors = load_predictors(predictor_dir)
     _fitted_kinds(predictors, ws)
     single = len(picks) == 1 and not picks[0][0]

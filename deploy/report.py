@@ -8,6 +8,7 @@ from pathlib import Path
 
 from compressor.elastic.modeldir import write_json_atomic
 from deploy.bundle import read_manifest
+from search.dominance import dominates
 
 
 def _fmt(x, spec=".1f", none="–"):
@@ -87,24 +88,21 @@ def same_graph(a: dict, b: dict) -> bool:
     return a.get("arch") is not None and a.get("arch") == b.get("arch") and a["variant"] == b["variant"]
 
 
-def dominates(p: dict, b: dict, tolerance: float = LATENCY_TOLERANCE) -> bool:
-    """``p`` is no worse than ``b`` on both objectives and better on one, with latency judged honestly:
-    on the same graph the two latencies are a tie, so ``p`` must have the lower perplexity; otherwise
-    ``p`` must be measured faster by more than ``tolerance`` (a gap within the machine's run-to-run
-    drift proves nothing) and be no worse in perplexity."""
-    if same_graph(p, b):
-        return p["ppl"] < b["ppl"]
-    return p["ms"] < b["ms"] * (1.0 - tolerance) and p["ppl"] <= b["ppl"]
-
-
 def dominance(points: list[dict], tolerance: float = LATENCY_TOLERANCE) -> list[dict]:
-    """For each baseline point, the nasprune points that dominate it (``dominates``)."""
+    """For each baseline point, the nasprune points that dominate it: ``search.dominance.dominates`` on
+    (test perplexity, measured median ms). On the same graph the two latencies are a tie, so a point
+    must have the lower perplexity; otherwise it must be measured faster by more than ``tolerance`` (a
+    gap within the machine's run-to-run drift proves nothing) and be no worse in perplexity."""
     ours = [p for p in points if not p["baseline"]]
-    return [
-        {**b, "dominated_by": [f"{p['name']} {p['variant']}" for p in ours if dominates(p, b, tolerance)]}
-        for b in points
-        if b["baseline"]
-    ]
+    rows = []
+    for b in (b for b in points if b["baseline"]):
+        by = [
+            f"{p['name']} {p['variant']}"
+            for p in ours
+            if dominates(p["ppl"], p["ms"], b["ppl"], b["ms"], latency_tolerance=tolerance, same_graph=same_graph(p, b))
+        ]
+        rows.append({**b, "dominated_by": by})
+    return rows
 
 
 QUALITY_BUDGETS = (1.1, 1.3, 1.5, 2.0)
@@ -140,11 +138,57 @@ def fastest_within(points: list[dict], budgets=QUALITY_BUDGETS) -> list[dict]:
 
 
 def write_report(pipeline) -> Path:
+    """RUN/report.md (and RUN/front.json, RUN/pareto.png) of a finished compress run."""
     run = Path(pipeline.run)
     state = pipeline.state
     pareto = json.loads((run / "search" / "pareto.json").read_text())
     evals = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {"models": {}}
     shutil.copy(run / "search" / "pareto.png", run / "pareto.png")
+    w = pipeline.cfg.export.workloads[0]
+    manifests = _manifests(run / "bundles")
+    one_shot = evals.get("one_shot") or {}
+    lines = _search_lines(pipeline.model, pareto, state) + _bundle_lines(manifests, evals, one_shot, w)
+    points = front_points(manifests, w, one_shot)
+    rows = dominance(points)
+    budgets = fastest_within(points)
+    write_json_atomic(
+        run / "front.json", {"workload": w, "points": points, "dominance": rows, "fastest_within": budgets}
+    )
+    lines += _dominance_lines(rows, w) + _budget_lines(budgets) + _refine_lines(state)
+    agree = evals.get("validation_vs_test")
+    if agree:
+        lines += [
+            "",
+            f"Validation objective vs test loss over {agree['n']} searched sub-networks: Kendall tau "
+            f"{agree['kendall_tau']:.3f} (1 = the search ranks exactly as the test text would).",
+        ]
+    lines += [
+        "",
+        f"Perplexity on `{evals.get('test')}` ({evals.get('ppl_tokens')} tokens, every engine on the same "
+        f"windows). Latency: median, `{w}`, {pipeline.cfg.export.threads} thread(s), this machine.",
+        "",
+        "## Stage times",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
+    lines += [f"| {s} | {v['seconds']} |" for s, v in state["stages"].items()]
+    path = run / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _manifests(bundles: Path) -> dict[str, dict]:
+    """Every bundle's manifest under ``bundles``, by bundle name (sorted)."""
+    manifests = {}
+    for b in sorted(bundles.iterdir()) if bundles.exists() else []:
+        if (b / "manifest.json").is_file():
+            manifests[b.name] = read_manifest(b)
+    return manifests
+
+
+def _search_lines(model, pareto: dict, state: dict) -> list[str]:
+    """The title, the search's predictors, the Pareto front and its baselines (predicted latency)."""
     preds = pareto.get("predictors") or {
         (pareto.get("predictor_group") or {}).get("precision"): pareto.get("predictor_group") or {}
     }
@@ -153,7 +197,7 @@ def write_report(pipeline) -> Path:
     slower = search_info.get("not_faster_than_fp32") or {}
     searched = search_info.get("precisions") or list(preds)
     lines = [
-        f"# nasprune run: {pipeline.model}",
+        f"# nasprune run: {model}",
         "",
         f"Workload for search: `{pareto['workload']}`; predictors ({engine}): {', '.join(map(str, preds))}"
         + (" — the search chose the precision of each point too." if len(searched) > 1 else "."),
@@ -188,7 +232,9 @@ def write_report(pipeline) -> Path:
         lines += [
             "",
             "Baselines scored by the same objectives (original model at each precision; one-shot pruning "
-            "without training at the front's architectures):",
+            "without training at the front's architectures). A front point dominates a baseline when it is "
+            "no worse in both and better in one; predicted latencies are exact numbers, so any gap counts "
+            "(the rule of the measured comparison below, with no tolerance):",
             "",
             "| baseline | precision | ppl | predicted ms | dominated by front points |",
             "|---|---|---|---|---|",
@@ -198,29 +244,28 @@ def write_report(pipeline) -> Path:
             f"| {', '.join(map(str, b['dominated_by'])) or '**none**'} |"
             for b in base
         ]
-    w = pipeline.cfg.export.workloads[0]
-    lines += [
+    return lines
+
+
+def _bundle_lines(manifests: dict[str, dict], evals: dict, one_shot: dict, w) -> list[str]:
+    """One row per exported bundle and engine variant: test perplexity, predicted and measured latency."""
+    tasks = _task_names(evals)
+    lines = [
         "",
         "## Exported bundles (test text)",
         "",
         f"One row per engine variant; perplexity through that engine on the test windows; latency `{w}`.",
         "",
         "| bundle | variant | params | test ppl | one-shot ppl (same arch) | predicted ms | measured ms | error |"
-        + "".join(f" {t} |" for t in _task_names(evals)),
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(_task_names(evals)),
+        + "".join(f" {t} |" for t in tasks),
+        "|---|---|---|---|---|---|---|---|" + "---|" * len(tasks),
     ]
     o = evals["models"].get("original")
     if o:
         lines.append(
             f"| original (torch) | fp32 | {o['params'] / 1e6:.1f}M | {o['ppl']:.2f} | – | – | – | – |"
-            + "".join(f" {_acc(o, t)} |" for t in _task_names(evals))
+            + "".join(f" {_acc(o, t)} |" for t in tasks)
         )
-    bundles = run / "bundles"
-    manifests = {}
-    for b in sorted(bundles.iterdir()) if bundles.exists() else []:
-        if (b / "manifest.json").is_file():
-            manifests[b.name] = read_manifest(b)
-    one_shot = evals.get("one_shot") or {}
     for name, m in manifests.items():
         acc = m.get("accuracy", {})
         for variant, per_workload in m["latency"].get("measured", {}).items():
@@ -230,97 +275,83 @@ def write_report(pipeline) -> Path:
                 f"| {name} | {variant} | {m['params'] / 1e6:.1f}M | {_fmt(_variant_ppl(acc, variant), '.2f')} "
                 f"| {_fmt(shot, '.2f')} | {_fmt(meas.get('predicted_ms'))} "
                 f"| {_fmt(meas.get('stats_ms', {}).get('median'))} | {_fmt(meas.get('error'), '+.1%')} |"
-                + "".join(f" {_acc(acc, t)} |" for t in _task_names(evals))
+                + "".join(f" {_acc(acc, t)} |" for t in tasks)
             )
-    points = front_points(manifests, w, one_shot)
-    rows = dominance(points)
-    budgets = fastest_within(points)
-    write_json_atomic(
-        run / "front.json", {"workload": w, "points": points, "dominance": rows, "fastest_within": budgets}
-    )
-    if rows:
-        lines += [
-            "",
-            "## Does the front beat what the user would do instead?",
-            "",
-            f"Every baseline point — the original model at each engine precision, and one-shot pruning "
-            f"(no training) at each exported architecture and precision — against every exported nasprune "
-            f"point (`{w}`, measured latency; test perplexity through the engine). A point dominates a "
-            f"baseline when it is no worse in test perplexity and measured more than "
-            f"{LATENCY_TOLERANCE:.0%} faster (the machine's run-to-run drift), or, on the same architecture "
-            f"at the same precision (the same graph, equal latency by construction), strictly better in "
-            f"perplexity:",
-            "",
-            "| baseline | variant | measured ms | test ppl | dominated by |",
-            "|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['name']} | {r['variant']} | {r['ms']:.1f} | {r['ppl']:.2f} | "
-            f"{', '.join(r['dominated_by']) or '**no nasprune point** (not dominated)'} |"
-            for r in rows
-        ]
-        beaten = sum(bool(r["dominated_by"]) for r in rows if r["kind"] == "original")
-        total = sum(r["kind"] == "original" for r in rows)
-        lines += ["", f"Original-model baselines dominated: **{beaten} of {total}**."]
-    if budgets:
+    return lines
 
-        def cell(p):
-            return (
-                "none within budget"
-                if p is None
-                else f"{p['name']} {p['variant']}: {p['ppl']:.2f}, {p['ms']:.1f} ms (**{p['speedup']:.2f}x**)"
-            )
 
-        lines += [
-            "",
-            "Fastest within a quality budget (test perplexity <= r x the original fp32's; speed-up over the "
-            "original fp32, measured):",
-            "",
-            "| budget | max test ppl | nasprune | the original, quantized only |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {b['budget']:g}x | {b['max_ppl']:.2f} | {cell(b['nasprune'])} | {cell(b['original'])} |"
-            for b in budgets
-        ]
-    refine = state["stages"].get("refine", {}).get("points")
-    if refine:
-        lines += [
-            "",
-            "## Refine (validation perplexity, before and after)",
-            "",
-            "| point | one-shot | repaired | refined | trained with | at that precision: one-shot → refined | steps |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {name} | {_fmt(r.get('ppl_one_shot'), '.2f')} | {_fmt(r.get('ppl_repaired'), '.2f')} "
-            f"| {_fmt(r.get('ppl_refined'), '.2f')} | {r.get('quantization') or 'fp32'} "
-            f"| {_fmt(r.get('ppl_one_shot_quantized'), '.2f')} → {_fmt(r.get('ppl_refined_quantized'), '.2f')} "
-            f"| {(r.get('training') or {}).get('steps', '–')} |"
-            for name, r in refine.items()
-        ]
-    agree = evals.get("validation_vs_test")
-    if agree:
-        lines += [
-            "",
-            f"Validation objective vs test loss over {agree['n']} searched sub-networks: Kendall tau "
-            f"{agree['kendall_tau']:.3f} (1 = the search ranks exactly as the test text would).",
-        ]
-    lines += [
+def _dominance_lines(rows: list[dict], w) -> list[str]:
+    """Every baseline against every exported point, on measured latency (``dominance``)."""
+    if not rows:
+        return []
+    lines = [
         "",
-        f"Perplexity on `{evals.get('test')}` ({evals.get('ppl_tokens')} tokens, every engine on the same "
-        f"windows). Latency: median, `{pipeline.cfg.export.workloads[0]}`, "
-        f"{pipeline.cfg.export.threads} thread(s), this machine.",
+        "## Does the front beat what the user would do instead?",
         "",
-        "## Stage times",
+        f"Every baseline point — the original model at each engine precision, and one-shot pruning "
+        f"(no training) at each exported architecture and precision — against every exported nasprune "
+        f"point (`{w}`, measured latency; test perplexity through the engine). A point dominates a "
+        f"baseline when it is no worse in test perplexity and measured more than "
+        f"{LATENCY_TOLERANCE:.0%} faster (the machine's run-to-run drift), or, on the same architecture "
+        f"at the same precision (the same graph, equal latency by construction), strictly better in "
+        f"perplexity:",
         "",
-        "| stage | seconds |",
-        "|---|---|",
+        "| baseline | variant | measured ms | test ppl | dominated by |",
+        "|---|---|---|---|---|",
     ]
-    lines += [f"| {s} | {v['seconds']} |" for s, v in state["stages"].items()]
-    path = run / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    lines += [
+        f"| {r['name']} | {r['variant']} | {r['ms']:.1f} | {r['ppl']:.2f} | "
+        f"{', '.join(r['dominated_by']) or '**no nasprune point** (not dominated)'} |"
+        for r in rows
+    ]
+    beaten = sum(bool(r["dominated_by"]) for r in rows if r["kind"] == "original")
+    total = sum(r["kind"] == "original" for r in rows)
+    return lines + ["", f"Original-model baselines dominated: **{beaten} of {total}**."]
+
+
+def _budget_cell(p: dict | None) -> str:
+    return (
+        "none within budget"
+        if p is None
+        else f"{p['name']} {p['variant']}: {p['ppl']:.2f}, {p['ms']:.1f} ms (**{p['speedup']:.2f}x**)"
+    )
+
+
+def _budget_lines(budgets: list[dict]) -> list[str]:
+    """The fastest nasprune and original-model points within each quality budget (``fastest_within``)."""
+    if not budgets:
+        return []
+    return [
+        "",
+        "Fastest within a quality budget (test perplexity <= r x the original fp32's; speed-up over the "
+        "original fp32, measured):",
+        "",
+        "| budget | max test ppl | nasprune | the original, quantized only |",
+        "|---|---|---|---|",
+    ] + [
+        f"| {b['budget']:g}x | {b['max_ppl']:.2f} | {_budget_cell(b['nasprune'])} | {_budget_cell(b['original'])} |"
+        for b in budgets
+    ]
+
+
+def _refine_lines(state: dict) -> list[str]:
+    """Validation perplexity of every refined point, before and after."""
+    refine = state["stages"].get("refine", {}).get("points")
+    if not refine:
+        return []
+    return [
+        "",
+        "## Refine (validation perplexity, before and after)",
+        "",
+        "| point | one-shot | repaired | refined | trained with | at that precision: one-shot → refined | steps |",
+        "|---|---|---|---|---|---|---|",
+    ] + [
+        f"| {name} | {_fmt(r.get('ppl_one_shot'), '.2f')} | {_fmt(r.get('ppl_repaired'), '.2f')} "
+        f"| {_fmt(r.get('ppl_refined'), '.2f')} | {r.get('quantization') or 'fp32'} "
+        f"| {_fmt(r.get('ppl_one_shot_quantized'), '.2f')} → {_fmt(r.get('ppl_refined_quantized'), '.2f')} "
+        f"| {(r.get('training') or {}).get('steps', '–')} |"
+        for name, r in refine.items()
+    ]
 
 
 def _arch(a: dict) -> str:

@@ -78,8 +78,17 @@ def search(
     calibration: Optional[str] = typer.Option(
         None, "--calibration", help="text static INT8 recipes calibrate on (needed when one is searched)"
     ),
+    store: Optional[Path] = typer.Option(
+        None,
+        "--store",
+        help="the profile store the predictors were fitted on: without --precision, recipes it measured no faster "
+        "than fp32 are left out, as compress leaves them out",
+    ),
 ):
-    """NSGA-II over super-network quality and predicted latency; writes the Pareto front."""
+    """NSGA-II over super-network quality and predicted latency; writes the Pareto front.
+
+    Example: nasprune search runs/demo/supernet --predictor runs/demo/predictor --data val.txt --out runs/s
+    """
     from search.driver import run_search_cli
     from search.problem import SearchConfig
 
@@ -90,7 +99,7 @@ def search(
         max_latency_ms=max_latency_ms,
         max_params=max_params,
         params_objective=params_objective,
-        precisions=list(precision) or None,
+        precisions=_searched_precisions(predictor, list(precision) or None, store),
         max_minutes=minutes,
     )
     result = run_search_cli(
@@ -108,6 +117,28 @@ def search(
         calibrate=calibrate,
         calibration_data=calibration,
     )
+    _print_front(result, out)
+
+
+def _searched_precisions(predictor: List[Path], precision: Optional[List[str]], store: Optional[Path]):
+    """``--precision`` as given; else, with ``--store``, the predictors' precisions less the recipes the
+    store measured no faster than fp32: the decision ``compress`` takes (:func:`search.driver.searched_precisions`).
+    None: every predictor's precision (the driver's default)."""
+    if precision is not None or store is None:
+        return precision
+    from search.driver import by_precision, load_predictors, searched_precisions
+
+    predictors = by_precision(load_predictors(list(predictor)))
+    engine = next(iter(predictors.values())).group["engine"]
+    kept, slower = searched_precisions(list(predictors), None, store, engine, log=_log)
+    return kept if slower else None
+
+
+def _log(text: str) -> None:
+    console.print(text, markup=False, highlight=False)
+
+
+def _print_front(result, out: Path) -> None:
     console.print(
         f"{len(result.evaluated)} sub-networks evaluated in {result.seconds:.0f}s; "
         f"hypervolume {result.hypervolume[0]:.4g} -> {result.hypervolume[-1]:.4g}"
@@ -129,16 +160,26 @@ def compress(
     stop_after: Optional[str] = typer.Option(None, "--stop-after", help="stop after this stage"),
     force: Optional[List[str]] = typer.Option(None, "--force", help="re-run this stage even if done (repeatable)"),
 ):
-    """The whole pipeline: importance, training, profiling, predictor, search, export, evaluation, report."""
+    """The whole pipeline: importance, training, profiling, predictor, search, export, evaluation, report.
+
+    Example: nasprune compress default --out runs/demo --config configs/demo.yaml --stop-after search
+    """
     from nasprune.pipeline import Pipeline, PipelineConfig
 
     quiet_transformers()
     cfg = PipelineConfig.load(config)
-    Pipeline(
-        model, out, cfg, STATE["online"], log=lambda text: console.print(text, markup=False, highlight=False)
-    ).execute(stop_after, tuple(force or ()))
+    Pipeline(model, out, cfg, STATE["online"], log=_log).execute(stop_after, tuple(force or ()))
     console.print(f"report: {out}/report.md")
 
+
+# ``nasprune --help`` in three panels, each in this order: the pipeline, its stages one at a time, tools
+PIPELINE, STAGES, TOOLS = "Pipeline", "Stages (what compress runs, one at a time)", "Tools"
+ORDER = {
+    PIPELINE: ["compress"],
+    STAGES: ["importance", "train", "profile", "predictor", "search", "refine", "export", "check"],
+    TOOLS: ["info", "extract", "eval", "predict", "generate", "distill-blocks", "block-scores"],
+}
+PANELS = {name: panel for panel, names in ORDER.items() for name in names}
 
 compressor_cli.register(app)
 profilers_cli.register(app)
@@ -146,6 +187,10 @@ predictors_cli.register(app)
 deploy_cli.register(app)
 app.command("search")(handles_errors(search))
 app.command("compress")(handles_errors(compress))
+_RANK = {name: i for i, name in enumerate(n for names in ORDER.values() for n in names)}
+app.registered_commands.sort(key=lambda c: _RANK.get(c.name or "", len(_RANK)))
+for _info in [*app.registered_commands, *app.registered_groups]:
+    _info.rich_help_panel = PANELS.get(_info.name or "", TOOLS)
 
 
 def main():

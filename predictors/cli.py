@@ -91,11 +91,38 @@ def fit_cmd(
         "and affine-to-it candidates.",
     ),
 ):
-    """Fit a latency predictor on one (device, engine, precision, recipe) group of a profile store."""
+    """Fit a latency predictor on one (device, engine, precision, recipe) group of a profile store.
+
+    Example: nasprune predictor fit --store runs/profiles.sqlite --out runs/predictor-cpu
+    """
+    _fit(**locals())  # locals() here: exactly the command's parameters
+
+
+def _fit(
+    *,
+    store: Path,
+    out: Path,
+    model: Optional[str],
+    fingerprint: Optional[str],
+    engine: Optional[str],
+    precision: Optional[str],
+    recipe: Optional[str],
+    models: str,
+    folds: int,
+    seed: int,
+    anchors: int,
+    adaptive: Optional[str],
+    target_acc10: float,
+    target_mape: float,
+    budget_min: float,
+    batch: int,
+    workload: List[str],
+    overwrite: bool,
+    threads: Optional[int],
+    reference: Optional[Path],
+) -> None:
     claim_output(out, "predictor", overwrite=overwrite)  # before profiling/fitting, not after
-    from predictors.dataset import read_store, select_group
-    from predictors.fit import FitConfig, fit_predictor
-    from predictors.modelspace import describe_model, resolve_source
+    from predictors.fit import FitConfig
 
     quiet_transformers()
     config = FitConfig(
@@ -129,17 +156,29 @@ def fit_cmd(
             log=console.print,
         )
     else:
-        records = select_group(read_store(store), **wanted)
-        source = model or resolve_source(records[0]["model"].get("source"))
-        with console.status(f"reading the search space of {source} ..."):
-            description = describe_model(source, online=_online())
-        from predictors import load_predictor
-
-        ref = load_predictor(reference) if reference is not None else None
-        with console.status(f"cross-validating {', '.join(config.candidates)} on {len(records)} records ..."):
-            result = fit_predictor(records, description, config, reference=ref)
+        result = _direct_fit(store, wanted, model, reference, config)
     result.predictor.save(out, overwrite=overwrite)
-    m = result.predictor.manifest
+    _show_fit(result.predictor.manifest, config, out)
+
+
+def _direct_fit(store: Path, wanted: dict, model: Optional[str], reference: Optional[Path], config):
+    """Cross-validate the candidates on the store's ``wanted`` group (optionally against ``reference``)."""
+    from predictors import load_predictor
+    from predictors.dataset import read_store, select_group
+    from predictors.fit import fit_predictor
+    from predictors.modelspace import describe_model, resolve_source
+
+    records = select_group(read_store(store), **wanted)
+    source = model or resolve_source(records[0]["model"].get("source"))
+    with console.status(f"reading the search space of {source} ..."):
+        description = describe_model(source, online=_online())
+    ref = load_predictor(reference) if reference is not None else None
+    with console.status(f"cross-validating {', '.join(config.candidates)} on {len(records)} records ..."):
+        return fit_predictor(records, description, config, reference=ref)
+
+
+def _show_fit(m: dict, config, out: Path) -> None:
+    """The CV table of a fitted predictor's manifest ``m`` and where it was written."""
     console.print(
         metrics_table(
             f"{config.folds}-fold CV (grouped by sub-network), {m['training']['n_records']} records, "
@@ -161,7 +200,10 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write metrics and per-record values here."),
     strict: bool = typer.Option(False, "--strict", help="Refuse records outside the training ranges."),
 ):
-    """Score a predictor on held-out records: MAPE, RMSPE, ±5/10/15% accuracy, Kendall τ."""
+    """Score a predictor on held-out records: MAPE, RMSPE, ±5/10/15% accuracy, Kendall τ.
+
+    Example: nasprune predictor eval runs/predictor-cpu --store runs/profiles.sqlite --plot runs/eval.png
+    """
     from compressor.elastic.modeldir import write_json_atomic
     from predictors import load_predictor
     from predictors.dataset import read_store
@@ -212,7 +254,11 @@ def predict_cmd(
         None, "--model", help="With --calibrate: the profiled MODEL (default: the predictor's model.source)."
     ),
 ):
-    """Predicted latency (ms) of one sub-network on one workload."""
+    """Predicted latency (ms) of one sub-network on one workload.
+
+    Example: nasprune predict runs/predictor-cpu --workload prefill:1x128
+    --arch '{"embed_dim":432,"num_heads":6,"ffn_dim":1152,"num_layers":22}'
+    """
     from compressor.core.workload import Workload
     from compressor.elastic.search_space import SubNetwork
     from predictors import load_predictor

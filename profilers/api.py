@@ -228,15 +228,12 @@ def profile_subnetworks(
     undisturbed speed (``Protocol.fast_ref_score``), so timings taken in a slow phase of the
     machine are re-measured.
     """
-    from compressor.elastic.extract import extract
-
     plan = make_plan(loaded, workloads, engine, device, precision, threads, exporter, provider)
     protocol = protocol or Protocol()
     if isinstance(store, (str, Path)):
         store = ProfileStore(store)
     supernet = loaded.supernet()
-    space = supernet.space
-    subs = [space.validate(s) for s in subs]
+    subs = [supernet.space.validate(s) for s in subs]
     base = Path(workdir) if workdir else Path(tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
     out: dict[str, dict] = {}
@@ -250,14 +247,7 @@ def profile_subnetworks(
                 bar.update(task, description=text, advance=n)
 
         for sub in subs:
-            todo = []
-            for w in plan.workloads:
-                key = plan.key(sub, w)
-                stored = store.records(key=key) if store is not None else []
-                if stored:
-                    out[key] = stored[0]
-                else:
-                    todo.append(w)
+            todo = _not_stored(plan, store, sub, out)
             advance(f"{sub} (stored)", len(plan.workloads) - len(todo))
             if not todo:
                 have += 1
@@ -265,40 +255,62 @@ def profile_subnetworks(
             began = time.perf_counter()
             if max_seconds is not None and have >= min_subnetworks and began - start + slowest > max_seconds:
                 break
-            work = Path(tempfile.mkdtemp(prefix=f"nasprune-{sub}-", dir=base))
-            try:
-                advance(f"{sub} export")
-                artifacts = plan.engine.prepare(
-                    extract(supernet, sub), work / "artifacts", plan.recipe, graphs_for(todo), plan.provider
-                )
-                jobs = {
-                    plan.key(sub, w): (
-                        w,
-                        plan.job(
-                            space, sub, w, artifacts.files, graph_bytes_for(artifacts.graph_bytes, w), artifacts.export
-                        ),
-                    )
-                    for w in todo
-                }
-                advance(f"{sub} timing")
-
-                def on_line(line, sub=sub, jobs=jobs, protocol=protocol):
-                    w, job = jobs[line["id"]]
-                    if "error" in line:
-                        raise NaspruneError(f"{plan.engine.name} failed on {sub} {w}: {line['error']}")
-                    record = build_record(job, line["result"], protocol.to_dict())
-                    if record["key"] != line["id"]:  # same machine, same code: only a bug gets here
-                        raise RuntimeError(
-                            f"worker fingerprint {line['result']['fingerprint_id']} != planned {plan.fingerprint_id}"
-                        )
-                    if store is not None:
-                        store.add(record)
-                    out[record["key"]] = record
-                    advance(f"{sub} {w}", 1)
-
-                protocol = with_fast_ref_score(protocol, out.values())
-                run_worker([job for _, job in jobs.values()], protocol, work, on_line)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+            protocol = _profile_one(plan, supernet, sub, todo, protocol, store, out, base, advance)
             have, slowest = have + 1, max(slowest, time.perf_counter() - began)
     return [out[plan.key(s, w)] for s in subs for w in plan.workloads if plan.key(s, w) in out]
+
+
+def _not_stored(plan: Plan, store: ProfileStore | None, sub, out: dict[str, dict]) -> list:
+    """The workloads of ``sub`` still to measure; the stored records of the others go into ``out``."""
+    todo = []
+    for w in plan.workloads:
+        key = plan.key(sub, w)
+        stored = store.records(key=key) if store is not None else []
+        if stored:
+            out[key] = stored[0]
+        else:
+            todo.append(w)
+    return todo
+
+
+def _profile_one(plan: Plan, supernet, sub, todo, protocol: Protocol, store, out: dict[str, dict], base: Path, advance):
+    """Export ``sub`` and time it on the ``todo`` workloads in one worker; every record goes into
+    ``out`` (and ``store``) as it arrives. Returns the protocol for the next sub-network (with the best
+    reference score seen so far)."""
+    from compressor.elastic.extract import extract
+
+    space = supernet.space
+    work = Path(tempfile.mkdtemp(prefix=f"nasprune-{sub}-", dir=base))
+    try:
+        advance(f"{sub} export")
+        artifacts = plan.engine.prepare(
+            extract(supernet, sub), work / "artifacts", plan.recipe, graphs_for(todo), plan.provider
+        )
+        jobs = {
+            plan.key(sub, w): (
+                w,
+                plan.job(space, sub, w, artifacts.files, graph_bytes_for(artifacts.graph_bytes, w), artifacts.export),
+            )
+            for w in todo
+        }
+        advance(f"{sub} timing")
+
+        def on_line(line, protocol=protocol):  # records carry the protocol before this sub-network's update
+            w, job = jobs[line["id"]]
+            if "error" in line:
+                raise NaspruneError(f"{plan.engine.name} failed on {sub} {w}: {line['error']}")
+            record = build_record(job, line["result"], protocol.to_dict())
+            if record["key"] != line["id"]:  # same machine, same code: only a bug gets here
+                raise RuntimeError(
+                    f"worker fingerprint {line['result']['fingerprint_id']} != planned {plan.fingerprint_id}"
+                )
+            if store is not None:
+                store.add(record)
+            out[record["key"]] = record
+            advance(f"{sub} {w}", 1)
+
+        protocol = with_fast_ref_score(protocol, out.values())
+        run_worker([job for _, job in jobs.values()], protocol, work, on_line)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return protocol

@@ -8,6 +8,7 @@ literally named ``import`` is passed as ``./import``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,7 +18,7 @@ from compressor.core.errors import NaspruneError
 
 
 def register(app: typer.Typer) -> None:
-    from compressor.core.console import console, handles_errors
+    from compressor.core.console import handles_errors
 
     @app.command("profile")
     @handles_errors
@@ -62,76 +63,131 @@ def register(app: typer.Typer) -> None:
             False, "--list-engines", help="show which engines are available here and why not"
         ),
     ):
-        """Real latency of sub-networks on torch / ONNX Runtime / TensorRT into a resumable profile store."""
-        if list_engines:
-            return _list_engines(console)
-        if model is None:
-            raise NaspruneError(
-                "missing MODEL; e.g. nasprune profile default --workload prefill:1x128 --store profiles.sqlite"
-            )
-        if model == "import":
-            return _import(console, results, store)
-        if results is not None:
-            raise NaspruneError(f"unexpected extra argument '{results}'; only 'profile import RESULTS' takes two")
-        from compressor.elastic.modeldir import load_for_cli as _load
-        from profilers.api import choose_subnetworks, parse_workloads
-        from profilers.standalone import Protocol
+        """Real latency of sub-networks on torch / ONNX Runtime / TensorRT into a resumable profile store.
 
-        workloads = parse_workloads(workload)  # bad strings fail before the model loads
-        if threads < 1:
-            raise NaspruneError(f"--threads must be >= 1, not {threads}")
-        protocol = Protocol(
-            warmup_iters=warmup_iters,
-            warmup_seconds=warmup_seconds,
-            min_iters=min_iters,
-            min_seconds=min_seconds,
-            max_remeasure=max_remeasure,
-            pin_cpus=[int(c) for c in pin.split(",")] if pin else None,
+        Example: nasprune profile default --workload prefill:1x128 --samples 3 --store runs/profiles.sqlite
+        """
+        _profile(ProfileArgs(**locals()))  # locals() here: exactly the command's parameters
+
+
+@dataclass
+class ProfileArgs:
+    """The ``nasprune profile`` command line, as parsed by Typer."""
+
+    model: Optional[str]
+    results: Optional[Path]
+    engine: str
+    device: str
+    workload: List[str]
+    arch: List[str]
+    sampler: str
+    samples: int
+    seed: int
+    store: Optional[Path]
+    precision: str
+    threads: int
+    provider: Optional[str]
+    exporter: str
+    pin: Optional[str]
+    warmup_iters: int
+    warmup_seconds: float
+    min_iters: int
+    min_seconds: float
+    max_remeasure: int
+    workdir: Optional[Path]
+    export_only: Optional[Path]
+    list_engines: bool
+
+
+def _profile(a: ProfileArgs) -> None:
+    """``nasprune profile``: list the engines, import edge results, or profile MODEL."""
+    from compressor.core.console import console
+
+    if a.list_engines:
+        return _list_engines(console)
+    if a.model is None:
+        raise NaspruneError(
+            "missing MODEL; e.g. nasprune profile default --workload prefill:1x128 --store profiles.sqlite"
         )
-        if export_only is not None and (engine, device) != ("onnxruntime", "cpu"):
-            raise NaspruneError(
-                "--export-only writes ONNX graphs for run_profile.py (ONNX Runtime; choose its provider "
-                "there with --provider); drop --engine/--device"
-            )
-        if export_only is None:
-            from profilers.base import get_engine
+    if a.model == "import":
+        return _import(console, a.results, a.store)
+    if a.results is not None:
+        raise NaspruneError(f"unexpected extra argument '{a.results}'; only 'profile import RESULTS' takes two")
+    _profile_model(console, a)
 
-            get_engine(engine).check(device, precision)  # missing engines fail before the model loads
-            if device == "cpu" and engine == "onnxruntime":
-                from compressor.quant.quantize import saturation_risk
 
-                risk = saturation_risk(precision)  # latency is still right; quality through it is not
-                if risk:
-                    console.print(f"[yellow]warning:[/] {risk}")
-            if store is None:
-                raise NaspruneError("pass --store PATH (a SQLite file; reruns resume from it)")
-        loaded = _load(model)
-        subs = choose_subnetworks(loaded.supernet().space, arch, sampler, samples, seed)
-        if export_only is not None:
-            return _export_only(console, loaded, subs, workloads, export_only, precision, threads, exporter, protocol)
-        from profilers.api import profile_subnetworks
-        from profilers.store import ProfileStore
+def _profile_model(console, a: ProfileArgs) -> None:
+    """Measure sub-networks of ``a.model`` into ``a.store``, or export them for a device (``--export-only``)."""
+    from compressor.elastic.modeldir import load_for_cli as _load
+    from profilers.api import choose_subnetworks, parse_workloads
+    from profilers.standalone import Protocol
 
-        before = len(ProfileStore(store))
-        records = profile_subnetworks(
-            loaded,
-            subs,
-            workloads,
-            engine=engine,
-            device=device,
-            precision=precision,
-            store=store,
-            threads=threads,
-            protocol=protocol,
-            exporter=exporter,
-            provider=provider,
-            workdir=workdir,
+    workloads = parse_workloads(a.workload)  # bad strings fail before the model loads
+    if a.threads < 1:
+        raise NaspruneError(f"--threads must be >= 1, not {a.threads}")
+    protocol = Protocol(
+        warmup_iters=a.warmup_iters,
+        warmup_seconds=a.warmup_seconds,
+        min_iters=a.min_iters,
+        min_seconds=a.min_seconds,
+        max_remeasure=a.max_remeasure,
+        pin_cpus=[int(c) for c in a.pin.split(",")] if a.pin else None,
+    )
+    if a.export_only is not None and (a.engine, a.device) != ("onnxruntime", "cpu"):
+        raise NaspruneError(
+            "--export-only writes ONNX graphs for run_profile.py (ONNX Runtime; choose its provider "
+            "there with --provider); drop --engine/--device"
         )
-        _table(console, records)
-        after = len(ProfileStore(store))
-        console.print(
-            f"{after - before} new record(s), {len(records) - (after - before)} already stored; {after} in {store}"
+    if a.export_only is None:
+        _check_engine(console, a)
+    loaded = _load(a.model)
+    subs = choose_subnetworks(loaded.supernet().space, a.arch, a.sampler, a.samples, a.seed)
+    if a.export_only is not None:
+        return _export_only(
+            console, loaded, subs, workloads, a.export_only, a.precision, a.threads, a.exporter, protocol
         )
+    _measure(console, a, loaded, subs, workloads, protocol)
+
+
+def _check_engine(console, a: ProfileArgs) -> None:
+    """Missing engines and a missing --store fail before the model loads."""
+    from profilers.base import get_engine
+
+    get_engine(a.engine).check(a.device, a.precision)
+    if a.device == "cpu" and a.engine == "onnxruntime":
+        from compressor.quant.quantize import saturation_risk
+
+        risk = saturation_risk(a.precision)  # latency is still right; quality through it is not
+        if risk:
+            console.print(f"[yellow]warning:[/] {risk}")
+    if a.store is None:
+        raise NaspruneError("pass --store PATH (a SQLite file; reruns resume from it)")
+
+
+def _measure(console, a: ProfileArgs, loaded, subs, workloads, protocol) -> None:
+    from profilers.api import profile_subnetworks
+    from profilers.store import ProfileStore
+
+    before = len(ProfileStore(a.store))
+    records = profile_subnetworks(
+        loaded,
+        subs,
+        workloads,
+        engine=a.engine,
+        device=a.device,
+        precision=a.precision,
+        store=a.store,
+        threads=a.threads,
+        protocol=protocol,
+        exporter=a.exporter,
+        provider=a.provider,
+        workdir=a.workdir,
+    )
+    _table(console, records)
+    after = len(ProfileStore(a.store))
+    console.print(
+        f"{after - before} new record(s), {len(records) - (after - before)} already stored; {after} in {a.store}"
+    )
 
 
 def _list_engines(console) -> None:

@@ -2,8 +2,9 @@
 
 ``export_for_device`` writes ``DIR/graphs/<sub-network>/{prefill,decode}/model.onnx``,
 ``DIR/jobs.json`` (protocol and one job per sub-network x workload, each carrying everything a
-record needs besides the measurement) and ``DIR/run_profile.py`` (a copy of
-``profilers/standalone.py``: needs only Python 3.10+, numpy and onnxruntime). On the device,
+record needs besides the measurement), ``DIR/run_profile.py`` (a copy of ``profilers/standalone.py``)
+and ``DIR/standalone_ort.py`` (a copy of the ONNX Runtime runner it imports): they need only Python
+3.10+, numpy and onnxruntime. On the device,
 ``python run_profile.py DIR`` appends one JSON line per timed job to ``DIR/results.jsonl`` and
 resumes where it stopped. ``import_results`` turns those lines into store records; the device
 fingerprint in each line was taken on the device, so the records carry the device's identity.
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from compressor.core.errors import NaspruneError
 from compressor.elastic.modeldir import now
-from profilers import standalone
+from profilers import standalone, standalone_ort
 from profilers.api import make_plan
 from profilers.base import graphs_for
 from profilers.records import build_record, graph_bytes_for, validate_record
@@ -72,6 +73,7 @@ def export_for_device(
     }
     (out / "jobs.json").write_text(json.dumps(manifest, indent=1))
     shutil.copyfile(standalone.__file__, out / RUNNER)
+    shutil.copyfile(standalone_ort.__file__, out / Path(standalone_ort.__file__).name)  # RUNNER's sibling import
     return manifest
 
 

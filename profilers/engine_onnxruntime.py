@@ -17,7 +17,8 @@ from pathlib import Path
 from compressor.core.errors import NaspruneError
 from compressor.core.precisions import RECIPES, export_dtype, recipe_for
 from profilers.base import Artifacts, Availability, Engine
-from profilers.standalone import ORT_PROVIDERS, Protocol, ort_provider_list, run_ort_job
+from profilers.standalone import Protocol, run_ort_job
+from profilers.standalone_ort import ORT_PROVIDERS, ort_provider_list
 
 INSTALL = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA; instead of onnxruntime, never both)"
 

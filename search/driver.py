@@ -28,20 +28,118 @@ from search.problem import Evaluated, QualityOracle, SearchConfig, SearchResult,
 
 
 def load_predictors(predictor_dirs, strict: bool = False) -> dict:
-    """precision -> predictor, refusing two predictors of one precision or of different engines."""
-    dirs = [predictor_dirs] if not isinstance(predictor_dirs, (list, tuple)) else list(predictor_dirs)
-    out, first = {}, None
-    for d in dirs:
-        pred = load_predictor(d, strict=strict)
+    """``{dir: predictor}`` for one predictor dir, a list of them, or None (no predictions): the one
+    loader of the search and the export (:mod:`deploy.pipeline_steps`)."""
+    if predictor_dirs is None:
+        return {}
+    dirs = list(predictor_dirs) if isinstance(predictor_dirs, (list, tuple)) else [predictor_dirs]
+    return {str(d): load_predictor(d, strict=strict) for d in dirs}
+
+
+def by_precision(loaded: dict) -> dict:
+    """precision -> predictor of :func:`load_predictors`'s ``{dir: predictor}``, refusing two predictors
+    of one precision or of different engines (the search's precision gene needs one per precision)."""
+    out, first, first_dir = {}, None, None
+    for d, pred in loaded.items():
         prec = pred.group["precision"]
         if prec in out:
             raise NaspruneError(f"two predictors for precision {prec} ({d}); give one per precision")
         key = pred.group["engine"]  # (the fingerprint id includes the precision, so it differs by design)
         if first is not None and key != first:
-            raise NaspruneError(f"predictor {d} was fitted for engine {key}, {dirs[0]} for {first}")
-        first = first or key
+            raise NaspruneError(f"predictor {d} was fitted for engine {key}, {first_dir} for {first}")
+        first, first_dir = first or key, first_dir or d
         out[prec] = pred
     return out
+
+
+# ---- stage decisions: ``nasprune search`` and ``nasprune compress`` take them the same way -----
+def faster_precisions(precisions: list[str], records: list[dict] | None, log=print) -> tuple[list[str], dict]:
+    """``precisions`` without the quantized ones that measured no faster than fp32 in the profile
+    ``records`` (median latency ratio over the sub-networks profiled at both >= 1), and {dropped: ratio}.
+
+    Such a recipe can only add quality loss at no speed to the front, yet a predictor fitted on a
+    few of its profiles (the minimum of a short budget) may still predict it a little faster, and
+    the search then ships it (measured on an AVX2-only CPU: int8-pc7 at 1.04x of fp32). Its
+    original stays a baseline. Without fp32 (nothing to compare with) or records, all are kept.
+    """
+    from predictors.dataset import latency_ratios
+
+    if "fp32" not in precisions or records is None:
+        return list(precisions), {}
+    ratios = latency_ratios(records)
+    slower = {p: round(ratios[p]["median"], 3) for p in precisions if p in ratios and ratios[p]["median"] >= 1.0}
+    for p, ratio in slower.items():
+        log(f"  {p} left out of the search: {ratio:.2f}x of fp32's latency here ({ratios[p]['pairs']} pairs)")
+    return [p for p in precisions if p not in slower], slower
+
+
+def store_records(store, engine: str) -> list[dict]:
+    """The profile store's records of ``engine`` (what :func:`faster_precisions` compares)."""
+    from predictors import dataset  # looked up at call time (tests plant a store)
+
+    return dataset.read_store(store, engine=engine)
+
+
+def searched_precisions(
+    available: list[str], explicit: list[str] | None, store=None, engine: str | None = None, log=print
+) -> tuple[list[str], dict]:
+    """The precisions the search's precision gene chooses among, and {left out: latency ratio to fp32}:
+    ``explicit`` as given; otherwise every ``available`` one that measured faster than fp32 in the
+    profile ``store`` (:func:`faster_precisions`; no store: all of them). An empty ``explicit`` list
+    searches every available one as it is."""
+    if explicit is not None:
+        return list(explicit or available), {}
+    records = store_records(store, engine) if store is not None and "fp32" in available else None
+    return faster_precisions(list(available), records, log)
+
+
+def eligible_points(rows: list[dict], original_ppl: float | None, max_ppl_ratio: float | None, n: int) -> list[int]:
+    """Indices (front order) of the front rows the export may pick from: those whose perplexity is
+    <= ``max_ppl_ratio`` x the original's, topped up with the next-lowest-perplexity rows to ``n``."""
+    everything = list(range(len(rows)))
+    if max_ppl_ratio is None or original_ppl is None:
+        return everything
+    by_quality = sorted(everything, key=lambda i: rows[i]["ppl"])
+    keep = [i for i in by_quality if rows[i]["ppl"] <= max_ppl_ratio * original_ppl]
+    keep = keep if len(keep) >= n else by_quality[:n]
+    return sorted(keep)
+
+
+def target_points(rows: list[dict], original_ppl: float | None, targets: list[float]) -> list[tuple[float, int]]:
+    """For every quality budget ``r`` in ``targets``: (r, index of the fastest front row whose validation
+    perplexity is <= r x the original's), at whatever precision the search chose for it. A budget
+    nothing meets gets the lowest-perplexity row (the closest the front comes); without an original
+    to compare with, every budget does. Budgets that land on the same row keep it once."""
+    if not rows:
+        return []
+    best = min(range(len(rows)), key=lambda i: rows[i]["ppl"])
+    out: list[tuple[float, int]] = []
+    for r in targets:
+        ok = [i for i, row in enumerate(rows) if original_ppl is not None and row["ppl"] <= r * original_ppl]
+        i = min(ok, key=lambda i: (rows[i]["predicted_ms"], rows[i]["ppl"])) if ok else best
+        if i not in (j for _, j in out):
+            out.append((r, i))
+    return out
+
+
+def pick_points(
+    pareto: dict, points: int, max_ppl_ratio: float | None = None, targets: list[float] | None = None
+) -> list[tuple]:
+    """The front points to refine and export, as ``(name, SubNetwork, row)`` (name: the index in the
+    front) of a ``pareto.json`` mapping: one per quality budget of ``targets``, else ``points`` spread
+    over the front's rows within ``max_ppl_ratio`` x the original's perplexity (:func:`eligible_points`)."""
+    from compressor.elastic.search_space import SubNetwork
+
+    rows = pareto["pareto"]
+    original_ppl = (pareto.get("original") or {}).get("ppl")
+    if targets:
+        idx = [i for _, i in sorted(target_points(rows, original_ppl, targets), key=lambda t: t[1])]
+    else:
+        n = min(points, len(rows))
+        pool = eligible_points(rows, original_ppl, max_ppl_ratio, n)
+        spread = [round(i * (len(pool) - 1) / max(1, n - 1)) for i in range(n)] if n > 1 else [len(pool) // 2]
+        idx = sorted({pool[j] for j in spread})
+    return [(str(i), SubNetwork.from_dict(rows[i]["arch"]), rows[i]) for i in idx]
 
 
 def run_search_cli(
@@ -77,23 +175,9 @@ def run_search_cli(
     start = time.perf_counter()
     claim_output(out, "search", overwrite=overwrite)  # before minutes of search, not after
     w = WorkloadMix.parse(workload)  # one workload, or a weighted mix: latency = sum(weight x prediction)
-    predictors = load_predictors(predictor_dir, strict=strict)
-    if cfg.precisions:
-        missing = [p for p in cfg.precisions if p not in predictors]
-        if missing:
-            raise NaspruneError(f"no predictor for precision(s) {missing}; fitted: {sorted(predictors)}")
-    elif len(predictors) > 1:
-        cfg.precisions = list(predictors)
-    check_mix(predictors.values(), w, strict)  # every term fitted on (warn/refuse now, not after the search)
-    kind, text = read_source(data, online)
-    if kind != "text":
-        raise NaspruneError("the search's quality objective needs held-out plain text (.txt)")
-    windows = token_windows(loaded.tokenizer, text, seq_len, eval_tokens)
+    predictors = _searched_predictors(predictor_dir, cfg, w, strict)
+    windows, calib = _quality_windows(loaded, data, online, seq_len, eval_tokens, predictors, calibration_data)
     sn = loaded.supernet()
-    static = [p for p in predictors if needs_calibration(p)]
-    if static and calibration_data is None:
-        raise NaspruneError(f"searching {static} (static quantization) needs calibration text (--calibration)")
-    calib = calibration_windows(loaded.tokenizer, calibration_data, online) if static else None
     quality = QualityOracle(sn, windows, calibration=calib)
     # drift-proof: predictions x (anchor sub-network measured now / at fit time), see predictors.calibration
     calibration = {}
@@ -110,31 +194,12 @@ def run_search_cli(
             return predict_mix_ms(chosen, subs, w)
 
     big = sn.space.largest()
-    nsga2_cfg = cfg
-    if cfg.max_minutes is not None:
-        t = time.perf_counter()
-        quality(big)  # cached: the original's row below reuses it
-        after = (time.perf_counter() - t) * ((cfg.population if one_shot is not None else 0) + len(predictors))
-        left = cfg.max_minutes * 60 - (time.perf_counter() - start) - after
-        nsga2_cfg = replace(cfg, max_minutes=max(left, 1e-3) / 60)
+    after = (cfg.population if one_shot is not None else 0) + len(predictors)  # evaluations after NSGA-II
+    nsga2_cfg = _nsga2_share(cfg, quality, big, after, start)
     result = run_nsga2(sn.space, quality, latency, nsga2_cfg)
     result.config = cfg  # what the user asked for (the stage's budget), not NSGA-II's share of it
     original = Evaluated(big, quality(big), float(latency([big])[0]), sn.space.num_params(big), -1)
-    # the original at every precision with a predictor, searched or not: each is an alternative the user has
-    baseline_precisions = list(predictors) if len(predictors) > 1 else cfg.precisions or [predictor.group["precision"]]
-    baselines = {
-        f"original {p}": Evaluated(
-            big, quality(big, p), float(latency([big], p)[0]), sn.space.num_params(big), -1, precision=p
-        )
-        for p in baseline_precisions
-    }
-    if one_shot is not None:
-        plain = QualityOracle(one_shot.supernet(), windows, calibration=calib)
-        for i, p in enumerate(result.pareto):
-            prec = p.precision or predictor.group["precision"]
-            baselines[f"one-shot {i}"] = Evaluated(
-                p.arch, plain(p.arch, prec), p.predicted_ms, p.params, -1, precision=p.precision
-            )
+    baselines = _baselines(sn, quality, latency, predictors, predictor, cfg, result, one_shot, windows, calib)
     outside = mix_out_of_range(predictor, [p.arch for p in result.pareto], w)
     write_results(
         result,
@@ -157,3 +222,62 @@ def run_search_cli(
         baselines=baselines,
     )
     return result
+
+
+def _searched_predictors(predictor_dir, cfg: SearchConfig, w: WorkloadMix, strict: bool) -> dict:
+    """precision -> predictor; ``cfg.precisions`` must each have one (several predictors and none named:
+    all of them are searched, set on ``cfg``); every term of ``w`` fitted on (warn/refuse now, not after)."""
+    predictors = by_precision(load_predictors(predictor_dir, strict=strict))
+    if cfg.precisions:
+        missing = [p for p in cfg.precisions if p not in predictors]
+        if missing:
+            raise NaspruneError(f"no predictor for precision(s) {missing}; fitted: {sorted(predictors)}")
+    elif len(predictors) > 1:
+        cfg.precisions = list(predictors)
+    check_mix(predictors.values(), w, strict)
+    return predictors
+
+
+def _quality_windows(loaded, data, online, seq_len, eval_tokens, predictors, calibration_data):
+    """The held-out windows of the quality objective and the static recipes' calibration (or None)."""
+    kind, text = read_source(data, online)
+    if kind != "text":
+        raise NaspruneError("the search's quality objective needs held-out plain text (.txt)")
+    windows = token_windows(loaded.tokenizer, text, seq_len, eval_tokens)
+    static = [p for p in predictors if needs_calibration(p)]
+    if static and calibration_data is None:
+        raise NaspruneError(f"searching {static} (static quantization) needs calibration text (--calibration)")
+    return windows, calibration_windows(loaded.tokenizer, calibration_data, online) if static else None
+
+
+def _nsga2_share(cfg: SearchConfig, quality, big, evaluations_after: int, start: float) -> SearchConfig:
+    """``cfg`` with NSGA-II's share of ``cfg.max_minutes``: the budget less the time spent so far and
+    ``evaluations_after`` evaluations of the largest sub-network (timed once here; cached for later)."""
+    if cfg.max_minutes is None:
+        return cfg
+    t = time.perf_counter()
+    quality(big)  # cached: the original's row reuses it
+    after = (time.perf_counter() - t) * evaluations_after
+    left = cfg.max_minutes * 60 - (time.perf_counter() - start) - after
+    return replace(cfg, max_minutes=max(left, 1e-3) / 60)
+
+
+def _baselines(sn, quality, latency, predictors, predictor, cfg, result, one_shot, windows, calib) -> dict:
+    """The original at every precision with a predictor, searched or not (each is an alternative the user
+    has), and the untrained pruned model ``one_shot`` at the front's architectures and precisions."""
+    big = sn.space.largest()
+    precisions = list(predictors) if len(predictors) > 1 else cfg.precisions or [predictor.group["precision"]]
+    baselines = {
+        f"original {p}": Evaluated(
+            big, quality(big, p), float(latency([big], p)[0]), sn.space.num_params(big), -1, precision=p
+        )
+        for p in precisions
+    }
+    if one_shot is not None:
+        plain = QualityOracle(one_shot.supernet(), windows, calibration=calib)
+        for i, p in enumerate(result.pareto):
+            prec = p.precision or predictor.group["precision"]
+            baselines[f"one-shot {i}"] = Evaluated(
+                p.arch, plain(p.arch, prec), p.predicted_ms, p.params, -1, precision=p.precision
+            )
+    return baselines

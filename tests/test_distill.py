@@ -22,7 +22,8 @@ from compressor.recovery.distill import (
     state_dict_hash,
     topk_targets,
 )
-from compressor.recovery.train import TrainConfig, Trainer, batch_indices, windows_needed
+from compressor.recovery.train import TrainConfig, Trainer
+from compressor.recovery.train_config import batch_indices, windows_needed
 from tests.conftest import TINY_SPACE, make_tiny
 
 

@@ -315,6 +315,7 @@ def test_edge_export_run_and_import(tiny_dir, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert (out / "run_profile.py").exists() and len(json.loads((out / "jobs.json").read_text())["jobs"]) == 4
+    assert (out / "standalone_ort.py").exists()  # the ONNX Runtime runner run_profile.py imports
     # the runner must work with neither torch nor transformers nor nasprune importable
     blocker = (
         "import sys, runpy; [sys.modules.__setitem__(m, None) for m in "

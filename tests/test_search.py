@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from compressor.core.workload import Workload
 from compressor.elastic.search_space import SubNetwork
@@ -130,3 +131,87 @@ def test_first_generation_holds_the_largest_subnetwork_at_every_precision():
     assert min(result.pareto, key=lambda e: e.loss).arch == space.largest()  # the best quality is on the front
     again = run_nsga2(space, q, lat, cfg, progress=False)
     assert [(e.arch, e.precision) for e in again.evaluated] == [(e.arch, e.precision) for e in result.evaluated]
+
+
+# ---- the one dominance rule (search.dominance), used by the search's baselines and the report ----
+def test_dominance_ties_count_only_as_exact_or_same_graph():
+    from search.dominance import dominates
+
+    assert dominates(1.0, 10.0, 2.0, 10.0)  # equal latency (exact numbers), better quality
+    assert dominates(1.0, 9.0, 1.0, 10.0)  # equal quality, faster
+    assert not dominates(1.0, 10.0, 1.0, 10.0)  # equal in both: neither dominates
+    assert not dominates(1.0, 11.0, 2.0, 10.0) and not dominates(3.0, 9.0, 2.0, 10.0)  # a trade-off
+    # with a tolerance, equal measured latencies prove nothing: not a tie
+    assert not dominates(1.0, 10.0, 2.0, 10.0, latency_tolerance=0.05)
+    # the same graph is a tie by construction whatever was measured, won on quality alone
+    assert dominates(1.0, 10.3, 2.0, 10.0, latency_tolerance=0.05, same_graph=True)
+    assert not dominates(2.0, 5.0, 2.0, 10.0, same_graph=True)
+
+
+def test_dominance_tolerance_boundary_is_strict():
+    from search.dominance import dominates
+
+    b = 100.0
+    assert not dominates(1.0, 95.0, 1.0, b, latency_tolerance=0.05)  # exactly at the boundary: not faster
+    assert dominates(1.0, 94.99, 1.0, b, latency_tolerance=0.05)
+    assert not dominates(1.0001, 90.0, 1.0, b, latency_tolerance=0.05)  # faster but worse
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError):
+            dominates(1.0, 1.0, 1.0, 1.0, latency_tolerance=bad)
+
+
+def test_dominance_on_paired_rounds_needs_every_round():
+    from search.dominance import dominates
+
+    assert dominates(1.0, [9.0, 9.5, 8.0], 1.0, [10.0, 10.0, 10.0])
+    assert not dominates(1.0, [9.0, 10.5, 8.0], 1.0, [10.0, 10.0, 10.0])  # slower in one round
+    assert not dominates(1.0, [9.0, 10.0], 1.0, [10.0, 10.0])  # one tied round: neither faster nor tied
+    assert dominates(1.0, [10.0, 10.0], 2.0, [10.0, 10.0])  # tied in every round, better quality
+    with pytest.raises(ValueError):
+        dominates(1.0, [9.0], 1.0, [10.0, 10.0])
+    with pytest.raises(TypeError):
+        dominates(1.0, [9.0], 1.0, 10.0)
+
+
+def test_search_baselines_and_report_use_the_one_rule(monkeypatch):
+    import deploy.report as report
+    import search.dominance
+    import search.front as front
+    from search.results import Evaluated
+
+    assert report.dominates is search.dominance.dominates and front.dominates is search.dominance.dominates
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return search.dominance.dominates(*args, **kwargs)
+
+    monkeypatch.setattr(front, "dominates", spy)
+    monkeypatch.setattr(report, "dominates", spy)
+    sub = SubNetwork(432, 6, 1024, 23)
+    rows = front.baseline_rows([Evaluated(sub, 2.0, 10.0, 1, 0)], {"original": Evaluated(sub, 2.5, 10.0, 2, 0)})
+    assert rows[0]["dominated_by"] == [0] and calls[-1] == ((2.0, 10.0, 2.5, 10.0), {})
+    arch = sub.to_dict()
+    base = {"name": "original", "variant": "int8", "ms": 100.0, "ppl": 60.0, "arch": arch, "baseline": True}
+    ours = {"name": "0", "variant": "int8", "ms": 101.0, "ppl": 50.0, "arch": arch, "baseline": False}
+    (row,) = report.dominance([base, ours])
+    assert row["dominated_by"] == ["0 int8"]  # the same graph: a tie, won on perplexity
+    assert calls[-1] == (
+        (50.0, 101.0, 60.0, 100.0),
+        {"latency_tolerance": report.LATENCY_TOLERANCE, "same_graph": True},
+    )
+
+
+def test_front_points_are_not_dominated_by_any_evaluated_point():
+    """The rule with no tolerance is the Pareto dominance of the search's non-dominated sorting."""
+    from search.dominance import dominates
+
+    space = smollm2_space()
+    quality, latency = _oracles(space)
+    result = run_random(space, quality, latency, SearchConfig(population=10, seed=3), evaluations=40)
+    for p in result.pareto:
+        assert not any(dominates(e.loss, e.predicted_ms, p.loss, p.predicted_ms) for e in result.evaluated)
+    off = [e for e in result.evaluated if e not in result.pareto]
+    for e in off:
+        assert any(dominates(p.loss, p.predicted_ms, e.loss, e.predicted_ms) for p in result.pareto)
+    assert off

@@ -108,6 +108,24 @@ def pack_text(tokenizer, text: str, seq_len: int, max_tokens: int | None = None,
     return TokenizedData(windows, windows.clone(), torch.ones_like(windows), "text", source)
 
 
+def calibration_text(data: str, online: bool) -> str:
+    """The text of ``data`` (a path, ``builtin:NAME``, or a hub dataset with ``online``): plain text as
+    it is, Alpaca rows as their instruction, input and output lines, one row a paragraph."""
+    kind, content = read_source(resolve_data(data), online)
+    if kind != "text":
+        content = "\n\n".join(
+            "\n".join(str(r.get(k, "")) for k in ("instruction", "input", "output") if r.get(k)) for r in content
+        )
+    return content
+
+
+def calibration_windows(tokenizer, data: str, seq_len: int, tokens: int, online: bool = False) -> torch.Tensor:
+    """Full windows ``[N, seq_len]`` of the first ``tokens`` tokens of :func:`calibration_text` (the tail
+    that fills no window is dropped): the one definition of calibration tokens. Closed-form repair
+    (``RepairConfig.tokens`` / ``seq_len``) and static quantization (16 x 128) each choose their sizes."""
+    return pack_text(tokenizer, calibration_text(data, online), seq_len, tokens, source="held-out text").input_ids
+
+
 def render_instruction(tokenizer, row: dict, prompt_format: str) -> tuple[str, str]:
     """(prompt, response) strings for one Alpaca row."""
     instruction, inp, output = row["instruction"], row.get("input") or "", row["output"]

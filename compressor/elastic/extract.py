@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from compressor.core.errors import NaspruneError
-from compressor.elastic.architectures import Selection, role_indices
+from compressor.elastic.layout import Selection, role_indices
 from compressor.elastic.search_space import SubNetwork
 from compressor.elastic.supernet import SuperNetwork
 

@@ -31,8 +31,8 @@ from rich.progress import Progress
 
 from compressor.core.data import IGNORE, TokenizedData
 from compressor.core.errors import NaspruneError
-from compressor.elastic.architectures import EMBED, FFN, Q, Selection
 from compressor.elastic.extract import select_tensor
+from compressor.elastic.layout import EMBED, FFN, Q, Selection
 from compressor.elastic.supernet import SuperNetwork
 
 LAYER_METRICS = ("drop-loss", "block-influence")

@@ -2,7 +2,7 @@
 
 The search scores hundreds of (sub-network, precision) candidates; exporting and quantizing each
 one to measure it through the engine would cost ~20 s a candidate here. Instead every linear layer
-of the super-network forward (all go through ``architectures.elastic_linear``) can run the
+of the super-network forward (all go through ``ops.elastic_linear``) can run the
 recipe's arithmetic in fp32 on the *sliced* weight, which is exactly what the extracted
 sub-network's graph quantizes:
 

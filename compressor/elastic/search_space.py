@@ -25,7 +25,8 @@ import numpy as np
 from compressor.core.errors import NaspruneError
 from compressor.core.precisions import BYTES_PER_PARAM
 from compressor.core.workload import Workload
-from compressor.elastic.architectures import Family, role_size
+from compressor.elastic.family import Family
+from compressor.elastic.layout import role_size
 
 DIMENSIONS = ("embed_dim", "num_heads", "ffn_dim", "num_layers")
 

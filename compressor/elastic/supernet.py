@@ -14,7 +14,9 @@ import contextlib
 
 import torch
 
-from compressor.elastic.architectures import ActiveShape, Family, family_for
+from compressor.elastic.architectures import family_for
+from compressor.elastic.family import Family
+from compressor.elastic.layout import ActiveShape
 from compressor.elastic.search_space import SearchSpace, SearchSpaceConfig, SubNetwork
 
 

@@ -191,15 +191,12 @@ CALIBRATION_WINDOWS, CALIBRATION_SEQ = 16, 128
 
 
 def calibration_windows(tokenizer, data: str, online: bool = False):
-    """The token windows [N, T] static recipes calibrate on, from the text ``data`` (a path or
-    ``builtin:NAME``): the first ``CALIBRATION_WINDOWS`` x ``CALIBRATION_SEQ`` tokens."""
-    from compressor.core.data import read_source, resolve_data
-    from compressor.elastic.evaluate import token_windows
+    """The token windows [N, T] static recipes calibrate on, from ``data`` (a path or ``builtin:NAME``; .txt, or
+    an Alpaca .jsonl joined as text): :func:`compressor.core.data.calibration_windows` of the first
+    ``CALIBRATION_WINDOWS`` x ``CALIBRATION_SEQ`` tokens; kept here for its callers (search, benchmarks)."""
+    from compressor.core.data import calibration_windows as token_calibration_windows
 
-    kind, text = read_source(resolve_data(data), online)
-    if kind != "text":
-        raise NaspruneError(f"static quantization calibrates on plain text (.txt), not {data}")
-    return token_windows(tokenizer, text, CALIBRATION_SEQ, CALIBRATION_WINDOWS * CALIBRATION_SEQ)
+    return token_calibration_windows(tokenizer, data, CALIBRATION_SEQ, CALIBRATION_WINDOWS * CALIBRATION_SEQ, online)
 
 
 def static_calibration(tokenizer, data: str, online: bool = False) -> StaticCalibration:

@@ -39,6 +39,9 @@ from compressor.core.errors import NaspruneError
 
 @dataclass
 class BlockDistillConfig:
+    """Every setting of block-local distillation: the one definition that ``nasprune distill-blocks``'s
+    option defaults, the YAML ``blocks:`` section of ``nasprune compress`` and the library read."""
+
     steps: int = 100  # optimizer steps per block
     batch_size: int = 4  # windows per step
     seq_len: int = 256
@@ -61,6 +64,18 @@ class BlockDistillConfig:
             )
         if not self.lr > 0:
             raise NaspruneError(f"block distillation lr must be > 0 (got {self.lr})")
+
+    @staticmethod
+    def from_dict(d: dict | None) -> BlockDistillConfig:
+        """The config of the settings ``d`` (YAML or JSON); unknown keys are refused in one line."""
+        from dataclasses import fields
+
+        d = dict(d or {})
+        known = {f.name for f in fields(BlockDistillConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise NaspruneError(f"unknown block distillation settings {unknown}; known: {sorted(known)}")
+        return BlockDistillConfig(**d)
 
 
 # ---- teacher activations ------------------------------------------------------------------

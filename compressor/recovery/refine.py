@@ -26,11 +26,15 @@ from compressor.elastic.search_space import SubNetwork
 
 @dataclass
 class RefineConfig:
-    minutes: float = 5.0  # training-time budget (the run stops at the first of minutes / steps)
+    """Every setting of a refine: the one definition that ``nasprune refine``'s option defaults, the
+    YAML ``refine:`` section of ``nasprune compress`` and the library read. The defaults are what the
+    compress benchmarks measured (3 minutes a point at 2 x 256 tokens a step, lr 2e-4)."""
+
+    minutes: float = 3.0  # training-time budget (the run stops at the first of minutes / steps)
     steps: int = 100_000
-    batch_size: int = 4
+    batch_size: int = 2
     seq_len: int = 256
-    lr: float = 1e-4
+    lr: float = 2e-4
     warmup_steps: int = 2
     distill_alpha: float = 1.0  # pure logit KD (Minitron: no LM loss needed); 0: plain cross-entropy, no teacher
     distill_topk: int = 64
@@ -72,6 +76,7 @@ class RefineConfig:
 
     @staticmethod
     def from_dict(d: dict | None) -> RefineConfig:
+        """The config of the settings ``d`` (YAML or JSON); unknown keys are refused in one line."""
         from dataclasses import fields
 
         d = dict(d or {})
@@ -108,6 +113,18 @@ class RefineConfig:
             quantization=self.quantization,
             distill_states=self.distill_states if self.distills else 0.0,
         )
+
+
+def qat_recipe(precision: str | None, quantization_aware: bool = True) -> str | None:
+    """The recipe a point that ships at ``precision`` is refined with simulated (quantization-aware), or
+    None (float training): dynamic and weight-only recipes train with it; float precisions, and static
+    recipes (calibrated on the refined weights at export), train in float. ``compress``'s refine stage
+    decides with this function, per point, from the precision the search chose."""
+    from compressor.core.precisions import is_quantized, needs_calibration
+
+    if not quantization_aware or not precision or not is_quantized(precision) or needs_calibration(precision):
+        return None
+    return precision
 
 
 def time_step(model, cfg: RefineConfig, vocab: int) -> float:
@@ -294,10 +311,10 @@ def refine(
     """Extract ``sub`` from the model dir ``parent``, repair it, distil it for ``cfg.minutes`` on ``data``
     from ``teacher`` (default: ``parent``'s largest sub-network; the pipeline passes the permuted
     original when ``parent`` is the trained super-network), write ``out``; returns the refine record."""
-    from compressor.core.data import read_source, resolve_data
+    import json
+
     from compressor.core.outputs import claim_output
-    from compressor.elastic.extract import extract, save_extracted
-    from compressor.elastic.modeldir import ModelMeta, load_model, write_json_atomic
+    from compressor.elastic.modeldir import load_model, write_json_atomic
     from compressor.recovery.train import run_training
 
     cfg = cfg or RefineConfig()
@@ -309,11 +326,7 @@ def refine(
     teacher_loaded = parent_loaded if teacher == parent else load_model(teacher, online=online)
     sn = parent_loaded.supernet()
     sn.space.validate(sub)
-    val_text = None
-    if validation is not None:
-        kind, val_text = read_source(resolve_data(validation), online)
-        if kind != "text":
-            raise NaspruneError(f"refine validation data {validation} must be plain text (.txt)")
+    val_text = _validation_text(validation, online)
     record: dict = {
         "arch": sub.to_dict(),
         "parent": str(parent),
@@ -323,81 +336,13 @@ def refine(
         "config": asdict(cfg),
     }
     if not (resume and (student_dir / "nasprune.json").exists()):
-        plain = extract(sn, sub)
-        record["ppl_one_shot"] = _validation_ppl(plain, parent_loaded.tokenizer, val_text, cfg)
-        if cfg.quantization is not None:
-            with sn.selected(sub):
-                record["ppl_one_shot_quantized"] = _quantized_validation_ppl(sn, parent_loaded.tokenizer, val_text, cfg)
-        model, repair = plain, None
-        if cfg.repair:
-            from compressor.recovery.repair import RepairConfig, calibration_windows, repair_model
-
-            repair_start = time.perf_counter()
-            rcfg = RepairConfig(tokens=cfg.repair_tokens, seq_len=cfg.seq_len)
-            windows = calibration_windows(parent_loaded.tokenizer, data, rcfg, online)
-            model, report = repair_model(
-                parent_loaded,
-                sub,
-                windows,
-                rcfg,
-                log=log,
-                teacher_loaded=None if teacher_loaded is parent_loaded else teacher_loaded,
-            )
-            repair = {"data": str(data), **report.summary()}
-            record["repair_seconds"] = time.perf_counter() - repair_start
-            record["ppl_repaired"] = _validation_ppl(model, parent_loaded.tokenizer, val_text, cfg)
-        if cfg.block_steps > 0:
-            record["block_distillation"] = _distill_blocks(
-                model, teacher_loaded, sn.space.kept_layers(sub), data, cfg, online
-            )
-            record["ppl_blocks"] = _validation_ppl(model, parent_loaded.tokenizer, val_text, cfg)
-            log(
-                f"  block-local distillation: {cfg.block_steps} steps x {len(sn.space.kept_layers(sub))} blocks in "
-                f"{record['block_distillation']['seconds']:.0f} s"
-            )
-        save_extracted(parent_loaded, sn, sub, student_dir, overwrite=True, model=model, repair=repair)
-        record["step_seconds_timed"] = time_step(model, cfg, model.config.vocab_size)
-        if cfg.distills and cfg.distill_states > 0:  # the parent's blocks run live every step
-            record["state_teacher_seconds_timed"] = time_state_teacher(teacher_loaded, cfg)
-            record["step_seconds_timed"] += record["state_teacher_seconds_timed"]
-        if cfg.distills:
-            record["teacher_window_seconds_timed"] = time_teacher_window(teacher_loaded, cfg)
-            missing = missing_teacher_windows(teacher_loaded, data, cfg.train_config(), teacher_cache_dir, online)
-        else:
-            record["teacher_window_seconds_timed"], missing = 0.0, lambda steps: 0
-        steps = planned_steps(
-            _after_blocks(cfg, record),
-            record["step_seconds_timed"],
-            window_seconds=record["teacher_window_seconds_timed"],
-            missing=missing,
-        )
-        record["steps_planned"] = steps
-        record["teacher_fill_planned_seconds"] = missing(steps) * record["teacher_window_seconds_timed"]
-        log(
-            f"  one step {record['step_seconds_timed']:.2f}s, teacher {record['teacher_window_seconds_timed']:.2f}s "
-            f"per new window: {steps} steps planned for {cfg.minutes:g} min "
-            f"(~{record['teacher_fill_planned_seconds']:.0f} s of it filling the teacher cache)"
-        )
-        del plain, model
+        start = _Start(parent_loaded, teacher_loaded, sn, sub, data, val_text, cfg, online, log)
+        record = start.student(record, student_dir, teacher_cache_dir)
         write_json_atomic(student_dir / "refine_start.json", record)
     else:
-        import json
-
         record = json.loads((student_dir / "refine_start.json").read_text())
         log(f"resuming the refine of {sub} from {student_dir}")
-    from dataclasses import replace
-
-    steps = int(record.get("steps_planned") or cfg.steps)  # a resumed run keeps the plan it started with
-    train_cfg = cfg.train_config()
-    # the teacher fill comes out of the same budget (the training clock starts after it)
-    fill_minutes = float(record.get("teacher_fill_planned_seconds") or 0.0) / 60
-    budget = _after_blocks(cfg, record).minutes
-    train_cfg = replace(
-        train_cfg,
-        steps=steps,
-        checkpoint_every=max(1, min(train_cfg.checkpoint_every, steps)),
-        max_minutes=max(cfg.minutes * 0.1, budget - fill_minutes),
-    )
+    train_cfg = _planned_train_config(cfg, record)
     del sn, parent_loaded  # only the teacher is needed from here on
     run_training(
         str(student_dir),
@@ -413,6 +358,122 @@ def refine(
         teacher_cache_dir=teacher_cache_dir,
     )
     del teacher_loaded
+    return _finish(out, student_dir, val_text, cfg, record)
+
+
+def _validation_text(validation: str | None, online: bool) -> str | None:
+    if validation is None:
+        return None
+    from compressor.core.data import read_source, resolve_data
+
+    kind, text = read_source(resolve_data(validation), online)
+    if kind != "text":
+        raise NaspruneError(f"refine validation data {validation} must be plain text (.txt)")
+    return text
+
+
+class _Start:
+    """The start of a refine: the one-shot student, its repair and block-local distillation, each with
+    its validation perplexity, saved as ``OUT.student``; then the step plan for the budget."""
+
+    def __init__(self, parent_loaded, teacher_loaded, sn, sub, data, val_text, cfg: RefineConfig, online, log):
+        self.parent, self.teacher, self.sn, self.sub = parent_loaded, teacher_loaded, sn, sub
+        self.data, self.val_text, self.cfg, self.online, self.log = data, val_text, cfg, online, log
+
+    def ppl(self, model) -> float | None:
+        return _validation_ppl(model, self.parent.tokenizer, self.val_text, self.cfg)
+
+    def student(self, record: dict, student_dir: Path, teacher_cache_dir: Path | None) -> dict:
+        from compressor.elastic.extract import extract, save_extracted
+
+        cfg, sn, sub = self.cfg, self.sn, self.sub
+        plain = extract(sn, sub)
+        record["ppl_one_shot"] = self.ppl(plain)
+        if cfg.quantization is not None:
+            with sn.selected(sub):
+                record["ppl_one_shot_quantized"] = _quantized_validation_ppl(
+                    sn, self.parent.tokenizer, self.val_text, cfg
+                )
+        model, repair = self.repaired(plain, record) if cfg.repair else (plain, None)
+        if cfg.block_steps > 0:
+            kept = sn.space.kept_layers(sub)
+            record["block_distillation"] = _distill_blocks(model, self.teacher, kept, self.data, cfg, self.online)
+            record["ppl_blocks"] = self.ppl(model)
+            self.log(
+                f"  block-local distillation: {cfg.block_steps} steps x {len(kept)} blocks in "
+                f"{record['block_distillation']['seconds']:.0f} s"
+            )
+        save_extracted(self.parent, sn, sub, student_dir, overwrite=True, model=model, repair=repair)
+        self.plan(model, record, teacher_cache_dir)
+        return record
+
+    def repaired(self, plain, record: dict):
+        """The closed-form repaired student and its repair record (targets from the teacher)."""
+        from compressor.recovery.repair import RepairConfig, calibration_windows, repair_model
+
+        repair_start = time.perf_counter()
+        rcfg = RepairConfig(tokens=self.cfg.repair_tokens, seq_len=self.cfg.seq_len)
+        windows = calibration_windows(self.parent.tokenizer, self.data, rcfg, self.online)
+        model, report = repair_model(
+            self.parent,
+            self.sub,
+            windows,
+            rcfg,
+            log=self.log,
+            teacher_loaded=None if self.teacher is self.parent else self.teacher,
+        )
+        record["repair_seconds"] = time.perf_counter() - repair_start
+        record["ppl_repaired"] = self.ppl(model)
+        return model, {"data": str(self.data), **report.summary()}
+
+    def plan(self, model, record: dict, teacher_cache_dir: Path | None) -> None:
+        """Time one step (and the teacher's work per new window); the steps the budget affords."""
+        cfg, teacher = self.cfg, self.teacher
+        record["step_seconds_timed"] = time_step(model, cfg, model.config.vocab_size)
+        if cfg.distills and cfg.distill_states > 0:  # the parent's blocks run live every step
+            record["state_teacher_seconds_timed"] = time_state_teacher(teacher, cfg)
+            record["step_seconds_timed"] += record["state_teacher_seconds_timed"]
+        if cfg.distills:
+            record["teacher_window_seconds_timed"] = time_teacher_window(teacher, cfg)
+            missing = missing_teacher_windows(teacher, self.data, cfg.train_config(), teacher_cache_dir, self.online)
+        else:
+            record["teacher_window_seconds_timed"], missing = 0.0, lambda steps: 0
+        steps = planned_steps(
+            _after_blocks(cfg, record),
+            record["step_seconds_timed"],
+            window_seconds=record["teacher_window_seconds_timed"],
+            missing=missing,
+        )
+        record["steps_planned"] = steps
+        record["teacher_fill_planned_seconds"] = missing(steps) * record["teacher_window_seconds_timed"]
+        self.log(
+            f"  one step {record['step_seconds_timed']:.2f}s, teacher {record['teacher_window_seconds_timed']:.2f}s "
+            f"per new window: {steps} steps planned for {cfg.minutes:g} min "
+            f"(~{record['teacher_fill_planned_seconds']:.0f} s of it filling the teacher cache)"
+        )
+
+
+def _planned_train_config(cfg: RefineConfig, record: dict):
+    """The training config of the plan in ``record`` (a resumed run keeps the plan it started with); the
+    teacher fill comes out of the same budget (the training clock starts after it)."""
+    from dataclasses import replace
+
+    steps = int(record.get("steps_planned") or cfg.steps)
+    train_cfg = cfg.train_config()
+    fill_minutes = float(record.get("teacher_fill_planned_seconds") or 0.0) / 60
+    budget = _after_blocks(cfg, record).minutes
+    return replace(
+        train_cfg,
+        steps=steps,
+        checkpoint_every=max(1, min(train_cfg.checkpoint_every, steps)),
+        max_minutes=max(cfg.minutes * 0.1, budget - fill_minutes),
+    )
+
+
+def _finish(out: Path, student_dir: Path, val_text: str | None, cfg: RefineConfig, record: dict) -> dict:
+    """Quality of the refined model at ``out``; the refine record written into its ``nasprune.json``."""
+    from compressor.elastic.modeldir import ModelMeta, load_model, write_json_atomic
+
     refined = load_model(str(out))
     record["ppl_refined"] = _validation_ppl(refined.model, refined.tokenizer, val_text, cfg)
     if cfg.quantization is not None:

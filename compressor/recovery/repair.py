@@ -34,6 +34,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from compressor.core.data import calibration_text  # noqa: F401  (re-exported: compressor.cli, deploy.pipeline_steps)
+from compressor.core.data import calibration_windows as token_calibration_windows
 from compressor.core.errors import NaspruneError
 from compressor.elastic.search_space import SubNetwork
 
@@ -190,19 +192,10 @@ def _choose(
     return best, w, b, scores["keep"], scores[best]
 
 
-def calibration_text(data: str, online: bool) -> str:
-    from compressor.core.data import read_source, resolve_data
-
-    kind, content = read_source(resolve_data(data), online)
-    if kind != "text":
-        content = "\n\n".join(
-            "\n".join(str(r.get(k, "")) for k in ("instruction", "input", "output") if r.get(k)) for r in content
-        )
-    return content
-
-
 def calibration_windows(tokenizer, data: str, cfg: RepairConfig, online: bool = False) -> torch.Tensor:
-    """Full windows ``[N, seq_len]`` of calibration tokens from a .txt or Alpaca .jsonl (rows joined as text)."""
+    """Full windows ``[N, seq_len]`` of calibration tokens from a .txt or Alpaca .jsonl (rows joined as text):
+    :func:`compressor.core.data.calibration_windows` sized by ``cfg`` (``cfg.tokens`` in windows of
+    ``cfg.seq_len``, at least two); kept here for the repair callers (cli, refine, bld, benchmarks)."""
     return calibration_and_heldout(tokenizer, data, cfg, online, 0)[0]
 
 
@@ -212,9 +205,7 @@ def calibration_and_heldout(
     """(calibration windows, held-out windows or None): the first ``cfg.tokens`` tokens of ``data``
     calibrate; the next ``eval_tokens`` (never fitted on) measure perplexity before/after repair
     when no separate validation text is given. None when ``data`` has no window left over."""
-    from compressor.elastic.evaluate import token_windows
-
-    windows = token_windows(tokenizer, calibration_text(data, online), cfg.seq_len, cfg.tokens + eval_tokens)
+    windows = token_calibration_windows(tokenizer, data, cfg.seq_len, cfg.tokens + eval_tokens, online)
     n_cal = cfg.tokens // cfg.seq_len
     calib, heldout = windows[:n_cal], windows[n_cal:]
     if len(calib) < 2:
@@ -277,10 +268,28 @@ def repair_model(
 
     Returns (model, :class:`RepairReport`). The model is a plain HF model (biases declared in its
     config where added) that :func:`compressor.elastic.modeldir.save_model_dir` writes like any other."""
-    from compressor.elastic.extract import extract
-
     cfg = cfg or RepairConfig()
     start = time.perf_counter()
+    sn, kept, student, with_bias, teacher = _student_and_teacher(parent_loaded, sub, cfg, teacher_loaded)
+    layout = TARGETS[sn.family.name]
+    targets = _teacher_targets(sn.family, teacher, kept, layout, sub.embed_dim, cfg, windows)
+    report = RepairReport(tokens=int(windows.numel()), seconds=0.0, bias=with_bias, config=asdict(cfg))
+    _refit_student(sn.family, student, kept, layout, targets, cfg, with_bias, windows, report)
+    report.seconds = time.perf_counter() - start
+    if log:
+        s = report.summary()
+        log(
+            f"repaired {sub}: {s['projections']} projections on {s['tokens']:,} tokens in {s['seconds']}s, held-out "
+            f"reconstruction error {s['mean_rel_error_before']:.4f} -> {s['mean_rel_error_after']:.4f} ({s['choices']})"
+        )
+    return student.eval(), report
+
+
+def _student_and_teacher(parent_loaded, sub: SubNetwork, cfg: RepairConfig, teacher_loaded):
+    """(super-network, kept parent layers, extracted student with biases declared where ``cfg.bias`` and its
+    config allow, whether it has them, teacher model); refuses an unsupported family or a misfit teacher."""
+    from compressor.elastic.extract import extract
+
     sn = parent_loaded.supernet()
     family = sn.family.name
     if family not in TARGETS:
@@ -297,31 +306,54 @@ def repair_model(
     teacher = (teacher_loaded or parent_loaded).model.eval()
     if teacher_loaded is not None and teacher_loaded.model.config.hidden_size != parent_loaded.model.config.hidden_size:
         raise NaspruneError("the repair teacher must have the parent's shape (the original of the same super-network)")
-    k_e = sub.embed_dim
-    attn_out, ffn_out, mid_norm = TARGETS[family]
-    names = (attn_out, ffn_out)
+    return sn, kept, student, with_bias, teacher
 
-    # teacher targets: each kept layer's projection outputs on the kept residual channels, and the
-    # residual stream entering every layer (+ after the last) for the "residual" target
-    targets: dict[tuple[int, str], torch.Tensor] = {}
-    residual: dict[int, torch.Tensor] = {}
+
+@dataclass
+class _TeacherTargets:
+    """What one teacher pass records for the refit.
+
+    ``outputs``: each kept layer's projection outputs on the kept residual channels, keyed
+    (student layer, projection name); ``residual`` (target "residual"): the residual stream entering
+    every teacher layer (+ after the last, key ``len(layers)``); ``next_kept``: per student layer, the
+    teacher residual its block output must equal (the one entering the next kept layer)."""
+
+    outputs: dict[tuple[int, str], torch.Tensor]
+    residual: dict[int, torch.Tensor]
+    next_kept: dict[int, int]
+
+
+def _forward_hooked(model, windows: torch.Tensor, hooks: list) -> None:
+    """One pass of the decoder over ``windows`` with ``hooks`` registered; removes them whatever happens."""
+    try:
+        with torch.no_grad():
+            _base(model)(input_ids=windows, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _teacher_targets(family, teacher, kept: list[int], layout, k_e: int, cfg: RepairConfig, windows) -> _TeacherTargets:
+    """Hooks on the teacher's projections (and layers, for the residual target), one pass over ``windows``."""
+    attn_out, ffn_out, _ = layout
+    out = _TeacherTargets({}, {}, {})
     hooks = []
-    t_layers = sn.family.layers(teacher)
+    t_layers = family.layers(teacher)
 
-    def keep(out):
-        return out[..., :k_e].reshape(-1, k_e).float()
+    def keep(y):
+        return y[..., :k_e].reshape(-1, k_e).float()
 
     for new, old in enumerate(kept):
-        for name in names:
+        for name in (attn_out, ffn_out):
             module = t_layers[old].get_submodule(name)
             hooks.append(
-                module.register_forward_hook(lambda m, inp, out, key=(new, name): targets.__setitem__(key, keep(out)))
+                module.register_forward_hook(lambda m, inp, y, key=(new, name): out.outputs.__setitem__(key, keep(y)))
             )
     if cfg.target == "residual":
         for j, layer in enumerate(t_layers):
             hooks.append(
                 layer.register_forward_pre_hook(
-                    lambda m, args, kwargs, j=j: residual.__setitem__(
+                    lambda m, args, kwargs, j=j: out.residual.__setitem__(
                         j, keep(args[0] if args else kwargs["hidden_states"])
                     ),
                     with_kwargs=True,
@@ -330,29 +362,29 @@ def repair_model(
         last = len(t_layers)
         hooks.append(
             t_layers[-1].register_forward_hook(
-                lambda m, inp, out: residual.__setitem__(last, keep(out[0] if isinstance(out, tuple) else out))
+                lambda m, inp, y: out.residual.__setitem__(last, keep(y[0] if isinstance(y, tuple) else y))
             )
         )
-        next_kept = {new: (kept[new + 1] if new + 1 < len(kept) else last) for new in range(len(kept))}
-    try:
-        with torch.no_grad():
-            _base(teacher)(input_ids=windows, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+        out.next_kept = {new: (kept[new + 1] if new + 1 < len(kept) else last) for new in range(len(kept))}
+    _forward_hooked(teacher, windows, hooks)
+    return out
 
-    # student: refit each projection when the pass reaches it (inputs from repaired earlier ones)
-    report = RepairReport(tokens=int(windows.numel()), seconds=0.0, bias=with_bias, config=asdict(cfg))
-    s_layers = sn.family.layers(student)
 
+def _refit_student(
+    family, student, kept: list[int], layout, teacher: _TeacherTargets, cfg: RepairConfig, with_bias, windows, report
+) -> None:
+    """Refit each projection of ``student`` when one pass reaches it (its inputs come from the already
+    repaired projections before it), appending a :class:`ProjectionReport` per projection to ``report``."""
+    attn_out, ffn_out, mid_norm = layout
+    s_layers = family.layers(student)
     mid: dict[int, torch.Tensor] = {}
 
     def refit(module, args, key):
         x = args[0].reshape(-1, args[0].shape[-1]).double()
-        y = targets.pop(key).double()
+        y = teacher.outputs.pop(key).double()
         if cfg.target == "residual" and key[1] == ffn_out:
             # the FFN output that makes this block's output = the original's residual at the next kept layer
-            y = residual[next_kept[key[0]]].double() - mid.pop(key[0])
+            y = teacher.residual[teacher.next_kept[key[0]]].double() - mid.pop(key[0])
         w0 = module.weight.detach().double()
         b0 = module.bias.detach().double() if module.bias is not None else None
         choice, w, b, before, after = _choose(x, y, w0, b0, cfg, with_bias and module.bias is not None)
@@ -369,7 +401,7 @@ def repair_model(
         .get_submodule(name)
         .register_forward_pre_hook(lambda m, args, key=(new, name): refit(m, args, key))
         for new in range(len(kept))
-        for name in names
+        for name in (attn_out, ffn_out)
     ]
     if cfg.target == "residual":  # the student's residual after attention, before the FFN adds to it
         hooks += [
@@ -380,17 +412,4 @@ def repair_model(
             )
             for new in range(len(kept))
         ]
-    try:
-        with torch.no_grad():
-            _base(student)(input_ids=windows, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    report.seconds = time.perf_counter() - start
-    if log:
-        s = report.summary()
-        log(
-            f"repaired {sub}: {s['projections']} projections on {s['tokens']:,} tokens in {s['seconds']}s, held-out "
-            f"reconstruction error {s['mean_rel_error_before']:.4f} -> {s['mean_rel_error_after']:.4f} ({s['choices']})"
-        )
-    return student.eval(), report
+    _forward_hooked(student, windows, hooks)

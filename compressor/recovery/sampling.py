@@ -104,7 +104,7 @@ SAMPLERS: dict[str, type[Sampler]] = {"random": RandomSampler, "grid-params": Gr
 
 def first_k_blocks(role: str | None, dims, size: int, sub: SubNetwork) -> list[tuple[int, int]]:
     """Contiguous index ranges that a first-k sub-network keeps along an axis of this role."""
-    from compressor.elastic.architectures import EMBED, FFN, GATE_UP, KV, NEOX_QKV, QKV, Q
+    from compressor.elastic.layout import EMBED, FFN, GATE_UP, KV, NEOX_QKV, QKV, Q
 
     hd, kv = dims.head_dim, sub.num_heads // dims.q_per_group
     q_full, kv_full = dims.num_heads * hd, dims.num_kv_heads * hd
