@@ -33,7 +33,13 @@ def load_predictors(predictor_dirs, strict: bool = False) -> dict:
     if predictor_dirs is None:
         return {}
     dirs = list(predictor_dirs) if isinstance(predictor_dirs, (list, tuple)) else [predictor_dirs]
-    return {str(d): load_predictor(d, strict=strict) for d in dirs}
+    out = {}
+    for d in dirs:
+        pred = load_predictor(d, strict=strict)
+        if str(d) in out:  # the same dir twice is two predictors of one precision, not one
+            raise NaspruneError(f"two predictors for precision {pred.group['precision']} ({d}); give one per precision")
+        out[str(d)] = pred
+    return out
 
 
 def by_precision(loaded: dict) -> dict:
