@@ -185,12 +185,11 @@ def repair_for_export(
     ``data`` (targets from ``teacher``, default the parent itself), perplexity before/after on
     ``eval_text`` (or the ``data`` tokens after the calibration ones). Every input is read and checked
     here, before any bundle is claimed or exported."""
-    from compressor.core.data import resolve_data
+    from compressor.core.data import calibration_text, resolve_data
     from compressor.elastic.evaluate import token_windows
     from compressor.recovery.repair import (
         RepairConfig,
         calibration_and_heldout,
-        calibration_text,
         check_repairable,
         repair_and_measure,
     )

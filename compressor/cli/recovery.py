@@ -295,10 +295,10 @@ def block_scores(
     """
     from dataclasses import asdict as _asdict
 
+    from compressor.core.data import calibration_text
     from compressor.elastic.evaluate import token_windows
     from compressor.elastic.modeldir import ModelMeta, save_model_dir
     from compressor.recovery.block_scores import BlockScoreConfig, compute_block_scores, scored_widths
-    from compressor.recovery.repair import calibration_text
 
     cfg = BlockScoreConfig(
         tokens=tokens,

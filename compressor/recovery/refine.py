@@ -234,7 +234,7 @@ def missing_teacher_windows(teacher_loaded, data: str, train_cfg, teacher_cache_
     from compressor.core.data import load_data
     from compressor.elastic.modeldir import cache_dir
     from compressor.recovery.distill import TeacherCache, state_dict_hash
-    from compressor.recovery.train import resolve_mixed_precision, windows_needed
+    from compressor.recovery.train_config import resolve_mixed_precision, windows_needed
 
     tokens = load_data(
         teacher_loaded.tokenizer, data, train_cfg.seq_len, train_cfg.max_train_tokens, online, train_cfg.prompt_format

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from compressor.core.data import calibration_text  # noqa: F401  (re-exported: compressor.cli, deploy.pipeline_steps)
 from compressor.core.data import calibration_windows as token_calibration_windows
 from compressor.core.errors import NaspruneError
 from compressor.elastic.search_space import SubNetwork

@@ -45,20 +45,16 @@ import torch
 from compressor.core.data import TokenizedData, load_data
 from compressor.core.errors import NaspruneError
 from compressor.elastic.modeldir import LoadedModel, ModelMeta, load_model, save_model_dir, versions
-from compressor.recovery.train_config import STRATEGIES, TrainConfig, resolve_mixed_precision, windows_needed
+from compressor.recovery.train_config import STRATEGIES, TrainConfig
 from compressor.recovery.trainer import Trainer
 
-# The training API callers import from here. resolve_mixed_precision and windows_needed live in
-# train_config (the trainer needs them below this module); they are named here because
-# compressor.recovery.refine plans its teacher cache with them through this module.
+# The training API callers import from here (the config and its helpers live in train_config).
 __all__ = [
     "STRATEGIES",
     "TrainConfig",
     "Trainer",
     "prepare_model",
-    "resolve_mixed_precision",
     "run_training",
-    "windows_needed",
 ]
 
 
