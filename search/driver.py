@@ -24,7 +24,8 @@ from compressor.quant.quantize import calibration_windows
 from predictors import load_predictor
 from predictors.calibration import calibrate_if
 from predictors.mix import check_mix, mix_out_of_range, predict_mix_ms
-from search.problem import Evaluated, QualityOracle, SearchConfig, SearchResult, run_nsga2, write_results
+from search.front import write_results
+from search.problem import Evaluated, QualityOracle, SearchConfig, SearchResult, run_nsga2
 
 
 def load_predictors(predictor_dirs, strict: bool = False) -> dict:

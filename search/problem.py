@@ -27,7 +27,6 @@ from compressor.core.errors import NaspruneError
 from compressor.elastic.evaluate import mean_loss
 from compressor.elastic.quant_sim import simulate
 from compressor.elastic.search_space import SearchSpace, SubNetwork
-from search.front import write_results as write_results  # re-exported: search/driver.py imports it from here
 from search.results import Evaluated, SearchConfig, SearchResult
 
 
